@@ -1,0 +1,116 @@
+"""Checkpoints: the single hand-off between training, evaluation and serving.
+
+A checkpoint directory holds
+
+* ``model.safetensors``: the weights (no pickle, loadable anywhere);
+* ``config.json``: the full job config (``model`` section builds the network);
+* the tokenizer (``tokenizer_meta.json``, plus ``tokenizer.json`` for BPE);
+* ``train_state.pt`` (optional): optimizer, scheduler, RNG and data position, for resuming.
+
+``load_model`` also takes MLflow URIs (``models:/name/version``, ``runs:/id/path``),
+resolved to a local directory in one place, ``mtp.tracking.resolve_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtp.config import JobConfig, ModelConfig, model_config_from_dict
+from mtp.model import MTPTransformer
+from mtp.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "dbfs:/")
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: MTPTransformer,
+    config: JobConfig | dict[str, Any],
+    tokenizer: Tokenizer,
+    train_state: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a complete checkpoint atomically (to ``directory.tmp``, then renamed).
+
+    ``state_dict`` overrides ``model.state_dict()`` (e.g. a gathered FSDP state).
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    weights = state_dict if state_dict is not None else model.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    cfg_dict = config.to_dict() if isinstance(config, JobConfig) else dict(config)
+    (tmp / CONFIG).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
+    tokenizer.save(tmp)
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        _rmtree(old)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} is not a checkpoint: it has no {CONFIG}")
+    return json.loads(path.read_text())
+
+
+def model_config(directory: str | Path) -> ModelConfig:
+    return model_config_from_dict(read_config(directory)["model"])
+
+
+def local_checkpoint_dir(path_or_uri: str | Path) -> Path:
+    """A local checkpoint directory for a path or an MLflow URI."""
+    text = str(path_or_uri)
+    if text.startswith(URI_SCHEMES):
+        from mtp.tracking import resolve_checkpoint
+
+        return resolve_checkpoint(text)
+    path = Path(text).expanduser()
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{text!r} is not a checkpoint directory (no {CONFIG} in it)")
+    return path
+
+
+def load_model(
+    path_or_uri: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[MTPTransformer, Tokenizer, dict[str, Any]]:
+    """Load (model in eval mode, tokenizer, full config dict) for inference."""
+    directory = local_checkpoint_dir(path_or_uri)
+    config = read_config(directory)
+    model = MTPTransformer(model_config_from_dict(config["model"]))
+    state = load_file(str(directory / WEIGHTS), device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(directory)!r} does not match its config: missing={missing} unexpected={unexpected}")
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, load_tokenizer(directory), config
+
+
+def load_train_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The resume state, or None for an inference-only checkpoint."""
+    path = Path(directory) / TRAIN_STATE
+    return torch.load(path, map_location=map_location, weights_only=False) if path.is_file() else None

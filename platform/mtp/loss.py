@@ -1,0 +1,157 @@
+"""Multi-token losses and the memory-efficient sequential backward.
+
+The loss is ``sum_i w_i * CE_i``, where ``CE_i`` is head ``i``'s mean cross-entropy
+over its valid (non-ignored) targets. Two schedules compute the same gradients:
+
+* ``naive_loss``: every head's logits at once, one backward. Peak memory grows with
+  ``n_future`` (``n`` full ``[B, T, V]`` logits tensors).
+* ``sequential_backward``: the paper's schedule. The trunk runs forward once; each
+  head then runs forward and backward on the detached trunk output, accumulating
+  that output's gradient; one trunk backward ends the step. Each head's loss is
+  computed in chunks of positions, backpropagated chunk by chunk, so not even one
+  head's full logits tensor exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mtp.model import MTPTransformer
+
+IGNORE_INDEX = -100
+
+
+def mtp_targets(tokens: torch.Tensor, n_future: int, pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a block ``[B, T+1]`` into inputs ``[B, T]`` and per-head targets ``[n, B, T]``.
+
+    Head ``i`` at position ``t`` targets ``tokens[t + 1 + i]``; positions past the
+    block's end, and targets equal to ``pad_id``, are ``IGNORE_INDEX``.
+    """
+    inputs = tokens[:, :-1]
+    B, T = inputs.shape
+    targets = torch.full((n_future, B, T), IGNORE_INDEX, dtype=torch.long, device=tokens.device)
+    for i in range(min(n_future, T)):
+        targets[i, :, : T - i] = tokens[:, 1 + i :]
+    if pad_id is not None:
+        targets[targets == pad_id] = IGNORE_INDEX
+    return inputs, targets
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in at least fp32 (bf16 logits lose too much in the softmax)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _weights(n_future: int, head_weights: Sequence[float] | None) -> list[float]:
+    """Per-head loss weights; the paper's plain sum when none are given."""
+    return [1.0] * n_future if head_weights is None else [float(w) for w in head_weights]
+
+
+@dataclass
+class StepLosses:
+    """Detached per-head mean cross-entropies of one forward/backward."""
+
+    head_losses: torch.Tensor  # [n_future]
+    loss: torch.Tensor  # weighted sum, the optimised objective
+
+    @property
+    def mean_loss(self) -> torch.Tensor:
+        return self.head_losses.mean()
+
+
+def naive_loss(
+    model: MTPTransformer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    head_weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, StepLosses]:
+    """Reference schedule: all heads' logits at once; returns the loss (with graph)."""
+    logits = model(inputs, all_heads=True)
+    per_head = torch.stack(
+        [F.cross_entropy(_upcast(lg.flatten(0, 1)), tg.flatten(), ignore_index=IGNORE_INDEX) for lg, tg in zip(logits, targets)]
+    )
+    weights = torch.tensor(_weights(len(per_head), head_weights), device=per_head.device, dtype=per_head.dtype)
+    loss = (weights * per_head).sum()
+    return loss, StepLosses(per_head.detach(), loss.detach())
+
+
+def _chunked_ce_backward(
+    model: MTPTransformer,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backpropagate ``scale * sum CE`` of ``logits(hidden)`` chunk by chunk.
+
+    ``hidden`` is a detached ``[B, T, D]`` activation. Returns (the gradient with
+    respect to it, the summed CE). The shared norm/unembedding accumulate their
+    parameter gradients; only one chunk's logits are alive at a time.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    grad = torch.empty_like(flat)
+    total = torch.zeros((), device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    step = chunk_size or flat.shape[0]
+    for start in range(0, flat.shape[0], step):
+        piece = flat[start : start + step].detach().requires_grad_()
+        ce = F.cross_entropy(
+            _upcast(model.logits(piece)), flat_targets[start : start + step], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        (ce * scale).backward()
+        grad[start : start + step] = piece.grad
+        total += ce.detach()
+    return grad.view_as(hidden), total
+
+
+def sequential_backward(
+    model: MTPTransformer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    head_weights: Sequence[float] | None = None,
+    chunk_size: int | None = None,
+    loss_scale: float = 1.0,
+) -> StepLosses:
+    """The paper's memory-efficient schedule; accumulates ``loss_scale * loss`` gradients.
+
+    ``loss_scale`` lets gradient accumulation divide by the number of micro-batches.
+    Returns the detached losses (unscaled).
+    """
+    weights = _weights(targets.shape[0], head_weights)
+    h = model.trunk(inputs)
+    h_leaf = h.detach().requires_grad_()
+    valid_counts = (targets != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1).tolist()  # one host sync
+    head_losses = []
+    for i, (weight, n_valid) in enumerate(zip(weights, valid_counts)):
+        z = model.head(i, h_leaf)
+        z_leaf = z.detach().requires_grad_()
+        z_grad, ce_sum = _chunked_ce_backward(model, z_leaf, targets[i], weight * loss_scale / n_valid, chunk_size)
+        z.backward(z_grad)  # head block's params; accumulates into h_leaf.grad
+        head_losses.append(ce_sum / n_valid)
+    h.backward(h_leaf.grad)
+    per_head = torch.stack(head_losses)
+    w = torch.tensor(weights, device=per_head.device, dtype=per_head.dtype)
+    return StepLosses(per_head, (w * per_head).sum())
+
+
+@torch.no_grad()
+def evaluate_head_losses(
+    model: MTPTransformer, inputs: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Per-head summed CE and valid-target counts ``[n, 2]``, without storing full logits."""
+    h = model.trunk(inputs)
+    out = []
+    for i in range(targets.shape[0]):
+        z = model.head(i, h).reshape(-1, h.shape[-1])
+        tg = targets[i].reshape(-1)
+        step = chunk_size or z.shape[0]
+        ce = sum(
+            F.cross_entropy(_upcast(model.logits(z[s : s + step])), tg[s : s + step], ignore_index=IGNORE_INDEX, reduction="sum")
+            for s in range(0, z.shape[0], step)
+        )
+        out.append(torch.stack([ce, (tg != IGNORE_INDEX).sum().to(ce.dtype)]))
+    return torch.stack(out)

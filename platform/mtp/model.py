@@ -1,0 +1,208 @@
+"""The multi-token-prediction transformer (Gloeckle et al. 2024), readable in one sitting.
+
+A shared trunk of pre-norm blocks (RMSNorm, rotary attention, SwiGLU) feeds
+``n_future`` independent head blocks; every head goes through the same final norm
+and the same unembedding. Head ``i`` predicts token ``t + i + 1`` from position
+``t``, so head 0 is the ordinary next-token model.
+
+The pieces are exposed separately (``trunk``, ``head``, ``logits``) because the
+memory-efficient loss (``mtp.loss``) and the speculative decoder (``mtp.decoding``)
+schedule them differently from the plain ``forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp.config import ModelConfig
+
+
+class LayerCache(Protocol):
+    """Per-layer key/value store used during decoding (see ``mtp.decoding``)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v ``[B, kv_heads, T, head_dim]`` for the current positions; return all keys/values."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[max_len, head_dim // 2]`` for rotary position embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of ``x [B, H, T, D]``; cos/sin are ``[T, D/2]`` or ``[B, T, D/2]``."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return rotated.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        causal = mask is None and cache is None
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.n_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class MTPTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.trunk_layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk_layers))
+        self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.n_future))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, std) weights; residual projections scaled by depth (GPT-2)."""
+        depth = self.cfg.n_trunk_layers + 1
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=self.cfg.init_std / (2 * depth) ** 0.5)
+            else:
+                nn.init.normal_(p, std=self.cfg.init_std)
+
+    def rope(self, positions: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for ``positions`` (``[T]`` or per-row ``[B, T]``), or for 0..T-1."""
+        if positions is None:
+            return self.rope_cos[:T], self.rope_sin[:T]
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def trunk(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        caches: Sequence[LayerCache] | None = None,
+    ) -> torch.Tensor:
+        """Embed ``tokens [B, T]`` and run the shared trunk; returns ``[B, T, dim]``."""
+        cos, sin = self.rope(positions, tokens.shape[1])
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.trunk_layers):
+            h = layer(h, cos, sin, mask, caches[i] if caches is not None else None)
+        return h
+
+    def head(
+        self,
+        i: int,
+        h: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """Head ``i``'s block on trunk output ``h``; returns its hidden state (pre-norm)."""
+        cos, sin = self.rope(positions, h.shape[1])
+        return self.heads[i](h, cos, sin, mask, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Shared final norm and unembedding."""
+        return self.output(self.norm(hidden))
+
+    def forward(self, tokens: torch.Tensor, all_heads: bool = False) -> torch.Tensor:
+        """Head-0 logits ``[B, T, V]``, or every head's ``[n_future, B, T, V]``."""
+        h = self.trunk(tokens)
+        if not all_heads:
+            return self.logits(self.head(0, h))
+        return torch.stack([self.logits(self.head(i, h)) for i in range(self.cfg.n_future)])
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by part, computed from the config alone."""
+    d, hid, hd = cfg.dim, cfg.hidden_dim, cfg.head_dim
+    block = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads) + 3 * d * hid + 2 * d
+    return {
+        "embedding": cfg.vocab_size * d,
+        "trunk": cfg.n_trunk_layers * block,
+        "heads": cfg.n_future * block,
+        "unembedding": cfg.vocab_size * d + d,
+        "total": 2 * cfg.vocab_size * d + d + (cfg.n_trunk_layers + cfg.n_future) * block,
+    }
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward+backward FLOPs per input token (6N rule plus causal attention).
+
+    Every head pays its block and the shared unembedding, so this is the floor of
+    how much slower n_future > 1 trains than the next-token model.
+    """
+    counts = count_parameters(cfg)
+    layers = cfg.n_trunk_layers + cfg.n_future
+    dense = counts["trunk"] + counts["heads"] + cfg.n_future * cfg.vocab_size * cfg.dim
+    attention = layers * 2 * cfg.n_heads * cfg.head_dim * seq_len  # QK^T and AV (PaLM's count)
+    return 6 * dense + 6 * attention

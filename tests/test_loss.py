@@ -1,0 +1,89 @@
+"""The sequential (and chunked) backward must equal the naive summed-loss backward."""
+
+import pytest
+import torch
+
+from mtp.config import ModelConfig
+from mtp.loss import IGNORE_INDEX, evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
+from mtp.model import MTPTransformer
+
+
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-9, atol=1e-12)}
+
+
+def _model(n_future: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> MTPTransformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, n_future=n_future, max_seq_len=64, multiple_of=16)
+    return MTPTransformer(cfg).to(dtype)
+
+
+def _batch(seed: int = 1, B: int = 3, T: int = 24, vocab: int = 97) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T + 1), generator=g)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_targets_shift_per_head():
+    tokens = torch.arange(10).view(1, 10)
+    inputs, targets = mtp_targets(tokens, n_future=3)
+    assert inputs.tolist() == [list(range(9))]
+    assert targets[0, 0].tolist() == list(range(1, 10))
+    assert targets[2, 0].tolist() == list(range(3, 10)) + [IGNORE_INDEX] * 2
+
+
+@pytest.mark.parametrize("n_future", [1, 2, 4])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sequential_backward_matches_naive(n_future, chunk_size, dtype):
+    tokens = _batch()
+    inputs, targets = mtp_targets(tokens, n_future, pad_id=5)  # token 5 acts as padding: ignored targets
+    assert (targets == IGNORE_INDEX).any()
+    weights = [1.0, 0.3, 0.3, 0.3][:n_future]
+
+    tol = TOLERANCE[dtype]
+
+    naive = _model(n_future, dtype=dtype)
+    loss, ref = naive_loss(naive, inputs, targets, weights)
+    loss.backward()
+
+    seq = _model(n_future, dtype=dtype)
+    got = sequential_backward(seq, inputs, targets, weights, chunk_size=chunk_size)
+
+    torch.testing.assert_close(got.head_losses, ref.head_losses, **tol)
+    torch.testing.assert_close(got.loss, ref.loss, **tol)
+    ref_grads, got_grads = _grads(naive), _grads(seq)
+    assert ref_grads.keys() == got_grads.keys()
+    for name in ref_grads:
+        assert ref_grads[name].abs().max() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(got_grads[name], ref_grads[name], **tol, msg=name)
+
+
+def test_loss_scale_accumulates_like_grad_accumulation():
+    tokens = _batch(B=4)
+    inputs, targets = mtp_targets(tokens, 2)
+    whole = _model(2)
+    sequential_backward(whole, inputs, targets)
+    halves = _model(2)
+    for part in (slice(0, 2), slice(2, 4)):
+        sequential_backward(halves, inputs[part], targets[:, part], loss_scale=0.5)
+    for (name, a), b in zip(whole.named_parameters(), halves.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_evaluate_head_losses_matches_training_losses():
+    tokens = _batch()
+    inputs, targets = mtp_targets(tokens, 4)
+    model = _model(4)
+    _, ref = naive_loss(model, inputs, targets)
+    sums = evaluate_head_losses(model, inputs, targets, chunk_size=5)
+    torch.testing.assert_close(sums[:, 0] / sums[:, 1], ref.head_losses, rtol=1e-10, atol=1e-12)
+
+
+def test_param_matched_removes_trunk_layers():
+    base = ModelConfig(n_layers=8, n_future=4)
+    matched = ModelConfig(n_layers=8, n_future=4, param_matched=True)
+    assert base.n_trunk_layers == 7 and matched.n_trunk_layers == 4
+    assert len(MTPTransformer(ModelConfig(dim=32, n_heads=4, n_layers=8, n_future=4, param_matched=True)).trunk_layers) == 4
