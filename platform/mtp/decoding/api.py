@@ -1,0 +1,60 @@
+"""The decoding contract shared by the engine, evaluation and Serve.
+
+``Engine`` (``mtp.decoding.engine``) turns prompts into ``Generation`` results under
+``SamplingParams``; Serve and the evaluator depend on these types only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (OpenAI-style names)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    speculative: bool = True  # draft with the extra heads; False: head 0 only
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class GenerationStats:
+    """How much the heads accelerated one sequence."""
+
+    forwards: int = 0  # model forwards after the prefill (verification or vanilla steps)
+    generated_tokens: int = 0
+    accepted_histogram: list[int] = field(default_factory=list)  # [k] = steps that accepted k drafts
+    elapsed_s: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int]  # generated ids, stop sequence excluded
+    text: str
+    finish_reason: Literal["stop", "length"]
+    stats: GenerationStats
