@@ -44,7 +44,9 @@ class GenerationStats:
 
     @property
     def tokens_per_forward(self) -> float:
-        return self.generated_tokens / self.forwards if self.forwards else 0.0
+        """Tokens each decode forward yielded (accepted drafts + 1), before any cut at a stop or max tokens."""
+        steps = sum(self.accepted_histogram)
+        return sum((k + 1) * n for k, n in enumerate(self.accepted_histogram)) / steps if steps else 0.0
 
     @property
     def tokens_per_s(self) -> float:

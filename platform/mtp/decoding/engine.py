@@ -1,0 +1,359 @@
+"""The decoding engine: continuous batching over a static KV cache, plain or self-speculative.
+
+Requests run in rows of a fixed-size batch. A row is admitted with a prefill
+(which also yields its first token and the heads' first drafts), then advances one
+verification forward per step with its own position and its own number of
+accepted tokens, and leaves when it stops; a waiting request takes its row.
+
+Three step kinds, chosen per request:
+
+* ``vanilla`` (``speculative=False``): head 0 only, one token per forward;
+* speculative greedy: feed ``[pending, drafts...]`` (a chain, or a ``DraftTree``
+  of the heads' top-k), take head 0's argmax at every fed token, accept the longest
+  path that agrees plus head 0's next token, and draft again from the heads at the
+  accepted position, all from the same forward (Stern et al. 2018). The output is
+  token for token what greedy decoding gives;
+* speculative sampling (temperature > 0): the chain, with the accept/reject rule of
+  ``mtp.decoding.sampling``, so outputs are distributed exactly as head 0's.
+
+Rolling back rejected drafts is resetting a row's length: their cache slots are
+overwritten by the next step and masked out until then.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from mtp.decoding.api import Generation, GenerationStats, SamplingParams
+from mtp.decoding.packed import PackedModel, StepLayout
+from mtp.decoding.sampling import RowSampling, sample, speculative_accept, target_probs
+from mtp.decoding.text import TextState
+from mtp.decoding.tree import DraftTree, TreeTensors
+from mtp.model import MTPTransformer
+from mtp.tokenizer import Tokenizer
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    text: TextState
+    generator: torch.Generator | None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    started: float = 0.0
+
+    def accept(self, tokens: list[int], drafts_accepted: int | None) -> bool:
+        """Record one step's tokens; returns True when finished."""
+        if drafts_accepted is not None:
+            self.stats.forwards += 1
+            hist = self.stats.accepted_histogram
+            hist.extend([0] * (drafts_accepted + 1 - len(hist)))
+            hist[drafts_accepted] += 1
+        done = self.text.extend(tokens)
+        self.stats.generated_tokens = len(self.text.tokens)
+        self.stats.elapsed_s = time.perf_counter() - self.started
+        return done
+
+    def result(self) -> Generation:
+        return Generation(self.prompt, list(self.text.tokens), self.text.text, self.text.finish_reason, self.stats)
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """How a group of requests steps: which tree (None = vanilla) and whether rows sample."""
+
+    tree: TreeTensors | None
+    sampled: bool
+
+    @property
+    def width(self) -> int:
+        return self.tree.size if self.tree is not None else 1
+
+    @property
+    def drafts(self) -> int:
+        return int(self.tree.depth.max()) if self.tree is not None else 0
+
+
+class _Rows:
+    """Device state of the active rows (``[max_batch, ...]`` buffers) and their requests."""
+
+    def __init__(self, engine: "Engine", mode: _Mode):
+        B, dev = engine.max_batch_size, engine.device
+        self.mode = mode
+        self.requests: list[_Request] = []
+        self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        self.host_lengths: list[int] = []
+        self.fed = torch.zeros(B, mode.width, dtype=torch.long, device=dev)
+        self.draft_probs = torch.zeros(B, mode.drafts, engine.vocab_size, device=dev) if mode.sampled else None
+        self.sampling = RowSampling.build([SamplingParams()] * B, engine.vocab_size, dev)
+
+    def buffers(self) -> list[torch.Tensor]:
+        s = self.sampling
+        return [t for t in (self.lengths, self.fed, self.draft_probs, s.temperature, s.top_k, s.top_p) if t is not None]
+
+    def move(self, src: int, dst: int) -> None:
+        for t in self.buffers():
+            t[dst] = t[src]
+        self.requests[dst] = self.requests[src]
+        self.host_lengths[dst] = self.host_lengths[src]
+
+
+class Engine:
+    """Generate from an ``MTPTransformer`` with self-speculative decoding.
+
+    ``tree`` (widths per draft depth, e.g. ``(3, 2, 1)``) makes greedy requests
+    verify a Medusa-style candidate tree instead of a single chain. The model's
+    weights are repacked once here: build a new Engine after changing them.
+    Calls are serialised (one static cache per engine).
+    """
+
+    def __init__(
+        self,
+        model: MTPTransformer,
+        tokenizer: Tokenizer,
+        max_batch_size: int = 8,
+        device: str | torch.device | None = None,
+        tree: Sequence[int] | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+        self.max_batch_size = max_batch_size
+        self.vocab_size = self.cfg.vocab_size
+        self.packed = PackedModel(self.model)
+        drafts = self.cfg.n_future - 1
+        if tree is not None and not 1 <= len(tree) <= drafts:
+            raise ValueError(f"tree={tuple(tree)} needs between 1 and n_future - 1 = {drafts} levels")
+        with torch.inference_mode():
+            self.chain = TreeTensors(DraftTree.chain(drafts), self.device) if drafts else None
+            self.tree = TreeTensors(DraftTree(tuple(tree)), self.device) if tree is not None else self.chain
+            width = max(self.tree.size if self.tree is not None else 1, drafts + 1)
+            self.cache = self.packed.new_cache(max_batch_size, self.cfg.max_seq_len + width)
+            self._arange = torch.arange(self.cache.slots, device=self.device)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(
+        cls, path_or_uri: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch_size: int = 8, **kwargs
+    ) -> "Engine":
+        from mtp.checkpoint import load_model
+
+        model, tokenizer, _ = load_model(path_or_uri, device=device, dtype=dtype)
+        return cls(model, tokenizer, max_batch_size=max_batch_size, device=device, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
+        return self.generate_ids([self.tokenizer.encode(p) for p in prompts], params)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
+        """Any number of prompts, batched ``max_batch_size`` rows at a time; results in prompt order."""
+        requests = self._requests(prompt_ids, params)
+        groups: dict[_Mode, list[_Request]] = {}
+        for r in requests:
+            groups.setdefault(self._mode(r.params), []).append(r)
+        with self._lock:
+            for mode, group in groups.items():
+                for _ in self._run(mode, group):
+                    pass
+        return [r.result() for r in requests]
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str | Generation]:
+        """Text deltas as tokens are accepted, then the final ``Generation``."""
+        (request,) = self._requests([self.tokenizer.encode(prompt)], params)
+        with self._lock:
+            for _ in self._run(self._mode(request.params), [request]):
+                delta = request.text.delta()
+                if delta:
+                    yield delta
+        delta = request.text.delta()
+        if delta:
+            yield delta
+        yield request.result()
+
+    # ------------------------------------------------------------------ requests
+
+    def _requests(self, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[_Request]:
+        """Validate everything before any work, so a bad request fails alone and early."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompt_ids)
+        if len(params) != len(prompt_ids):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompt_ids)} prompts")
+        limit = self.cfg.max_seq_len
+        requests = []
+        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+            p.validate()
+            if not ids:
+                raise ValueError(f"prompt {i} is empty: at least one token is needed")
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
+            if len(ids) + p.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens={p.max_new_tokens} "
+                    f"= {len(ids) + p.max_new_tokens} exceeds the model's max_seq_len={limit}"
+                )
+            generator = None
+            if p.temperature > 0:
+                seed = p.seed if p.seed is not None else int(torch.randint(2**62, ()).item())
+                generator = torch.Generator().manual_seed(seed)
+            requests.append(_Request(i, list(ids), p, TextState(self.tokenizer, list(p.stop), p.max_new_tokens), generator))
+        return requests
+
+    def _mode(self, params: SamplingParams) -> _Mode:
+        sampled = params.temperature > 0
+        if not params.speculative or self.chain is None:
+            return _Mode(None, sampled)
+        return _Mode(self.chain if sampled else self.tree, sampled)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _run(self, mode: _Mode, requests: list[_Request]) -> Iterator[None]:
+        """Continuous batching of one group; yields after every step."""
+        queue = list(reversed(requests))
+        rows = _Rows(self, mode)
+        while queue or rows.requests:
+            free = self.max_batch_size - len(rows.requests)
+            if queue and free:
+                self._prefill(rows, [queue.pop() for _ in range(min(free, len(queue)))])
+            elif rows.requests:
+                self._step(rows)
+            yield
+            self._retire(rows)
+
+    def _retire(self, rows: _Rows) -> None:
+        """Drop finished rows, moving the last row into each hole (keeps rows contiguous)."""
+        for i in reversed(range(len(rows.requests))):
+            if rows.requests[i].text.finish_reason is None:
+                continue
+            last = len(rows.requests) - 1
+            if i != last:
+                with torch.inference_mode():
+                    self.cache.move_row(last, i, rows.host_lengths[last])
+                    rows.move(last, i)
+            rows.requests.pop()
+            rows.host_lengths.pop()
+
+    def _uniforms(self, requests: list[_Request], k: int) -> torch.Tensor:
+        return torch.stack([torch.rand(k, generator=r.generator) for r in requests]).to(self.device)
+
+    def _layout(self, lengths: torch.Tensor, max_length: int, width: int, tree: TreeTensors | None) -> StepLayout:
+        """Slots, rotary positions and attention mask for ``width`` tokens after each row's ``lengths``."""
+        offsets = self._arange[:width]
+        slots = lengths[:, None] + offsets
+        depth = tree.depth if tree is not None else offsets
+        rope = (lengths[:, None] + depth).clamp_(max=self.cfg.max_seq_len - 1)
+        rel = self._arange[: max_length + width] - lengths[:, None, None]  # [B, 1, S]: slot - length
+        if tree is None or tree.tree.is_chain:
+            mask = rel <= offsets[:, None]
+        else:
+            mask = (rel < 0) | ((rel < width) & tree.ancestors[offsets[:, None], rel.clamp(0, width - 1)])
+        return StepLayout(rope, slots, mask[:, None])
+
+    # ------------------------------------------------------------------ model steps
+
+    @torch.inference_mode()
+    def _prefill(self, rows: _Rows, new: list[_Request]) -> None:
+        """Run new requests' prompts into free rows: first token and first drafts."""
+        mode, start = rows.mode, len(rows.requests)
+        now = time.perf_counter()
+        for r in new:
+            r.started = now
+        lengths = [len(r.prompt) for r in new]
+        T = max(lengths)
+        tokens = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in new], device=self.device)
+        zero = torch.zeros(len(new), dtype=torch.long, device=self.device)
+        heads = 1 + mode.drafts
+        hidden = self.packed.forward(tokens, self._layout(zero, 0, T, None), self.cache, slice(start, start + len(new)), heads)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.packed.logits(hidden[:, torch.arange(len(new), device=self.device), last].transpose(0, 1))
+        sampling = RowSampling.build([r.params for r in new], self.vocab_size, self.device)
+        end = start + len(new)
+        for buf, value in zip(
+            (rows.sampling.temperature, rows.sampling.top_k, rows.sampling.top_p),
+            (sampling.temperature, sampling.top_k, sampling.top_p),
+        ):
+            buf[start:end] = value
+        rows.lengths[start:end] = last + 1
+        if mode.sampled:
+            probs = target_probs(logits, sampling)
+            first = sample(probs, self._uniforms(new, heads))  # [k, heads]
+            rows.fed[start:end] = first
+            if mode.drafts:
+                rows.draft_probs[start:end] = probs[:, 1:]
+        else:
+            first = logits[:, :1].argmax(-1)
+            rows.fed[start:end] = first if mode.tree is None else mode.tree.tokens(first[:, 0], logits[:, 1:])
+        rows.requests.extend(new)
+        rows.host_lengths.extend(lengths)
+        for r, token in zip(new, first[:, 0].tolist()):
+            r.accept([token], None)
+
+    @torch.inference_mode()
+    def _step(self, rows: _Rows) -> None:
+        """One forward for every active row: verify drafts (or take one token), draft again."""
+        mode, B = rows.mode, len(rows.requests)
+        fed, lengths = rows.fed[:B], rows.lengths[:B]
+        layout = self._layout(lengths, max(rows.host_lengths), mode.width, mode.tree)
+        hidden = self.packed.forward(fed, layout, self.cache, slice(0, B), 1 + mode.drafts)
+        if mode.tree is None:
+            emitted, accepted = self._vanilla(rows, hidden), None
+        elif mode.sampled:
+            emitted, accepted = self._speculative_sampling(rows, hidden)
+        else:
+            emitted, accepted = self._speculative_greedy(rows, hidden)
+        steps = emitted.tolist() if accepted is None else torch.cat([accepted[:, None], emitted], 1).tolist()
+        for i, (request, out) in enumerate(zip(rows.requests, steps)):
+            n_accepted = 0 if accepted is None else out.pop(0)
+            request.accept(out[: n_accepted + 1], n_accepted)
+            rows.host_lengths[i] += n_accepted + 1
+
+    def _vanilla(self, rows: _Rows, hidden: torch.Tensor) -> torch.Tensor:
+        B = len(rows.requests)
+        logits = self.packed.logits(hidden[0])  # [B, 1, V]
+        if rows.mode.sampled:
+            token = sample(target_probs(logits, rows.sampling.rows(slice(0, B))), self._uniforms(rows.requests, 1))
+        else:
+            token = logits.argmax(-1)
+        rows.fed[:B] = token
+        rows.lengths[:B] += 1
+        return token
+
+    def _speculative_greedy(self, rows: _Rows, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tree, B = rows.mode.tree, len(rows.requests)
+        fed, lengths = rows.fed[:B], rows.lengths[:B]
+        target = self.packed.logits(hidden[0]).argmax(-1)  # [B, W]
+        best, accepted = tree.accept(fed, target)
+        bonus = target.gather(1, best[:, None])
+        path = tree.path_nodes[best]  # [B, D]
+        if not tree.tree.is_chain:  # accepted nodes' keys/values -> contiguous slots
+            batch = torch.arange(B, device=self.device)
+            self.cache.move_slots(batch, lengths[:, None] + path, lengths[:, None] + 1 + self._arange[: path.shape[1]])
+        emitted = torch.cat([fed.gather(1, path), bonus], 1).scatter_(1, accepted[:, None], bonus)
+        drafts = self.packed.logits(hidden[1:, torch.arange(B, device=self.device), best].transpose(0, 1))
+        rows.fed[:B] = tree.tokens(bonus[:, 0], drafts)
+        rows.lengths[:B] += accepted + 1
+        return emitted, accepted
+
+    def _speculative_sampling(self, rows: _Rows, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, D = len(rows.requests), rows.mode.drafts
+        fed, sampling = rows.fed[:B], rows.sampling.rows(slice(0, B))
+        target = target_probs(self.packed.logits(hidden[0]), sampling)  # [B, D + 1, V]
+        u = self._uniforms(rows.requests, 2 * D + 1)
+        accepted, residual = speculative_accept(fed[:, 1:], target, rows.draft_probs[:B], u[:, :D])
+        bonus = sample(residual[:, None], u[:, D : D + 1])
+        emitted = torch.cat([fed[:, 1:], bonus], 1).scatter_(1, accepted[:, None], bonus)
+        head_logits = self.packed.logits(hidden[1:, torch.arange(B, device=self.device), accepted].transpose(0, 1))
+        draft_probs = target_probs(head_logits, sampling)
+        rows.fed[:B] = torch.cat([bonus, sample(draft_probs, u[:, D + 1 :])], 1)
+        rows.draft_probs[:B] = draft_probs
+        rows.lengths[:B] += accepted + 1
+        return emitted, accepted
