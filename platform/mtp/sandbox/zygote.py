@@ -279,7 +279,7 @@ class Zygote:
             os.umask(0o077)
             os.environ.clear()
             os.environ.update({"PATH": PATH, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"})
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores the last two
                 signal.signal(sig, signal.SIG_DFL)
             if "random" in sys.modules:  # forked from one zygote: reseed, or every sample shares a stream
                 sys.modules["random"].seed()

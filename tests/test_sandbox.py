@@ -1,0 +1,251 @@
+"""The hostile corpus: each program with its expected verdict, and host-side checks that nothing escaped.
+
+Runs as root (as CI does); without root the isolated tests skip and only the refusal is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mtp.sandbox import Limits, Sandbox, SandboxConfig, isolation_problem
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1] / "platform"
+SECRET = "mtp-test-secret-4b1d7c"
+needs_isolation = pytest.mark.skipif(isolation_problem() is not None, reason=str(isolation_problem()))
+
+
+@dataclass
+class Host:
+    """Things planted on the host that a program must not reach."""
+
+    secret_file: Path
+    victim_file: Path
+    outside_dir: Path
+    listener: socket.socket
+    bystander: subprocess.Popen
+    box: Sandbox
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.listener.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    if isolation_problem() is not None:
+        pytest.skip(isolation_problem())
+    base = tmp_path_factory.mktemp("host")
+    secret_file = base / "secret.txt"
+    secret_file.write_text(SECRET)
+    secret_file.chmod(0o644)  # readable to anyone who can see it: only isolation protects it
+    victim = base / "victim.txt"
+    victim.write_text("keep me")
+    outside = base / "outside"
+    outside.mkdir()
+    os.environ["MTP_TEST_SECRET"] = SECRET
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    bystander = subprocess.Popen(["sleep", "300"])
+    box = Sandbox()
+    try:
+        yield Host(secret_file, victim, outside, listener, bystander, box)
+    finally:
+        box.close()
+        bystander.kill()
+        bystander.wait()
+        listener.close()
+        del os.environ["MTP_TEST_SECRET"]
+
+
+def _slot_processes(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            status = Path(f"/proc/{entry}/status").read_text() if entry.isdigit() else ""
+        except OSError:
+            continue
+        uid_line = next((line for line in status.splitlines() if line.startswith("Uid:")), "")
+        if uid_line and int(uid_line.split()[1]) == uid:
+            found.append(int(entry))
+    return found
+
+
+def _assert_contained(h: Host, verdict) -> None:
+    """What must hold after every verdict, whatever the program tried."""
+    assert _slot_processes(h.box.uid) == [], "a process of the sandbox uid outlived the verdict"
+    for directory in h.box.cgroup_dirs:
+        assert Path(directory, "cgroup.procs").read_text().strip() == "", f"{directory} is not empty"
+    assert SECRET not in verdict.stdout + verdict.stderr
+    assert h.secret_file.read_text() == SECRET and h.victim_file.read_text() == "keep me"
+    assert list(h.outside_dir.iterdir()) == []
+    assert h.bystander.poll() is None, "a host process was killed"
+    with pytest.raises(BlockingIOError):
+        h.listener.accept()
+    assert h.box.run("print('still alive')").passed, "the worker did not survive the program"
+
+
+# (name, program, expected status, expected text in detail, limits)
+CORPUS = [
+    ("infinite_loop", "while True: pass", "timed_out", "wall time", Limits(timeout_s=1)),
+    ("ignores_sigterm", """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True: time.sleep(0.01)
+     """, "timed_out", "wall time", Limits(timeout_s=1)),
+    ("fork_bomb", """
+        import os
+        while True:
+            try: os.fork()
+            except OSError: pass
+     """, "timed_out", "", Limits(timeout_s=1, max_processes=16)),
+    ("setsid_daemon", """
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                while True: time.sleep(0.01)
+            os._exit(0)
+        os.wait()
+     """, "passed", "", Limits(timeout_s=3)),
+    ("memory_bomb", "x = bytearray(400 * 2**20)", "crashed", "memory limit", Limits(timeout_s=10, memory_mb=64)),
+    ("memory_bomb_many_processes", """
+        import os, time
+        pids = []
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:
+                block = bytearray(16 * 2**20)
+                for i in range(0, len(block), 4096): block[i] = 1
+                time.sleep(2)
+                os._exit(0)
+            pids.append(pid)
+        assert all(os.waitpid(p, 0)[1] == 0 for p in pids), "a child died"
+     """, "crashed", "memory limit", Limits(timeout_s=10, memory_mb=64)),
+    ("huge_output", "import sys\nwhile True: sys.stdout.write('x' * 65536)", "timed_out", "output truncated",
+     Limits(timeout_s=1, output_bytes=4096)),
+    ("big_print_passes_truncated", "print('y' * 10**7)", "passed", "output truncated", Limits(output_bytes=1000)),
+    ("huge_file", "open('big', 'wb').write(b'z' * (64 * 2**20))", "crashed", "file size limit",
+     Limits(file_size_mb=1, memory_mb=256)),
+    ("write_outside_scratch", "open('{outside}/x', 'w').write('escaped')", "failed", "FileNotFoundError", Limits()),
+    ("write_root", "open('/usr/escaped', 'w').write('x')", "failed", "Error", Limits()),
+    ("delete_host_file", "import os\nos.remove('{victim}')", "failed", "FileNotFoundError", Limits()),
+    ("scratch_is_writable", "open('ok', 'w').write('fine')\nassert open('ok').read() == 'fine'", "passed", "", Limits()),
+    ("read_secret_file", "print(open('{secret}').read())", "failed", "FileNotFoundError", Limits()),
+    ("read_secret_env", """
+        import os
+        print(dict(os.environ))
+        for pid in os.listdir('/proc'):
+            if pid.isdigit():
+                try: print(open(f'/proc/{{pid}}/environ', 'rb').read())
+                except OSError as e: print(e)
+        assert 'MTP_TEST_SECRET' not in os.environ
+     """, "passed", "", Limits()),
+    ("connect_localhost", "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')",
+     "failed", "OSError", Limits()),
+    ("kill_host_process", "import os\nos.kill({bystander}, 9)", "failed", "ProcessLookupError", Limits()),
+    ("kill_everything", "import os\nos.kill(-1, 9)\nos.kill(1, 9)", "failed", "Error", Limits()),
+    ("ctypes_segfault", "import ctypes\nctypes.string_at(0)", "crashed", "SIGSEGV", Limits()),
+    ("deep_recursion", "def f(n): return f(n + 1)\nf(0)", "failed", "RecursionError", Limits()),
+    # Python 3.11 keeps Python frames on the heap: unbounded recursion ends at the memory limit.
+    ("unbounded_recursion", "import sys\nsys.setrecursionlimit(10**8)\ndef f(n): return f(n + 1)\nf(0)", "crashed",
+     "memory limit", Limits(memory_mb=128)),
+    ("sys_exit_0", "import sys\nsys.exit(0)\nassert False", "failed", "SystemExit", Limits()),
+    ("os_exit_0", "import os\nos._exit(0)\nassert False", "failed", "exited with code 0", Limits()),
+    ("atexit_exit_0", "import atexit, os\natexit.register(lambda: os._exit(0))\nassert False", "failed",
+     "AssertionError", Limits()),
+    ("kills_itself", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "crashed", "SIGKILL", Limits()),
+    ("forged_pass_bytes", "import os\nos.write(3, b'P' + b'0' * 32)\nos._exit(0)", "failed", "exited with code 0",
+     Limits()),
+    ("forked_harness_copy", "import os\nif os.fork():\n    os._exit(0)\nimport time\ntime.sleep(0.2)", "failed",
+     "exited with code 0", Limits()),
+    ("plain_pass", "assert sum(range(10)) == 45", "passed", "", Limits()),
+    ("plain_fail", "assert 1 + 1 == 3, 'wrong'", "failed", "AssertionError: wrong", Limits()),
+]
+
+
+@needs_isolation
+@pytest.mark.parametrize("name,program,status,detail,limits", CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_corpus(host, name, program, status, detail, limits):
+    source = textwrap.dedent(program).format(
+        outside=host.outside_dir, victim=host.victim_file, secret=host.secret_file, port=host.port,
+        bystander=host.bystander.pid,
+    )
+    verdict = host.box.run(source, limits)
+    assert verdict.status == status, verdict
+    assert detail in verdict.detail, verdict
+    assert verdict.isolation == "full"
+    assert len(verdict.stdout) <= limits.output_bytes and len(verdict.stderr) <= limits.output_bytes
+    _assert_contained(host, verdict)
+
+
+@needs_isolation
+def test_view_of_the_world(host):
+    """Own pid namespace, no network interfaces up, read-only root, unprivileged uid, no caps."""
+    verdict = host.box.run(textwrap.dedent("""
+        import os, socket
+        print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+        print(os.getuid(), os.getgid(), os.getgroups())
+        print(sorted(os.listdir('/')))
+        print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])
+        print(socket.gethostname())
+    """))
+    assert verdict.passed, verdict
+    pids, ids, root, caps, hostname = verdict.stdout.splitlines()
+    assert len(eval(pids)) == 1  # only the program itself: the zygote (root) is hidden
+    assert ids == f"{host.box.uid} {host.box.uid} []"
+    assert "work" not in root or str(SOURCE_ROOT) not in root  # only sys.path entries, read-only
+    assert int(caps, 16) == 0
+    assert hostname == "sandbox"
+
+
+@needs_isolation
+def test_random_streams_differ_between_programs(host):
+    runs = {host.box.run("import random\nprint(random.random())").stdout for _ in range(3)}
+    assert len(runs) == 3
+
+
+def test_refuses_without_root_and_insecure_warns(tmp_path):
+    """As an unprivileged user the CLI refuses (exit 2) unless --insecure, which warns and still runs."""
+    python = shutil.which("python3.11", path="/usr/bin")
+    if os.geteuid() != 0 or python is None:
+        pytest.skip("needs root to drop to an unprivileged user, and /usr/bin/python3.11")
+    shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"mtp-sandbox-refusal-{os.getpid()}"
+    shared.mkdir(mode=0o755, exist_ok=True)
+    program = shared / "program.py"
+    program.write_text("print(6 * 7)")
+    program.chmod(0o644)
+    env = {"PYTHONPATH": str(SOURCE_ROOT), "PATH": "/usr/bin:/bin", "TMPDIR": "/tmp"}
+    try:
+        command = [python, "-m", "mtp.sandbox", "run", str(program), "--timeout", "5"]
+        refused = subprocess.run(command, env=env, user=65534, group=65534, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused
+        assert "root" in refused.stderr and "--insecure" in refused.stderr
+        insecure = subprocess.run([*command, "--insecure"], env=env, user=65534, group=65534, capture_output=True,
+                                  text=True, timeout=60)
+        assert insecure.returncode == 0, insecure
+        assert "NO namespaces" in insecure.stderr
+        assert '"isolation": "insecure"' in insecure.stdout and "42" in insecure.stdout
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@needs_isolation
+def test_cli_prints_verdict_json(tmp_path):
+    program = tmp_path / "p.py"
+    program.write_text("import sys\nsys.exit(0)")
+    result = subprocess.run([sys.executable, "-m", "mtp.sandbox", "run", str(program), "--timeout", "5", "--memory", "128"],
+                            env={**os.environ, "PYTHONPATH": str(SOURCE_ROOT)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert '"status": "failed"' in result.stdout and "SystemExit" in result.stdout
