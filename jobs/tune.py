@@ -1,0 +1,86 @@
+"""Run a sweep file with Ray Tune; every trial is a training run nested in one MLflow parent run.
+
+    python jobs/tune.py --space tune_spaces/smoke.yaml
+    python jobs/tune.py --space tune_spaces/smoke.yaml --resume runs/sweeps/smoke-20261128-101500-123456
+    ray job submit --working-dir . -- python jobs/tune.py --space tune_spaces/paper_grid.yaml \\
+        --storage-path s3://bucket/sweeps --tracking-uri http://mlflow:5000
+
+The sweep file, every config it can produce and the cluster's capacity are checked
+before the first trial starts. At the end it prints one row per trial and where the
+parent run is in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1] / "platform"
+sys.path.insert(0, str(SOURCE_ROOT))
+
+from mtp.sweep import SweepError, load_spec, run_sweep  # noqa: E402
+from mtp.sweep.summary import format_table  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--space", required=True, help="sweep file (tune_spaces/*.yaml)")
+    p.add_argument("--storage-path", default=None,
+                   help="where Tune keeps trial state and checkpoints (shared storage on multi-node clusters); "
+                        "default runs/sweeps")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI; default the config's tracking.tracking_uri, else MLFLOW_TRACKING_URI")
+    p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
+                   help="continue the sweep in this directory after a driver crash (Tuner.restore)")
+    p.add_argument("--name", default=None, help="override the sweep's name")
+    p.add_argument("--address", default=None, help="Ray address; default: the running cluster or a local one")
+    p.add_argument("--skip-resource-check", action="store_true",
+                   help="do not reject trials larger than the cluster is now (autoscaling clusters)")
+    return p.parse_args(argv)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster (or start a local one) with the ``mtp`` package shipped to every worker."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"py_modules": [str(SOURCE_ROOT / "mtp")], "env_vars": {"PYTHONPATH": str(SOURCE_ROOT)}}
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_spec(args.space, {"name": args.name} if args.name else None)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    connect(args.address)
+    try:
+        result = run_sweep(
+            spec, sweep_file=Path(args.space), storage_path=args.storage_path, tracking_uri=args.tracking_uri,
+            resume=args.resume, check_resources=not args.skip_resource_check,
+        )
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(result.rows, spec.metric, list(spec.space)))
+    print()
+    failed = sum(r.status != "ok" for r in result.rows)
+    print(f"{len(result.rows)} trials, {failed} failed, up to {result.max_concurrent_trials} at a time")
+    if result.best is not None:
+        print(f"best trial: {result.best.trial_id}  {spec.metric}={result.best.value(spec.metric):.4g}  "
+              f"({', '.join(f'{k}={result.best.params[k]}' for k in spec.space)})")
+    print(f"MLflow: {result.tracking_uri}  experiment {spec.experiment!r} (id {result.experiment_id})  "
+          f"parent run {result.parent_run_id}")
+    print(f"sweep dir (for --resume): {result.sweep_dir}")
+    return 1 if result.rows and failed == len(result.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The sweep driver: validate, reserve, run the Tuner, summarise into the MLflow parent run.
+
+Order matters: everything that can be checked (the sweep file, each config it can
+produce, the cluster's capacity, the tracking store) is checked before the first trial,
+so a bad sweep costs seconds, not a cluster hour.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from mtp.sweep import runs
+from mtp.sweep.resources import TrialDemand, check_feasible, cluster_view, fitting_concurrency, trial_bundle
+from mtp.sweep.spec import SweepError, SweepSpec
+from mtp.sweep.summary import TrialRow
+from mtp.sweep.trial import TrialContext, run_trial
+
+DEFAULT_STORAGE = "runs/sweeps"
+
+
+@dataclass
+class SweepResult:
+    """Where the sweep's results live and what it found."""
+
+    rows: list[TrialRow]
+    best: TrialRow | None
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_dir: str
+    max_concurrent_trials: int
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    sweep_file: Path | None = None,
+    storage_path: str | None = None,
+    tracking_uri: str | None = None,
+    resume: str | None = None,
+    check_resources: bool = True,
+) -> SweepResult:
+    """Run (or, with ``resume`` = a sweep directory, continue) a sweep; needs a connected Ray.
+
+    ``check_resources=False`` skips the capacity check, for autoscaling clusters whose
+    nodes appear only once trials ask for them.
+    """
+    from ray import tune
+
+    configs = spec.probe_configs()
+    demands = [TrialDemand.of(spec, cfg) for cfg in configs]
+    cluster, nodes = cluster_view()
+    if check_resources:
+        check_feasible(demands, cluster, nodes)
+    concurrency = spec.max_concurrent_trials or fitting_concurrency(demands, cluster)
+
+    uri = resolve_tracking_uri(tracking_uri or configs[0].tracking.tracking_uri)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, uri, spec.experiment)
+
+    if resume:
+        sweep_dir = str(Path(resume).resolve())
+        if not tune.Tuner.can_restore(sweep_dir):
+            raise SweepError(f"--resume {resume!r}: no Tune experiment to restore there")
+        parent_id = runs.find_parent(client, experiment_id, sweep_dir)
+        if parent_id is None:
+            raise SweepError(f"--resume {resume!r}: no MLflow parent run tagged with it in experiment "
+                             f"{spec.experiment!r} at {uri}; pass the same --tracking-uri as the first run")
+        client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    else:
+        storage = Path(storage_path or DEFAULT_STORAGE).resolve()
+        # A reused name and storage path would silently resume an old run: make it unique.
+        sweep_dir = str(storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}")
+        parent_id = runs.start_parent(client, experiment_id, spec, sweep_dir, sweep_file)
+
+    context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id,
+                           parent_run_id=parent_id, sweep_dir=sweep_dir)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context), lambda params: trial_bundle(spec, params)
+    )
+    if resume:
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                scheduler=spec.scheduler.build(spec.metric, spec.mode),
+                max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(
+                name=Path(sweep_dir).name, storage_path=str(Path(sweep_dir).parent),
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=1,
+            ),
+        )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        client.set_tag(parent_id, "error", "driver interrupted; continue with --resume " + sweep_dir)
+        client.set_terminated(parent_id, status=RunStatus.to_string(RunStatus.KILLED))
+        raise
+    rows = [_row(result, spec, client, experiment_id, parent_id) for result in grid]
+    rows.sort(key=lambda r: r.trial_id)
+    runs.close_children(client, rows)
+    best = runs.finish_parent(client, parent_id, spec, rows)
+    return SweepResult(rows, best, uri, experiment_id, parent_id, sweep_dir, concurrency)
+
+
+def _row(result, spec: SweepSpec, client: MlflowClient, experiment_id: str, parent_id: str) -> TrialRow:
+    """One Tune result as a summary row, linked to the trial's MLflow child run."""
+    metrics = {k: float(v) for k, v in result.metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_BOOKKEEPING}
+    trial_id = str(result.metrics["trial_id"])
+    config = dict(result.config or {})
+    base = spec.base({k: v for k, v in config.items() if k in spec.space}).flat()
+    params = {k: config.get(k, base[k]) for k in dict.fromkeys([*spec.space, spec.plot.x, spec.plot.lines])}
+    error = None
+    if result.error is not None:
+        error = f"{type(result.error).__name__}: {result.error}"
+    return TrialRow(
+        trial_id=trial_id, status="error" if error else "ok", params=params, metrics=metrics,
+        run_id=runs.find_child(client, experiment_id, parent_id, trial_id), error=error,
+    )
+
+
+# Auto-filled by Tune; not training metrics.
+_TUNE_BOOKKEEPING = {
+    "timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
+    "iterations_since_restore", "done", "checkpoint_dir_name", "should_checkpoint",
+}
+
+
+def resolve_tracking_uri(explicit: str | None) -> str:
+    """``explicit``, else ``MLFLOW_TRACKING_URI``, else MLflow's default, with local paths made
+    absolute: trials run in their own working directories."""
+    import mlflow
+
+    uri = explicit or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    """Get or create the experiment on the driver, with artifacts next to a local store.
+
+    Created inside a trial, an sqlite-backed experiment would keep its artifacts in
+    that trial's temporary working directory.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)

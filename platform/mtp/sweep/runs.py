@@ -1,0 +1,130 @@
+"""MLflow layout of a sweep: one parent run, one nested child run per trial.
+
+Everything goes through an explicit ``MlflowClient`` and run ids, never the global
+"active run": trials run in other processes, and a resumed driver must find the
+runs it created before it crashed (by tags) instead of opening new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from mtp.sweep.spec import SweepSpec
+from mtp.sweep.summary import TrialRow, best_row, format_table, plot_metric, write_table
+
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_DIR_TAG = "mtp.sweep.dir"
+TRIAL_TAG = "mtp.sweep.trial_id"
+BEST_TRIAL_TAG = "best_trial"
+BEST_RUN_TAG = "best_run_id"
+
+
+def find_parent(client: MlflowClient, experiment_id: str, sweep_dir: str) -> str | None:
+    """The parent run of the sweep stored at ``sweep_dir`` (for ``--resume``), if any."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{SWEEP_DIR_TAG}` = '{_quote(sweep_dir)}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, sweep_dir: str, sweep_file: Path | None) -> str:
+    """Create the parent run: the sweep's definition as params, the sweep file as an artifact."""
+    run = client.create_run(
+        experiment_id, run_name=spec.name,
+        tags={SWEEP_DIR_TAG: sweep_dir, "mtp.kind": "sweep", "metric": spec.metric, "mode": spec.mode},
+    )
+    run_id = run.info.run_id
+    params = {
+        "metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler.type,
+        "num_samples": spec.num_samples, "trial_resources": json.dumps(spec.trial_resources),
+        **{f"space.{k}": json.dumps({d.kind: list(d.values) or [d.low, d.high]}) for k, d in spec.space.items()},
+        **{f"config.{k}": v for k, v in spec.config.items()},
+    }
+    client.log_batch(run_id, params=_params(params))
+    if sweep_file is not None:
+        client.log_artifact(run_id, str(sweep_file))
+    return run_id
+
+
+def find_child(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str) -> str | None:
+    """The run a trial logged under the parent, if it got as far as creating one."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{_quote(trial_id)}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def child_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, name: str) -> str:
+    """The trial's run, nested under the parent; a restarted trial gets its old run back."""
+    run_id = find_child(client, experiment_id, parent_id, trial_id)
+    if run_id is not None:
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+    run = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id})
+    return run.info.run_id
+
+
+def close_children(client: MlflowClient, rows: list[TrialRow]) -> None:
+    """End each child run as its trial ended; trials stopped early by ASHA never end their own."""
+    for row in rows:
+        if row.run_id is None:
+            continue
+        if row.error:
+            client.set_tag(row.run_id, "error", row.error[:5000])
+        status = RunStatus.FAILED if row.error else RunStatus.FINISHED
+        client.set_terminated(row.run_id, status=RunStatus.to_string(status))
+
+
+def log_config(client: MlflowClient, run_id: str, flat_config: dict[str, Any]) -> None:
+    """The trial's full config as params (skipping ones a resumed run already holds)."""
+    have = client.get_run(run_id).data.params
+    client.log_batch(run_id, params=_params({k: v for k, v in flat_config.items() if k not in have}))
+
+
+def finish_parent(
+    client: MlflowClient, parent_id: str, spec: SweepSpec, rows: list[TrialRow]
+) -> TrialRow | None:
+    """Attach the summary table, the plot and the best-trial tags; end the parent run."""
+    best = best_row(rows, spec.metric, spec.mode)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        csv_path, json_path = write_table(rows, spec.metric, directory)
+        plot = plot_metric(rows, spec.metric, spec.mode, spec.plot.x, spec.plot.lines,
+                           directory / f"{spec.metric.replace('/', '_')}_vs_{spec.plot.x}.png", title=spec.name)
+        (directory / "summary.txt").write_text(format_table(rows, spec.metric, list(spec.space)) + "\n")
+        for path in (csv_path, json_path, plot, directory / "summary.txt"):
+            client.log_artifact(parent_id, str(path))
+    metrics = {"trials": len(rows), "trials_failed": sum(r.status != "ok" for r in rows)}
+    if best is not None:
+        client.set_tag(parent_id, BEST_TRIAL_TAG, best.trial_id)
+        if best.run_id:
+            client.set_tag(parent_id, BEST_RUN_TAG, best.run_id)
+        metrics[f"best_{spec.metric}"] = best.value(spec.metric)
+    for key, value in metrics.items():
+        client.log_metric(parent_id, _metric_key(key), float(value))
+    failed = bool(rows) and all(r.status != "ok" for r in rows)
+    client.set_terminated(parent_id, status=RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+    return best
+
+
+def _params(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
+def _metric_key(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")

@@ -1,0 +1,326 @@
+"""Sweep files: one YAML describes a whole Ray Tune experiment over training configs.
+
+A sweep file is validated in full before Ray is touched: every key of the file, every
+search dimension, and every config a grid can produce goes through
+``mtp.config.build_config``, so an unknown field or an impossible combination fails
+with the field's name instead of as an errored trial twenty minutes in.
+
+Schema (all keys except ``space`` and ``metric`` are optional)::
+
+    name: paper-grid                 # Tune experiment + MLflow parent run name
+    experiment: mtp-sweeps           # MLflow experiment
+    base_config: configs/x.yaml      # a training config file, as for jobs/train.py
+    config: {train: {max_steps: 20}} # fixed overrides, nested or dotted
+    space:                           # dotted config field -> exactly one distribution
+      model.n_future: {grid: [1, 2, 4]}
+      train.preset: {choice: [debug, tiny]}
+      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      train.warmup_steps: {uniform: [0, 50]}  # rounded for int fields
+    metric: val/loss
+    mode: min
+    scheduler: {type: asha, grace_period: 2, max_t: 20, reduction_factor: 2}
+    num_samples: 1                   # repeats of the grid / draws of the random dims
+    resources: {trial: {memory: 1000000}}   # the trial process; workers: scaling.*
+    max_concurrent_trials: auto      # or an int
+    plot: {x: model.n_future, lines: train.preset}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtp.config import ConfigError, JobConfig, apply_overrides, build_config, flatten_mapping
+
+KINDS = ("grid", "choice", "uniform", "loguniform")
+MAX_PROBED_CONFIGS = 4096  # beyond this, each dimension is validated on its own
+
+
+class SweepError(ConfigError):
+    """A sweep file is malformed or can never run; raised before any trial starts."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched config field and its distribution."""
+
+    key: str
+    kind: str
+    values: tuple[Any, ...] = ()  # grid / choice
+    low: float = 0.0  # uniform / loguniform
+    high: float = 0.0
+
+    @classmethod
+    def parse(cls, key: str, raw: Any) -> "Dimension":
+        where = f"space.{key}"
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise SweepError(f"{where} must be a mapping with exactly one of {', '.join(KINDS)}, got {raw!r}")
+        (kind, arg), = raw.items()
+        if kind not in KINDS:
+            raise SweepError(f"{where}: unknown distribution {kind!r}; use one of {', '.join(KINDS)}")
+        if kind in ("grid", "choice"):
+            if not isinstance(arg, list):
+                raise SweepError(f"{where}.{kind} must be a list of values, got {arg!r}")
+            if not arg:
+                raise SweepError(f"{where}.{kind} is empty: a sweep needs at least one value")
+            return cls(key, kind, values=tuple(arg))
+        if not (isinstance(arg, list) and len(arg) == 2 and all(_is_number(v) for v in arg)):
+            raise SweepError(f"{where}.{kind} must be [low, high], got {arg!r}")
+        low, high = float(arg[0]), float(arg[1])
+        if not low < high:
+            raise SweepError(f"{where}.{kind}: low={low} must be below high={high}")
+        if kind == "loguniform" and low <= 0:
+            raise SweepError(f"{where}.loguniform: bounds must be positive, got [{low}, {high}]")
+        return cls(key, kind, low=low, high=high)
+
+    @property
+    def probe_values(self) -> tuple[Any, ...]:
+        """Values that bracket the dimension: all of a finite set, the ends of a range."""
+        return self.values if self.values else (self.low, self.high)
+
+    def to_tune(self, integer: bool) -> Any:
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        if integer:
+            if self.kind == "uniform":
+                return tune.randint(math.ceil(self.low), math.floor(self.high) + 1)
+            return tune.lograndint(math.ceil(self.low), math.floor(self.high) + 1)
+        return tune.uniform(self.low, self.high) if self.kind == "uniform" else tune.loguniform(self.low, self.high)
+
+
+@dataclass
+class SchedulerSpec:
+    """FIFO runs every trial to the end; ASHA stops the worse ones early."""
+
+    type: str = "fifo"
+    time_attr: str = "training_iteration"
+    grace_period: int = 1
+    max_t: int = 100
+    reduction_factor: float = 2.0
+
+    def validate(self) -> None:
+        if self.type not in ("fifo", "asha"):
+            raise SweepError(f"scheduler.type={self.type!r} must be 'fifo' or 'asha'")
+        if self.grace_period < 1 or self.max_t < 1:
+            raise SweepError("scheduler.grace_period and scheduler.max_t must be >= 1")
+        if self.grace_period > self.max_t:
+            raise SweepError(f"scheduler.grace_period={self.grace_period} exceeds scheduler.max_t={self.max_t}")
+        if self.reduction_factor <= 1:
+            raise SweepError(f"scheduler.reduction_factor={self.reduction_factor} must be > 1")
+
+    def build(self, metric: str, mode: str) -> Any:
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+        if self.type == "fifo":
+            return FIFOScheduler()
+        return ASHAScheduler(
+            time_attr=self.time_attr, metric=metric, mode=mode, max_t=self.max_t,
+            grace_period=self.grace_period, reduction_factor=self.reduction_factor,
+        )
+
+
+@dataclass
+class PlotSpec:
+    """Axes of the summary plot: the paper's Figure 3 puts n_future on x, one line per size."""
+
+    x: str = "model.n_future"
+    lines: str = "train.preset"
+
+
+@dataclass
+class SweepSpec:
+    """A parsed, validated sweep file."""
+
+    space: dict[str, Dimension]
+    metric: str
+    mode: str = "min"
+    name: str = "sweep"
+    experiment: str = "mtp-sweeps"
+    base_config: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # dotted fixed overrides
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    num_samples: int = 1
+    resources: dict[str, dict[str, float]] = field(default_factory=lambda: {"trial": {"memory": 1_000_000}})
+    max_concurrent_trials: int | None = None  # None: as many as the cluster fits
+    plot: PlotSpec = field(default_factory=PlotSpec)
+    evaluation: dict[str, Any] | None = None
+
+    @property
+    def trial_resources(self) -> dict[str, float]:
+        return dict(self.resources["trial"])
+
+    def base(self, overrides: dict[str, Any] | None = None) -> JobConfig:
+        """The training config of one trial: base file <- fixed config <- ``overrides``."""
+        return build_config(self.base_config, {**self.config, **(overrides or {})})
+
+    def param_space(self) -> dict[str, Any]:
+        """The Ray Tune ``param_space``: dotted config keys, as the trial receives them."""
+        defaults = JobConfig().flat()
+        return {
+            key: dim.to_tune(integer=isinstance(defaults[key], int) and not isinstance(defaults[key], bool))
+            for key, dim in self.space.items()
+        }
+
+    def grid_size(self) -> int:
+        finite = [len(d.values) for d in self.space.values() if d.kind == "grid"]
+        return math.prod(finite) * self.num_samples
+
+    def probe_configs(self) -> list[JobConfig]:
+        """Build (and so validate) the configs the sweep can produce; raise naming the value."""
+        dims = list(self.space.values())
+        combos = math.prod(len(d.probe_values) for d in dims)
+        if combos <= MAX_PROBED_CONFIGS:
+            points = [dict(zip(self.space, vals)) for vals in itertools.product(*(d.probe_values for d in dims))]
+        else:  # too many to enumerate: vary one dimension at a time around the first values
+            first = {d.key: d.probe_values[0] for d in dims}
+            points = [{**first, d.key: v} for d in dims for v in d.probe_values]
+        configs = []
+        for point in points:
+            try:
+                configs.append(self.base(point))
+            except ConfigError as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
+                raise SweepError(f"sweep {self.name!r}: the trial with {shown} has a bad config: {exc}") from None
+        return configs
+
+
+_TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)}
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read, parse and validate a sweep file (``overrides`` replace top-level keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SweepError(f"sweep file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"sweep file {str(path)!r} must hold a mapping")
+    data = {**data, **(overrides or {})}
+    data.setdefault("name", path.stem)
+    base = data.get("base_config")
+    if base is not None and not Path(base).is_absolute() and not Path(base).is_file():
+        data["base_config"] = str(path.parent / base)  # relative to the sweep file
+    return parse_spec(data, where=f"{path}: ")
+
+
+def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
+    """Build a SweepSpec from a mapping; every problem is a SweepError naming the key."""
+    try:
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise SweepError(f"unknown sweep key(s) {sorted(unknown)}; known keys are {sorted(_TOP_KEYS)}")
+        for key in ("space", "metric"):
+            if key not in data:
+                raise SweepError(f"the sweep has no {key!r}")
+        space_raw = data["space"]
+        if not isinstance(space_raw, dict) or not space_raw:
+            raise SweepError("space must be a non-empty mapping of dotted config fields to distributions")
+        defaults = JobConfig().flat()
+        for key in space_raw:
+            if key not in defaults:
+                raise SweepError(f"space.{key}: unknown config field; fields look like 'model.n_future', "
+                                 f"'train.preset', 'train.lr'")
+        config = data.get("config") or {}
+        if not isinstance(config, dict):
+            raise SweepError(f"config must be a mapping, got {config!r}")
+        nested = {k: v for k, v in config.items() if isinstance(v, dict)}
+        flat = {**flatten_mapping(nested, where="config: "), **{k: v for k, v in config.items() if k not in nested}}
+        apply_overrides(JobConfig(), flat)  # names and types of the fixed fields, before any trial
+        clash = set(flat) & set(space_raw)
+        if clash:
+            raise SweepError(f"{sorted(clash)} appear in both config and space; keep each field in one")
+        spec = SweepSpec(
+            space={k: Dimension.parse(k, v) for k, v in space_raw.items()},
+            metric=_text(data, "metric"),
+            mode=data.get("mode", "min"),
+            name=_text(data, "name", "sweep"),
+            experiment=_text(data, "experiment", "mtp-sweeps"),
+            base_config=data.get("base_config"),
+            config=flat,
+            scheduler=_section(SchedulerSpec, data.get("scheduler"), "scheduler"),
+            num_samples=data.get("num_samples", 1),
+            resources=_resources(data.get("resources")),
+            max_concurrent_trials=_concurrency(data.get("max_concurrent_trials", "auto")),
+            plot=_section(PlotSpec, data.get("plot"), "plot"),
+            evaluation=data.get("evaluation"),
+        )
+        if spec.mode not in ("min", "max"):
+            raise SweepError(f"mode={spec.mode!r} must be 'min' or 'max'")
+        if not isinstance(spec.num_samples, int) or isinstance(spec.num_samples, bool) or spec.num_samples < 1:
+            raise SweepError(f"num_samples={spec.num_samples!r} must be a positive integer")
+        spec.scheduler.validate()
+        for axis in (spec.plot.x, spec.plot.lines):
+            if axis not in defaults:
+                raise SweepError(f"plot axis {axis!r} is not a config field")
+        if spec.evaluation is not None and not isinstance(spec.evaluation, dict):
+            raise SweepError(f"evaluation must be a mapping, got {spec.evaluation!r}")
+        spec.probe_configs()
+        return spec
+    except SweepError as exc:
+        raise SweepError(f"{where}{exc}") from None
+    except ConfigError as exc:
+        raise SweepError(f"{where}{exc}") from None
+
+
+def _text(data: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise SweepError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise SweepError(f"{where} must be a mapping, got {raw!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SweepError(f"unknown {where} key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**raw)
+
+
+def _resources(raw: Any) -> dict[str, dict[str, float]]:
+    """``resources.trial``: what the trial's own process reserves (the workers use ``scaling.*``)."""
+    if raw is None:
+        return SweepSpec.__dataclass_fields__["resources"].default_factory()
+    if not isinstance(raw, dict) or set(raw) != {"trial"} or not isinstance(raw["trial"], dict):
+        raise SweepError(f"resources must be {{trial: {{CPU: .., GPU: .., memory: ..}}}}, got {raw!r}")
+    trial = {}
+    for name, amount in raw["trial"].items():
+        if not _is_number(amount) or amount < 0:
+            raise SweepError(f"resources.trial.{name}={amount!r} must be a number >= 0")
+        trial[_RESOURCE_ALIASES.get(name.lower(), name)] = float(amount)
+    if not any(trial.values()):
+        # Tune rejects an all-zero bundle; memory-only keeps the trial off the CPUs its workers need.
+        raise SweepError("resources.trial must reserve something; use {memory: 1000000} to hold no CPU")
+    return {"trial": trial}
+
+
+_RESOURCE_ALIASES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
+
+
+def _concurrency(raw: Any) -> int | None:
+    if raw in (None, "auto"):
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+        raise SweepError(f"max_concurrent_trials={raw!r} must be 'auto' or a positive integer")
+    return raw
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
