@@ -219,6 +219,7 @@ class TrackingConfig:
     experiment: str = "mtp-train"
     run_name: str | None = None
     registered_model: str | None = "mtp-model"
+    run_id: str | None = None  # set by the job; saved in checkpoints so restarts continue the same run
 
     def validate(self) -> None:
         if not self.experiment:

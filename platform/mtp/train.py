@@ -1,0 +1,406 @@
+"""The training loop: one function that a Ray Train worker or a plain process runs.
+
+``train(cfg)`` builds the data, the model and the optimizer from one ``JobConfig``,
+runs AdamW with warmup + cosine decay, gradient clipping and accumulation, and uses
+the memory-efficient sequential multi-token backward (``train.schedule=naive`` for
+the reference schedule). It knows nothing about Ray or MLflow: where checkpoints go
+is a ``CheckpointStore`` (a local folder by default, Ray Train's reporting under
+Ray) and what happens to metrics is up to ``callbacks`` (MLflow on rank 0 under the
+job). In a process group it runs data-parallel (``mtp.parallel``): each rank reads
+its own blocks and gradients are averaged once per optimizer step.
+
+A checkpoint holds weights, config, tokenizer and the complete resume state
+(optimizer, scheduler, RNG, data position), so a resumed run continues exactly as
+an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from mtp.checkpoint import WEIGHTS, load_train_state, save_checkpoint
+from mtp.config import ConfigError, JobConfig, TrainConfig
+from mtp.data import BlockSampler, DataPosition, PackedData, prepare_data, val_indices
+from mtp.loss import evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
+from mtp.model import MTPTransformer, training_flops_per_token
+from mtp.parallel import DistInfo, all_reduce_gradients, all_reduce_sum, broadcast_parameters, dist_info
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU. Devices not listed get no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss diverged); a checkpoint was saved first."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind (on rank 0; other ranks get the same step)."""
+
+    step: int
+    checkpoint: Path | None
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TrainCallback(Protocol):
+    """Receives metrics on rank 0 (MLflow logging, progress displays)."""
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class CheckpointStore(Protocol):
+    """Where checkpoints go and where a restarted run finds its last one."""
+
+    def latest(self) -> ContextManager[Path | None]:
+        """A local directory holding the checkpoint to resume from, if any."""
+        ...
+
+    def save(self, step: int, write: Callable[[Path], None], metrics: dict[str, float], info: DistInfo) -> Path | None:
+        """Persist a checkpoint; ``write(dir)`` fills a directory on ranks that hold state."""
+        ...
+
+
+class LocalCheckpoints:
+    """``<run_dir>/checkpoints/step_NNNNNN``, keeping the newest ``keep`` (rank 0 writes)."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def _all(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        found = self._all()
+        yield found[-1] if found else None
+
+    def save(self, step: int, write: Callable[[Path], None], metrics: dict[str, float], info: DistInfo) -> Path | None:
+        if not info.is_main:
+            return None
+        directory = self.root / f"step_{step:06d}"
+        write(directory)
+        for old in self._all()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+
+# ------------------------------------------------------------------ building blocks
+
+
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device='cuda' but no CUDA device is visible")
+        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default; fp32 on CPU unless asked."""
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms), as in LLaMA/GPT training."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def default_run_name(cfg: JobConfig) -> str:
+    return f"{cfg.train.preset}-n{cfg.model.n_future}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+class Trainer:
+    """State of one run on one rank; ``train()`` is the public entry point."""
+
+    def __init__(self, cfg: JobConfig, data: PackedData, store: CheckpointStore, callbacks: Sequence[TrainCallback]):
+        self.cfg, self.data, self.store, self.callbacks = cfg, data, store, list(callbacks)
+        self.info = dist_info()
+        self.device = pick_device(cfg.train.device, self.info)
+        self.amp = autocast_dtype(cfg.train, self.device)
+        if cfg.model.vocab_size < data.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{data.tokenizer.vocab_size} ids (data.tokenizer={cfg.data.tokenizer!r}); set model.vocab_size"
+            )
+        seed_everything(cfg.train.seed)
+        self.model = MTPTransformer(cfg.model).to(self.device)
+        broadcast_parameters(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
+        self.sampler = BlockSampler(
+            len(data.train), cfg.train.batch_size, self.info.rank, self.info.world_size, cfg.train.seed
+        )
+        self.step = 0
+        self.step_start_position = self.sampler.position
+        self.restored_step = 0
+        self.history: list[dict[str, float]] = []
+        self.last_checkpoint: Path | None = None
+        if cfg.train.compile:
+            for block in (*self.model.trunk_layers, *self.model.heads):
+                block.compile()
+
+    # -- state --------------------------------------------------------------------
+
+    def train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "data_position": vars(self.sampler.position).copy(),
+            "tracking_run_id": self.cfg.tracking.run_id,
+        }
+
+    def restore(self, directory: Path) -> None:
+        state = load_train_state(directory)
+        if state is None:
+            raise FileNotFoundError(f"{str(directory)!r} has no resume state (it is an inference-only checkpoint)")
+        weights = load_file(str(directory / WEIGHTS), device=str(self.device))
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.sampler.seek(DataPosition(**state["data_position"]))
+        self.step = self.restored_step = int(state["step"])
+
+    def save(self, metrics: dict[str, float]) -> None:
+        def write(directory: Path) -> None:
+            save_checkpoint(directory, self.model, self.cfg, self.data.tokenizer, train_state=self.train_state())
+
+        path = self.store.save(self.step, write, {"step": self.step, **metrics}, self.info)
+        self.last_checkpoint = path or self.last_checkpoint
+
+    # -- one step -----------------------------------------------------------------
+
+    def _batch(self, indices: np.ndarray, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(np.asarray(blocks[indices], dtype=np.int64))
+        return mtp_targets(tokens.to(self.device, non_blocking=True), self.cfg.model.n_future, self.data.tokenizer.pad_id)
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (head losses, grad norm)."""
+        tc = self.cfg.train
+        self.step_start_position = self.sampler.position
+        head_losses = torch.zeros(self.cfg.model.n_future, device=self.device)
+        for _ in range(tc.grad_accum):
+            inputs, targets = self._batch(self.sampler.next_indices(), self.data.train)
+            with self._autocast():
+                if tc.schedule == "sequential":
+                    losses = sequential_backward(
+                        self.model, inputs, targets, tc.head_weights, tc.loss_chunk_size, loss_scale=1.0 / tc.grad_accum
+                    )
+                else:
+                    loss, losses = naive_loss(self.model, inputs, targets, tc.head_weights)
+                    (loss / tc.grad_accum).backward()
+            head_losses += losses.head_losses.float() / tc.grad_accum
+        all_reduce_gradients(self.params)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"gradient norm is {grad_norm.item()} at step {self.step + 1}: training diverged")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return head_losses, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss per head and bits per byte (head 0), summed over ranks."""
+        if len(self.data.val) == 0:
+            return {}
+        tc, n = self.cfg.train, self.cfg.model.n_future
+        self.model.eval()
+        sums = torch.zeros(n, 2, device=self.device, dtype=torch.float64)
+        n_bytes = torch.zeros((), device=self.device, dtype=torch.float64)
+        token_bytes = torch.from_numpy(self.data.token_bytes).to(self.device)
+        idx = val_indices(len(self.data.val), tc.eval_batches * tc.batch_size, self.info.rank, self.info.world_size)
+        for start in range(0, len(idx), tc.batch_size):
+            inputs, targets = self._batch(idx[start : start + tc.batch_size], self.data.val)
+            with self._autocast():
+                sums += evaluate_head_losses(self.model, inputs, targets, tc.loss_chunk_size).double()
+            valid = targets[0] >= 0
+            n_bytes += token_bytes[targets[0][valid]].sum()
+        self.model.train()
+        all_reduce_sum(sums)
+        all_reduce_sum(n_bytes)
+        losses = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
+        metrics = {f"val/loss_head_{i}": v for i, v in enumerate(losses)}
+        metrics["val/loss"] = float(np.mean(losses))
+        metrics["val/bpb"] = float(sums[0, 0] / math.log(2) / n_bytes.clamp(min=1))
+        return metrics
+
+    # -- the run ------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        tc = self.cfg.train
+        tokens_per_step = tc.batch_size * tc.grad_accum * self.info.world_size * tc.seq_len
+        flops_per_token = training_flops_per_token(self.cfg.model, tc.seq_len)
+        device_peak = peak_flops(self.device)
+        self._print(
+            f"training {self.cfg.train.preset} n_future={self.cfg.model.n_future} on {self.info.world_size} x "
+            f"{self.device.type}: {len(self.data.train)} blocks of {tc.seq_len + 1} tokens, "
+            f"{tokens_per_step} tokens/step, steps {self.step}->{tc.max_steps}"
+        )
+        interval_losses = torch.zeros(self.cfg.model.n_future, device=self.device)
+        interval_steps, interval_start, metrics = 0, time.perf_counter(), {}
+        while self.step < tc.max_steps:
+            head_losses, grad_norm = self.train_step()
+            interval_losses += head_losses
+            interval_steps += 1
+            last = self.step == tc.max_steps
+            if self.step % tc.log_every == 0 or last:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - interval_start
+                losses = (all_reduce_sum(interval_losses.clone()) / (interval_steps * self.info.world_size)).tolist()
+                metrics = {f"train/loss_head_{i}": v for i, v in enumerate(losses)}
+                metrics["train/loss"] = float(np.mean(losses))
+                metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                metrics["train/grad_norm"] = float(grad_norm)
+                tokens_per_s = interval_steps * tokens_per_step / elapsed
+                metrics["perf/tokens_per_s"] = tokens_per_s
+                metrics["perf/step_time_s"] = elapsed / interval_steps
+                metrics["perf/peak_memory_bytes"] = float(peak_memory_bytes(self.device))
+                if device_peak:
+                    metrics["perf/mfu"] = tokens_per_s * flops_per_token / (device_peak * self.info.world_size)
+                if self.step % tc.eval_every == 0 or last:
+                    metrics.update(self.evaluate())
+                self._log(metrics, eta=(tc.max_steps - self.step) * elapsed / interval_steps)
+                interval_losses.zero_()
+                interval_steps, interval_start = 0, time.perf_counter()
+            if self.step % tc.checkpoint_every == 0 or last:
+                self.save(metrics)
+        return TrainResult(self.step, self.last_checkpoint, metrics, self.history)
+
+    def _log(self, metrics: dict[str, float], eta: float) -> None:
+        if not self.info.is_main:
+            return
+        self.history.append({"step": self.step, **metrics})
+        for callback in self.callbacks:
+            callback.on_log(self.step, metrics)
+        val = f" | val {metrics['val/loss']:.4f} ({metrics['val/bpb']:.3f} bpb)" if "val/loss" in metrics else ""
+        self._print(
+            f"step {self.step:>6}/{self.cfg.train.max_steps} | loss {metrics['train/loss']:.4f}{val} | "
+            f"{metrics['perf/tokens_per_s']:,.0f} tok/s | lr {metrics['train/lr']:.2e} | eta {_fmt_duration(eta)}"
+        )
+
+    def _print(self, text: str) -> None:
+        if self.info.is_main:
+            print(text, flush=True)
+
+
+def train(
+    cfg: JobConfig,
+    *,
+    resume_from: str | Path | None = None,
+    callbacks: Sequence[TrainCallback] = (),
+    store: CheckpointStore | None = None,
+    data: PackedData | None = None,
+) -> TrainResult:
+    """Train ``cfg`` in this process (one rank of a process group, or alone).
+
+    ``resume_from`` is a checkpoint directory to continue from; without it the run
+    continues from ``store.latest()`` if that holds a checkpoint (a restarted Ray
+    attempt), else it starts fresh. ``store`` defaults to
+    ``<train.output_dir>/<tracking.run_name>/checkpoints``. Returns the final step,
+    metrics and (on rank 0) the final checkpoint's directory.
+    """
+    cfg = copy.deepcopy(cfg).validate()
+    cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
+    store = store or LocalCheckpoints(Path(cfg.train.output_dir) / cfg.tracking.run_name)
+    data = data or prepare_data(cfg.data, cfg.train.seq_len)
+    trainer = Trainer(cfg, data, store, callbacks)
+    with store.latest() as latest:
+        source = Path(resume_from) if resume_from is not None else latest
+        if source is not None:
+            trainer.restore(source)
+            trainer._print(f"resumed from {source} at step {trainer.step}")
+    try:
+        return trainer.run()
+    except (TrainingError, KeyboardInterrupt):
+        if trainer.info.world_size == 1:
+            trainer.sampler.seek(trainer.step_start_position)  # the unfinished step is redone on resume
+            trainer.save({})
+            print(f"stopped at step {trainer.step}; checkpoint saved to {trainer.last_checkpoint}", file=sys.stderr)
+        raise

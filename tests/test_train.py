@@ -1,0 +1,73 @@
+"""The training loop in a plain process: it learns, checkpoints, and resumes exactly."""
+
+import math
+
+import pytest
+import torch
+
+from _jobs import losses, tiny_config
+from mtp.checkpoint import load_model, load_train_state
+from mtp.config import ConfigError
+from mtp.train import TrainingError, lr_factor, train
+
+
+def test_training_reduces_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 30, "train.eval_every": 30, "train.lr": 1e-2,
+                                   "train.log_every": 10, "train.checkpoint_every": 30})
+    result = train(cfg)
+    first, last = result.history[0], result.history[-1]
+    assert last["train/loss"] < 0.7 * first["train/loss"]
+    assert last["val/loss"] < math.log(260) - 1.5
+    assert 0 < last["val/bpb"] < 8
+    for key in ("train/loss_head_0", "train/loss_head_1", "val/loss_head_1", "perf/tokens_per_s",
+                "perf/peak_memory_bytes", "train/lr"):
+        assert key in last
+    assert result.checkpoint == tmp_path / "runs" / "tiny" / "checkpoints" / "step_000030"
+    model, _, config = load_model(result.checkpoint)
+    assert config["model"]["n_future"] == 2 and model.cfg.n_future == 2
+    state = load_train_state(result.checkpoint)
+    assert state["step"] == 30 and state["data_position"]["offset"] > 0
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    full = train(tiny_config(tmp_path, **{"train.max_steps": 8}))
+    midway = tmp_path / "runs" / "tiny" / "checkpoints" / "step_000004"
+    resumed = train(tiny_config(tmp_path, **{"train.max_steps": 8, "tracking.run_name": "resumed"}), resume_from=midway)
+    expected, got = losses(full.history, 4), losses(resumed.history)
+    assert list(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    a, _, _ = load_model(full.checkpoint)
+    b, _, _ = load_model(resumed.checkpoint)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_naive_schedule_matches_sequential(tmp_path):
+    seq = train(tiny_config(tmp_path, **{"train.max_steps": 3, "tracking.run_name": "seq"}))
+    naive = train(tiny_config(tmp_path, **{"train.max_steps": 3, "train.schedule": "naive", "tracking.run_name": "naive"}))
+    for step, value in losses(seq.history).items():
+        assert losses(naive.history)[step] == pytest.approx(value, rel=1e-4)
+
+
+def test_divergence_stops_with_a_saved_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.lr": 1e30, "train.grad_clip": 0.0, "train.max_steps": 20, "train.checkpoint_every": 100})
+    with pytest.raises(TrainingError, match="diverged"):
+        train(cfg)
+    saved = list((tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
+    assert len(saved) == 1 and load_train_state(saved[0])["step"] >= 1
+
+
+def test_bad_settings_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="train.schedule"):
+        tiny_config(tmp_path, **{"train.schedule": "fast"})
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        train(tiny_config(tmp_path, **{"model.vocab_size": 100}))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
+    tc = tiny_config(tmp_path, **{"train.max_steps": 100, "train.warmup_steps": 10, "train.min_lr_ratio": 0.1}).train
+    factors = [lr_factor(s, tc) for s in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[100] == pytest.approx(0.1)
