@@ -91,7 +91,7 @@ def run_sweep(
             param_space=spec.param_space(),
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                scheduler=spec.scheduler.build(spec.metric, spec.mode),
+                scheduler=spec.scheduler.build(),
                 max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(

@@ -18,7 +18,7 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
       train.warmup_steps: {uniform: [0, 50]}  # rounded for int fields
     metric: val/loss
     mode: min
-    scheduler: {type: asha, grace_period: 2, max_t: 20, reduction_factor: 2}
+    scheduler: {type: asha, time_attr: step, grace_period: 5, max_t: 20, group_by: train.preset}
     num_samples: 1                   # repeats of the grid / draws of the random dims
     resources: {trial: {memory: 1000000}}   # the trial process; workers: scaling.*
     max_concurrent_trials: auto      # or an int
@@ -100,13 +100,18 @@ class Dimension:
 
 @dataclass
 class SchedulerSpec:
-    """FIFO runs every trial to the end; ASHA stops the worse ones early."""
+    """FIFO runs every trial to the end; ASHA stops the worse ones early.
+
+    ``group_by`` (a config field, e.g. ``train.preset``) makes trials compete only
+    within their group: across model sizes, plain ASHA would stop the small models.
+    """
 
     type: str = "fifo"
     time_attr: str = "training_iteration"
     grace_period: int = 1
     max_t: int = 100
     reduction_factor: float = 2.0
+    group_by: str | None = None
 
     def validate(self) -> None:
         if self.type not in ("fifo", "asha"):
@@ -117,16 +122,22 @@ class SchedulerSpec:
             raise SweepError(f"scheduler.grace_period={self.grace_period} exceeds scheduler.max_t={self.max_t}")
         if self.reduction_factor <= 1:
             raise SweepError(f"scheduler.reduction_factor={self.reduction_factor} must be > 1")
+        if self.group_by is not None and self.group_by not in JobConfig().flat():
+            raise SweepError(f"scheduler.group_by={self.group_by!r} is not a config field")
 
-    def build(self, metric: str, mode: str) -> Any:
+    def build(self) -> Any:
+        """The Tune scheduler; metric and mode come from ``TuneConfig``."""
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
         if self.type == "fifo":
             return FIFOScheduler()
-        return ASHAScheduler(
-            time_attr=self.time_attr, metric=metric, mode=mode, max_t=self.max_t,
-            grace_period=self.grace_period, reduction_factor=self.reduction_factor,
-        )
+        asha = dict(time_attr=self.time_attr, max_t=self.max_t, grace_period=self.grace_period,
+                    reduction_factor=self.reduction_factor)
+        if self.group_by is None:
+            return ASHAScheduler(**asha)
+        from mtp.sweep.scheduler import GroupedASHA
+
+        return GroupedASHA(self.group_by, **asha)
 
 
 @dataclass

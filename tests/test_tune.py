@@ -1,0 +1,225 @@
+"""Sweeps: sweep-file validation, capacity checks, and a real Tune sweep logged to MLflow.
+
+The Ray tests run real trials (tiny debug models, a few steps) on the shared local
+Ray instance and read the results back from a real sqlite MLflow store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtp.config import JobConfig
+from mtp.sweep.resources import TrialDemand, check_feasible, fitting_concurrency
+from mtp.sweep.spec import SweepError, load_spec, parse_spec
+
+TINY_TRAIN = {
+    "train": {"preset": "debug", "max_steps": 6, "batch_size": 2, "seq_len": 32, "warmup_steps": 2,
+              "log_every": 3, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 6},
+    "data": {"max_documents": 20, "num_proc": 1},
+}
+
+
+NO_PRESET = {**TINY_TRAIN, "train": {k: v for k, v in TINY_TRAIN["train"].items() if k != "preset"}}
+
+
+def sweep(**overrides) -> dict:
+    """A minimal valid sweep mapping with ``overrides`` applied."""
+    data = {"name": "t", "config": TINY_TRAIN, "space": {"model.n_future": {"grid": [1, 2]}}, "metric": "val/bpb"}
+    data.update(overrides)
+    return data
+
+
+# ----------------------------------------------------------------------- sweep files
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"space": {"model.nfuture": {"grid": [1, 2]}}}, "space.model.nfuture: unknown config field"),
+        ({"space": {"model.n_future": {"grid": []}}}, "space.model.n_future.grid is empty"),
+        ({"space": {}}, "space must be a non-empty mapping"),
+        ({"space": {"train.lr": {"normal": [0, 1]}}}, "unknown distribution 'normal'"),
+        ({"space": {"train.lr": {"loguniform": [0, 1e-2]}}}, "bounds must be positive"),
+        ({"space": {"train.lr": {"uniform": [1e-2, 1e-3]}}}, "must be below high"),
+        ({"space": {"train.preset": {"choice": ["debug", "huge"]}}, "config": NO_PRESET},
+         "train.preset='huge' has a bad config: unknown preset 'huge'"),
+        ({"space": {"train.preset": {"grid": ["debug"]}}}, "['train.preset'] appear in both config and space"),
+        ({"space": {"model.n_future": {"grid": [1, 0]}}}, "model.n_future=0 must be a positive number"),
+        ({"config": {"train": {"lrr": 1.0}}}, "unknown config key 'train.lrr'"),
+        ({"config": {"model.n_future": 2}}, "appear in both config and space"),
+        ({"schedule": "asha"}, "unknown sweep key(s) ['schedule']"),
+        ({"scheduler": {"type": "asha", "grace_period": 5, "max_t": 2}}, "grace_period=5 exceeds scheduler.max_t=2"),
+        ({"mode": "lowest"}, "mode='lowest' must be 'min' or 'max'"),
+        ({"resources": {"trial": {"CPU": 0}}}, "resources.trial must reserve something"),
+        ({"max_concurrent_trials": 0}, "max_concurrent_trials=0"),
+        ({"metric": ""}, "metric must be a non-empty string"),
+    ],
+)
+def test_bad_sweep_files_name_the_problem(overrides, expected):
+    with pytest.raises(SweepError) as info:
+        parse_spec(sweep(**overrides))
+    assert expected in str(info.value)
+
+
+def test_search_space_translates_to_tune():
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
+
+    spec = parse_spec(sweep(space={
+        "model.n_future": {"grid": [1, 2, 4]},
+        "train.preset": {"choice": ["debug", "tiny"]},
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "train.grad_accum": {"uniform": [1, 4]},
+    }, config=NO_PRESET, num_samples=2))
+    space = spec.param_space()
+    assert space["model.n_future"] == {"grid_search": [1, 2, 4]}
+    assert isinstance(space["train.preset"], Categorical) and space["train.preset"].categories == ["debug", "tiny"]
+    assert isinstance(space["train.lr"], Float) and isinstance(space["train.lr"].sampler, LogUniform)
+    assert (space["train.lr"].lower, space["train.lr"].upper) == (1e-4, 1e-2)
+    assert isinstance(space["train.grad_accum"], Integer)  # an int field stays an int
+    assert spec.grid_size() == 6
+    # Every grid point and both ends of each range were built into a valid config.
+    assert len(spec.probe_configs()) == 3 * 2 * 2 * 2
+
+
+def test_shipped_sweep_files_are_valid():
+    smoke, paper = load_spec("tune_spaces/smoke.yaml"), load_spec("tune_spaces/paper_grid.yaml")
+    assert smoke.grid_size() <= 4 and all(c.train.preset == "debug" for c in smoke.probe_configs())
+    assert set(paper.space["model.n_future"].values) == {1, 2, 4, 6, 8}
+    assert paper.scheduler.type == "asha"
+    assert all(c.scaling.use_gpu for c in paper.probe_configs())
+
+
+# -------------------------------------------------------------------------- capacity
+
+
+def _demands(spec_overrides: dict) -> list[TrialDemand]:
+    spec = parse_spec(sweep(**spec_overrides))
+    return [TrialDemand.of(spec, cfg) for cfg in spec.probe_configs()]
+
+
+def test_one_worker_trials_hold_their_worker_and_two_fit_on_two_cpus():
+    demands = _demands({})
+    assert demands[0].trial == {"CPU": 1.0} and demands[0].num_workers == 0
+    assert fitting_concurrency(demands, {"CPU": 2.0, "memory": 8e9}) == 2
+
+
+def test_multi_worker_trials_hold_no_cpu_themselves():
+    config = {**TINY_TRAIN, "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
+    demands = _demands({"config": config})
+    assert "CPU" not in demands[0].trial  # the trial process must leave both CPUs to its workers
+    assert demands[0].total["CPU"] == 2.0
+    assert fitting_concurrency(demands, {"CPU": 2.0, "memory": 8e9}) == 1
+
+
+@pytest.mark.parametrize(
+    "scaling, expected",
+    [
+        ({"num_workers": 3}, "needs CPU=3"),
+        ({"num_workers": 2, "use_gpu": True}, "needs GPU=2"),
+        ({"num_workers": 1, "cpus_per_worker": 4}, "needs CPU=4"),
+    ],
+)
+def test_trials_larger_than_the_cluster_are_rejected(scaling, expected):
+    demands = _demands({"config": {**TINY_TRAIN, "scaling": scaling}})
+    with pytest.raises(SweepError, match=expected):
+        check_feasible(demands, {"CPU": 2.0, "memory": 8e9}, [{"CPU": 2.0, "memory": 8e9}])
+
+
+def test_a_worker_must_fit_on_one_node():
+    demands = _demands({"config": {**TINY_TRAIN, "scaling": {"num_workers": 2, "cpus_per_worker": 3}}})
+    nodes = [{"CPU": 2.0, "memory": 4e9}] * 4
+    with pytest.raises(SweepError, match="no single node can hold one worker"):
+        check_feasible(demands, {"CPU": 8.0, "memory": 16e9}, nodes)
+
+
+# ------------------------------------------------------------------- real sweeps
+
+
+def _children(client, experiment_id: str, parent_id: str):
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _artifact(client, run_id: str, name: str) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=client.tracking_uri))
+
+
+@pytest.mark.timeout(240)
+def test_sweep_logs_nested_runs_summary_and_best_trial_and_survives_a_failed_trial(ray_cluster, mlflow_uri, tmp_path):
+    """Four real trials: two train, two fail at start-up (vocab smaller than the tokenizer's)."""
+    from mlflow.tracking import MlflowClient
+
+    from mtp.sweep import run_sweep
+
+    spec = parse_spec(sweep(space={"model.n_future": {"grid": [1, 2]}, "model.vocab_size": {"grid": [260, 64]}}))
+    result = run_sweep(spec, storage_path=str(tmp_path / "sweeps"))
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = _children(client, result.experiment_id, result.parent_run_id)
+    assert len(children) == 4
+    ok = [r for r in children if r.info.status == "FINISHED"]
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(ok) == 2 and len(failed) == 2
+    assert {r.data.params["model.vocab_size"] for r in failed} == {"64"}
+    for run in failed:
+        assert "vocab_size=64 is smaller than the tokenizer" in run.data.tags["error"]
+    # Full config as params; the same metric names in every trial that trained.
+    assert all(set(JobConfig().flat()) <= set(r.data.params) for r in children)
+    assert {r.data.params["model.n_future"] for r in ok} == {"1", "2"}
+    names = [set(r.data.metrics) for r in ok]
+    assert "val/bpb" in names[0] and "val/loss_head_0" in names[0]
+    assert names[0] - {"val/loss_head_1", "train/loss_head_1"} == names[1] - {"val/loss_head_1", "train/loss_head_1"}
+
+    # The best trial is the finished child with the lowest val/bpb.
+    best = min(ok, key=lambda r: r.data.metrics["val/bpb"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.tags["best_trial"] == best.data.tags["mtp.sweep.trial_id"]
+    assert parent.data.metrics["best_val/bpb"] == pytest.approx(best.data.metrics["val/bpb"])
+    assert parent.data.metrics["trials_failed"] == 2
+
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"summary.csv", "summary.json", "summary.txt", "val_bpb_vs_model.n_future.png"} <= artifacts
+    rows = list(csv.DictReader(io.StringIO(_artifact(client, result.parent_run_id, "summary.csv").read_text())))
+    assert len(rows) == 4
+    by_run = {r["mlflow_run_id"]: r for r in rows}
+    assert float(by_run[best.info.run_id]["val/bpb"]) == pytest.approx(best.data.metrics["val/bpb"])
+    assert all("vocab_size=64" in by_run[r.info.run_id]["error"] for r in failed)
+    table = json.loads(_artifact(client, result.parent_run_id, "summary.json").read_text())
+    assert sorted(r["status"] for r in table) == ["error", "error", "ok", "ok"]
+    plot = _artifact(client, result.parent_run_id, "val_bpb_vs_model.n_future.png").read_bytes()
+    assert plot.startswith(b"\x89PNG") and len(plot) > 5000
+
+
+def test_impossible_resources_fail_before_any_trial_or_run(ray_cluster, mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mtp.sweep import run_sweep
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    spec = parse_spec(sweep(config={**TINY_TRAIN, "scaling": {"num_workers": cpus + 1}}))
+    with pytest.raises(SweepError, match=f"needs CPU={cpus + 1}"):
+        run_sweep(spec, storage_path=str(tmp_path / "sweeps"))
+    assert MlflowClient(mlflow_uri).get_experiment_by_name(spec.experiment) is None
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_tune_job_rejects_a_bad_sweep_file_without_starting_ray(tmp_path, capsys):
+    import importlib.util
+
+    spec_file = tmp_path / "bad.yaml"
+    spec_file.write_text(yaml.safe_dump(sweep(space={"model.n_future": {"grid": []}})))
+    path = Path(__file__).resolve().parents[1] / "jobs" / "tune.py"
+    module_spec = importlib.util.spec_from_file_location("tune_job", path)
+    job = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(job)
+    assert job.main(["--space", str(spec_file)]) == 2
+    assert "space.model.n_future.grid is empty" in capsys.readouterr().err
