@@ -1,0 +1,387 @@
+"""The Ray Serve application: ``ModelServer`` replicas behind an OpenAI-style ``Ingress``.
+
+``ModelServer`` holds one engine. Concurrent non-streaming rows are grouped by
+``@serve.batch`` into one batched ``engine.generate`` call; streams advance the
+engine one step at a time, so batches and other streams interleave with them.
+``Ingress`` owns HTTP: auth, body limits, validation, fan-out of prompts x n,
+timeouts and error bodies. ``serve run serve/config.yaml`` uses ``build_app``.
+"""
+
+
+# No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
+# annotation on the ingress methods, or it treats ``request`` as a query parameter.
+import asyncio
+import hmac
+import logging
+import os
+import threading
+import time
+from typing import Any, AsyncIterator
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mtp.checkpoint import local_checkpoint_dir, model_config
+from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.serving.card import model_card
+from mtp.serving.config import API_KEY_ENV, ServeConfig, serve_config
+from mtp.serving.metrics import EngineMetrics, IngressMetrics
+from mtp.serving.protocol import (
+    SSE_DONE,
+    APIError,
+    CompletionRequest,
+    Usage,
+    chunk_body,
+    completion_body,
+    new_completion_id,
+    parse_completion_request,
+    sse,
+    stream_choice,
+)
+from mtp.serving.runner import EngineRunner
+from mtp.tokenizer import load_tokenizer
+
+logger = logging.getLogger("ray.serve")
+
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HEALTH_TIMEOUT_S = 10.0
+_END = object()
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """The engine rejects impossible params with ValueError (the client's fault); anything else is ours."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return APIError(400, f"the engine rejected the request: {exc}", code="invalid_value")
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="engine_error")
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+class ModelServer:
+    """One replica: the model, its tokenizer and the engine, fed by Serve's dynamic batching."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = ServeConfig(**config).validate()
+        directory = local_checkpoint_dir(self.cfg.model)
+        device = self.cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.engine = Engine.from_checkpoint(
+            str(directory), device=device, dtype=DTYPES[self.cfg.dtype], max_batch_size=self.cfg.max_batch_size
+        )
+        self.tokenizer = load_tokenizer(directory)
+        self.max_seq_len = model_config(directory).max_seq_len
+        self.card = model_card(self.cfg.served_name, str(self.cfg.model), directory, device)
+        self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.runner = EngineRunner()
+        self.metrics = EngineMetrics()
+
+    def info(self) -> dict[str, Any]:
+        """The model card plus which replica answered (a replaced replica gets a new id)."""
+        return {**self.card, "replica": serve.get_replica_context().replica_id.unique_id}
+
+    def check_health(self) -> None:
+        """Serve replaces the replica when this raises: an engine call that never returns."""
+        busy = self.runner.busy_for()
+        if busy > self.cfg.stuck_after_s:
+            raise RuntimeError(f"an engine call has been running for {busy:.0f}s (limit {self.cfg.stuck_after_s}s)")
+
+    def _check(self, prompt: str, params: SamplingParams) -> None:
+        """Context-length checks that need the tokenizer, so errors name the field before any work."""
+        n_prompt = len(self.tokenizer.encode(prompt))
+        if n_prompt == 0:
+            raise APIError(400, "prompt must encode to at least one token", "prompt", code="invalid_value")
+        if n_prompt >= self.max_seq_len:
+            raise APIError(
+                400, f"prompt has {n_prompt} tokens; this model's context is {self.max_seq_len}", "prompt",
+                code="context_length_exceeded",
+            )
+        if n_prompt + params.max_new_tokens > self.max_seq_len:
+            raise APIError(
+                400,
+                f"prompt ({n_prompt} tokens) + max_tokens ({params.max_new_tokens}) exceeds this model's "
+                f"context of {self.max_seq_len} tokens",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+
+    async def complete(self, prompt: str, params: SamplingParams) -> Generation:
+        """One choice; concurrent calls are batched into one engine call."""
+        self._check(prompt, params)
+        result = await self._generate_batch((prompt, params))
+        if isinstance(result, APIError):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _generate_batch(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
+        return await asyncio.to_thread(self._generate_rows, rows)
+
+    def _generate_rows(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
+        """Generate a batch; if the engine raises, retry row by row so one bad row fails alone."""
+        try:
+            generations = self.runner.call(self.engine.generate, [p for p, _ in rows], [s for _, s in rows])
+        except Exception as exc:  # noqa: BLE001 - a failing request must not take the replica down
+            if len(rows) > 1:
+                return [self._generate_rows([row])[0] for row in rows]
+            self.metrics.record_error(exc)
+            logger.warning("generation failed for one request", exc_info=True)
+            return [engine_error(exc)]
+        for generation, (_, params) in zip(generations, rows):
+            self.metrics.record(generation, params.speculative)
+        return list(generations)
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str | Generation]:
+        """Text deltas as the engine accepts tokens, then the final Generation.
+
+        The engine's ``stream`` holds its single static cache until the sequence
+        ends, so the whole stream runs as one engine call in a worker thread and
+        hands each delta to the event loop as it is produced: the replica keeps
+        accepting requests meanwhile, which queue for the engine. When the client
+        goes away the generator is closed at the next token, freeing the engine.
+        """
+        self._check(prompt, params)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            if stop.is_set():  # the client left while this stream waited for the engine
+                return
+            iterator = self.engine.stream(prompt, params)
+            try:
+                for item in iterator:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    if stop.is_set():
+                        break
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+            except Exception as exc:  # noqa: BLE001 - a failing request must not take the replica down
+                self.metrics.record_error(exc)
+                logger.warning("streamed generation failed", exc_info=True)
+                loop.call_soon_threadsafe(queue.put_nowait, engine_error(exc))
+            finally:
+                iterator.close()
+
+        producer = asyncio.ensure_future(self.runner.run(produce))
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, APIError):
+                    raise item
+                if isinstance(item, Generation):
+                    self.metrics.record(item, params.speculative)
+                yield item
+        finally:
+            stop.set()
+            await asyncio.shield(producer)
+
+
+# ----------------------------------------------------------------------------- ingress
+
+api = FastAPI(title="mtp completions", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+    return JSONResponse(error.body(), status_code=exc.status_code)
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    """Request count and latency by route and status (streams: until the headers are sent)."""
+    start = time.perf_counter()
+    response = await call_next(request)
+    metrics: IngressMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.record(request.url.path, response.status_code, time.perf_counter() - start)
+    return response
+
+
+def upstream_error(exc: BaseException) -> APIError:
+    """Map what a handle call raised to what the client sees: never a hang, never a bare 500 page."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, APIError):
+        exc = exc.cause
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError):
+        return APIError(504, "the request timed out", type="server_error", code="timeout")
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError, BackPressureError, RequestCancelledError)):
+        return APIError(503, f"the model replica is unavailable ({type(exc).__name__}); retry", type="server_error",
+                        code="unavailable")
+    logger.warning("request failed", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (declared or streamed) with 413."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: validates, fans each request out to ``ModelServer`` and shapes OpenAI responses."""
+
+    def __init__(self, model: DeploymentHandle, config: dict[str, Any], api_key: str | None = None) -> None:
+        self.model = model
+        self.cfg = ServeConfig(**config).validate()
+        self.api_key = api_key or None
+        api.state.metrics = self.metrics = IngressMetrics()
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or invalid bearer token (Authorization: Bearer <key>)",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def _call(self, response) -> Any:
+        try:
+            return await asyncio.wait_for(response, self.cfg.request_timeout_s)
+        except BaseException as exc:  # noqa: BLE001 - mapped to an HTTP error below
+            if isinstance(exc, asyncio.TimeoutError):
+                response.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise upstream_error(exc) from None
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """Unauthenticated, for load balancers: 200 when a model replica answers."""
+        try:
+            card = await asyncio.wait_for(self.model.info.remote(), HEALTH_TIMEOUT_S)
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            error = upstream_error(exc)
+            return JSONResponse({"status": "unavailable", "error": error.message}, status_code=503)
+        return JSONResponse({"status": "ok", "model": card["id"], "version": card["version"]})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        card = await self._call(self.model.info.remote())
+        return {"object": "list", "data": [card]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        body = await read_body(request, self.cfg.max_body_bytes)
+        completion = parse_completion_request(body, self.cfg.max_tokens_cap, self.cfg.max_choices)
+        if completion.model is not None and completion.model != self.cfg.served_name:
+            raise APIError(404, f"model {completion.model!r} is not served here; this server has "
+                           f"{self.cfg.served_name!r}", "model", code="model_not_found")
+        if completion.stream:
+            return await self._stream(completion)
+        rows = completion.rows()
+        generations = await self._call(asyncio.gather(*(self.model.complete.remote(p, s) for p, s in rows)))
+        return completion_body(completion, self.cfg.served_name, generations, new_completion_id())
+
+    async def _stream(self, completion: CompletionRequest) -> StreamingResponse:
+        """SSE in OpenAI's chunk format; errors before the first chunk are still plain 4xx/5xx JSON."""
+        rows = completion.rows()
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(i, p, s, queue)) for i, (p, s) in enumerate(rows)]
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
+        started = time.perf_counter()
+
+        async def next_event() -> tuple[int, Any]:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                return await asyncio.wait_for(queue.get(), max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                return -1, APIError(504, "the request timed out", type="server_error", code="timeout")
+
+        try:
+            first = await next_event()
+        except BaseException:
+            _cancel(tasks)
+            raise
+        if isinstance(first[1], APIError):
+            _cancel(tasks)
+            raise first[1]
+
+        completion_id, model = new_completion_id(), self.cfg.served_name
+
+        async def events() -> AsyncIterator[str]:
+            usage, done, event, text_seen = Usage(), 0, first, False
+            try:
+                while True:
+                    index, item = event
+                    if isinstance(item, APIError):
+                        yield sse(item.body())
+                        break
+                    if isinstance(item, str):
+                        if not text_seen:
+                            text_seen = True
+                            self.metrics.ttft.observe(time.perf_counter() - started)
+                        yield sse(chunk_body(completion_id, model, [stream_choice(index, item)]))
+                    else:
+                        usage.add(item)
+                        yield sse(chunk_body(completion_id, model, [stream_choice(index, "", item.finish_reason)]))
+                        done += 1
+                        if done == len(rows):
+                            if completion.stream_options and completion.stream_options.include_usage:
+                                yield sse(chunk_body(completion_id, model, [], usage.body(completion.speculative)))
+                            break
+                    event = await next_event()
+                yield SSE_DONE
+            finally:
+                _cancel(tasks)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _pump(self, index: int, prompt: str, params: SamplingParams, queue: asyncio.Queue) -> None:
+        """Forward one choice's stream into the shared queue; an error ends it with an APIError."""
+        try:
+            async for item in self.model.options(stream=True).stream.remote(prompt, params):
+                await queue.put((index, item))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            await queue.put((index, upstream_error(exc)))
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Application builder for ``serve run``/``serve deploy`` (``args`` from the config file).
+
+    The API key is read here from ``MTP_SERVE_API_KEY`` (the shell of ``serve run``,
+    or ``runtime_env.env_vars`` of the application) and handed to the ingress.
+    """
+    cfg = serve_config(args)
+    model = ModelServer.options(max_ongoing_requests=4 * cfg.max_batch_size).bind(cfg.to_dict())
+    return Ingress.bind(model, cfg.to_dict(), os.environ.get(API_KEY_ENV) or None)

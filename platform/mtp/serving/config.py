@@ -1,0 +1,95 @@
+"""Serving configuration: one dataclass, built from the Serve config's ``args``.
+
+The same dict travels from ``serve/config.yaml`` (or a test) to the builder and
+to every replica, and is validated once, so a bad value fails at deploy time with
+a message naming the key instead of inside a replica's constructor loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtp.checkpoint import URI_SCHEMES
+from mtp.config import ConfigError
+
+MODEL_ENV = "MTP_MODEL_URI"
+API_KEY_ENV = "MTP_SERVE_API_KEY"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ServeConfig:
+    """What one application serves and the limits it enforces per request."""
+
+    model: str | None = None  # checkpoint dir or MLflow URI; MTP_MODEL_URI overrides it
+    model_name: str | None = None  # id in /v1/models; None: derived from ``model``
+    device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
+    dtype: str = "auto"  # "auto": the engine's default for the device
+    max_batch_size: int = 8  # rows the engine decodes together (Serve's batch size)
+    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill up
+    max_tokens_cap: int = 512  # largest max_tokens a request may ask for
+    max_choices: int = 16  # prompts x n in one request
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    request_timeout_s: float = 120.0  # a request still running after this gets 504
+    stuck_after_s: float = 300.0  # an engine call this long marks the replica unhealthy
+
+    def validate(self) -> "ServeConfig":
+        if not self.model:
+            raise ConfigError(f"serve: no model; set args.model in the Serve config or {MODEL_ENV}")
+        for name in ("max_batch_size", "max_tokens_cap", "max_choices", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"serve.{name}={value!r} must be a positive integer")
+        for name in ("request_timeout_s", "stuck_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"serve.{name}={value!r} must be a positive number")
+        if not isinstance(self.batch_wait_timeout_s, (int, float)) or self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s!r} must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"serve.dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"serve.device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The OpenAI ``model`` id: ``models:/mtp/3`` -> ``mtp``, ``runs/x/final`` -> ``final``."""
+        if self.model_name:
+            return self.model_name
+        text = str(self.model).rstrip("/")
+        if text.startswith("models:/"):
+            return text[len("models:/"):].split("/")[0].split("@")[0]
+        return Path(text).name or text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def serve_config(args: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
+    """Build and validate a ServeConfig from Serve ``args``; unknown keys are errors.
+
+    ``MTP_MODEL_URI`` wins over ``args.model`` so that one config file serves any
+    checkpoint. A relative checkpoint path is made absolute here, on the machine
+    that builds the application, because replicas run in other directories.
+    """
+    args = dict(args or {})
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"serve: unknown config keys {unknown}; known keys are {sorted(known)}")
+    if environ.get(MODEL_ENV):
+        args["model"] = environ[MODEL_ENV]
+    model = args.get("model")
+    if isinstance(model, (str, Path)) and not str(model).startswith(URI_SCHEMES):
+        args["model"] = str(Path(model).expanduser().resolve())
+    try:
+        cfg = ServeConfig(**args)
+    except TypeError as exc:
+        raise ConfigError(f"serve: {exc}") from None
+    return cfg.validate()
