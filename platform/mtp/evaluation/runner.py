@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mtp.sandbox import Limits, Sandbox, SandboxConfig, Verdict
+from mtp.sandbox.sandbox import SOURCE_ROOT
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,18 @@ class SandboxWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def ensure_ray() -> None:
+    """Join the cluster (RAY_ADDRESS or a local ``ray start``), else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:  # a fresh local instance: its workers must import mtp from this checkout
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": SOURCE_ROOT}}, include_dashboard=False)
 
 
 def score(programs: Sequence[Program], limits: Limits, config: RunnerConfig | None = None,
@@ -111,8 +124,7 @@ def _score_on_ray(programs: list[Program], limits: Limits, config: RunnerConfig,
     from ray.exceptions import RayActorError, WorkerCrashedError
 
     lost = (RayActorError, WorkerCrashedError)  # the worker died; a bug in run_batch is re-raised
-    if not ray.is_initialized():
-        ray.init(address="auto")
+    ensure_ray()
     free_cpus = int(ray.available_resources().get("CPU", 0)) or 1
     batches = deque(_Batch(list(programs[i:i + config.batch_size])) for i in range(0, len(programs), config.batch_size))
     n_actors = min(config.workers or free_cpus, len(batches))

