@@ -1,0 +1,177 @@
+"""pass@k evaluation end to end: benchmarks, the Ray fan-out, worker crashes, the evaluate job, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtp.evaluation import (
+    BenchmarkError, Program, RunnerConfig, load_benchmark, parse_samples, score, score_samples,
+)
+from mtp.evaluation.benchmarks import HUMANEVAL_STOP, humaneval, load_jsonl
+from mtp.sandbox import Limits, isolation_problem
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+LOCAL = RunnerConfig(backend="local", workers=2)
+pytestmark = pytest.mark.skipif(isolation_problem() is not None, reason=str(isolation_problem()))
+
+
+def _canonical(bench):
+    return [(p.task_id, p.canonical_solution) for p in bench.problems]
+
+
+def test_humaneval_canonical_pass_and_stubs_fail_on_ray(ray_cluster):
+    bench = humaneval()
+    assert len(bench.problems) == 164
+    solved = score_samples(bench, _canonical(bench), ks=[1], progress=False)
+    assert solved.pass_at_k == {"pass@1": 1.0}, [s for s in solved.samples if not s.passed][:3]
+    stubs = score_samples(bench, [(p.task_id, "    pass\n") for p in bench.problems], ks=[1], progress=False)
+    assert stubs.pass_at_k == {"pass@1": 0.0}
+    assert stubs.status_counts()["failed"] == 164
+
+
+def _sandbox_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/cmdline").read_bytes().startswith(b"ray::SandboxWorker"):
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_worker_is_replaced_and_no_result_is_lost(ray_cluster):
+    bench = humaneval()
+    programs = [Program(p.task_id, p.program(p.canonical_solution)) for p in bench.problems[:48]]
+    arrived: list[str] = []
+    killed: list[int] = []
+
+    def on_result(key, verdict):
+        arrived.append(key)
+        if len(arrived) == 8:
+            victim = _sandbox_worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    verdicts = score(programs, Limits(timeout_s=5), RunnerConfig(batch_size=4, workers=2), on_result)
+    assert killed, "no worker was killed"
+    assert sorted(arrived) == sorted(p.key for p in programs), "a result was lost or reported twice"
+    assert all(v.passed for v in verdicts.values())
+
+
+def test_mbpp_local_file_prompt_and_program():
+    bench = load_jsonl(DATA / "eval_mbpp.jsonl", shots_path=DATA / "eval_mbpp_prompt.jsonl")
+    assert bench.stop == ["[DONE]"]
+    problem = bench.by_id["901"]
+    assert problem.prompt.startswith("You are an expert Python programmer, and here is your task: Write a function to add")
+    assert "def add(a, b):\n    return a + b\n[DONE]\n" in problem.prompt  # the few-shot example, solved
+    assert problem.prompt.endswith(
+        "sum of the squares of a list of integers. Your code should pass these tests:\n\n"
+        "assert sum_squares([1, 2, 3]) == 14\nassert sum_squares([]) == 0\nassert sum_squares([-2]) == 4\n[BEGIN]\n"
+    )
+    wrong = "def sum_squares(xs):\n    return 0\ndef reverse_words(s): return s\ndef count_vowels(s): return 0\ndef max_gap(xs): return 7"
+    samples = _canonical(bench) + [(p.task_id, wrong) for p in bench.problems]
+    result = score_samples(bench, samples, ks=[1, 2, 3], runner=LOCAL, progress=False)
+    assert result.pass_at_k == {"pass@1": 0.5, "pass@2": 1.0}  # n=2 per problem: k=3 is left out
+    rows = {row["task_id"]: row for row in result.per_problem()}
+    assert rows["904"]["correct"] == 1  # its tests use test_setup_code's VALUES
+
+
+def test_jsonl_in_humaneval_shape_builds_human_evals_program(tmp_path):
+    row = {"task_id": "T/0", "prompt": "def inc(x):\n", "test": "def check(f):\n    assert f(1) == 2", "entry_point": "inc",
+           "canonical_solution": "    return x + 1\n"}
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    bench = load_benchmark(str(path))
+    assert bench.name == "tiny" and bench.stop == HUMANEVAL_STOP
+    program = bench.by_id["T/0"].program(row["canonical_solution"])
+    assert program.startswith(row["prompt"] + row["canonical_solution"] + "\n" + row["test"] + "\n" + "check(inc)")
+    assert score_samples(bench, _canonical(bench), ks=[1], runner=LOCAL, progress=False).pass_at_k["pass@1"] == 1.0
+
+
+def test_bad_inputs_are_named(tmp_path):
+    bench = load_jsonl(DATA / "eval_mbpp.jsonl")
+    with pytest.raises(BenchmarkError, match="sample 1: task_id 'HumanEval/0' is not in benchmark 'eval_mbpp'"):
+        parse_samples([{"task_id": "HumanEval/0", "completion": ""}], bench)
+    with pytest.raises(BenchmarkError, match="sample 1: needs 'task_id' and 'completion'"):
+        parse_samples([{"task_id": "901"}], bench)
+    with pytest.raises(BenchmarkError, match="3 of 4 problems have no samples"):
+        parse_samples([{"task_id": "901", "completion": "x"}], bench)
+    assert parse_samples([{"task_id": "901", "completion": "x"}], bench, ignore_incomplete=True) == [("901", "x")]
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"question": "?"}\n')
+    with pytest.raises(BenchmarkError, match="expected HumanEval's"):
+        load_benchmark(str(odd))
+    with pytest.raises(BenchmarkError, match="unknown benchmark 'nope'"):
+        load_benchmark("nope")
+
+
+def _evaluate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), *args, "--backend", "local", "--workers", "2"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=REPO,
+    )
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_evaluate_samples_is_a_drop_in_and_logs_to_mlflow(tmp_path, mlflow_uri):
+    samples = tmp_path / "samples.jsonl"
+    rows = [{"task_id": 901 + i, "completion": c} for i in range(4) for c in ("def f(): pass", "import sys; sys.exit(0)")]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = _evaluate("--samples", str(samples), "--benchmark", str(DATA / "eval_mbpp.jsonl"), "--k", "1,2")
+    assert done.returncode == 0, done.stderr
+    assert 'eval_mbpp: {"pass@1": 0.0, "pass@2": 0.0}' in done.stdout
+    results = [json.loads(line) for line in Path(f"{samples}_results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in results[:2]] == ["failed", "failed"]
+    assert "NameError" in results[0]["detail"] and "SystemExit" in results[1]["detail"]
+    assert results[1]["result"].startswith("failed: SystemExit")
+    (run,) = _client(mlflow_uri).search_runs([_client(mlflow_uri).get_experiment_by_name("mtp-eval").experiment_id])
+    assert run.data.metrics["eval_mbpp/pass_at_1"] == 0.0 and run.data.metrics["eval_mbpp/failed"] == 8
+    artifacts = {a.path for a in _client(mlflow_uri).list_artifacts(run.info.run_id)}
+    assert {"eval_mbpp_per_problem.json", "eval_mbpp_samples.jsonl"} <= artifacts
+
+
+def test_evaluate_rejects_bad_samples_clearly(tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": "nope", "completion": ""}) + "\n")
+    done = _evaluate("--samples", str(samples), "--benchmark", str(DATA / "eval_mbpp.jsonl"), "--no-mlflow")
+    assert done.returncode == 2 and "task_id 'nope' is not in benchmark" in done.stderr
+
+
+def test_evaluate_model_generates_scores_and_links_the_training_run(tmp_path, mlflow_uri):
+    import torch
+
+    from mtp.checkpoint import save_checkpoint
+    from mtp.config import build_config
+    from mtp.model import MTPTransformer
+    from mtp.tokenizer import ByteTokenizer
+
+    client = _client(mlflow_uri)
+    training = client.create_run(client.create_experiment("mtp-train", artifact_location=(tmp_path / "a").as_uri()))
+    cfg = build_config(overrides={"train.preset": "debug", "model.n_future": 2, "tracking.run_id": training.info.run_id})
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck", MTPTransformer(cfg.model), cfg, ByteTokenizer())
+    done = _evaluate("--model", str(tmp_path / "ck"), "--benchmark", str(DATA / "eval_mbpp.jsonl"), "--n-samples", "2",
+                     "--temperature", "0.8", "--max-new-tokens", "8", "--k", "1,2", "--output", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "generated 8 samples for eval_mbpp at T=0.8" in done.stdout
+    results = [json.loads(line) for line in (tmp_path / "out" / "eval_mbpp_T0.8_results.jsonl").read_text().splitlines()]
+    assert len(results) == 8 and {r["sample_index"] for r in results} == {0, 1}
+    (run,) = client.search_runs([client.get_experiment_by_name("mtp-eval").experiment_id])
+    assert run.data.tags["mtp.training_run_id"] == training.info.run_id
+    assert client.get_run(training.info.run_id).data.tags["mtp.evaluation_run_id"] == run.info.run_id
+    assert {"eval_mbpp/T0.8/pass_at_1", "eval_mbpp/T0.8/pass_at_2"} <= set(run.data.metrics)
+    assert run.data.params["generation.n_samples"] == "2"
