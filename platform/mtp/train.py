@@ -366,8 +366,9 @@ class Trainer:
         )
 
     def _print(self, text: str) -> None:
-        if self.info.is_main:
-            print(text, flush=True)
+        if self.info.is_main:  # stdout directly: Ray Train V2 also mirrors print() into its logs
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
 
 
 def train(

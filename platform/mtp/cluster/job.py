@@ -1,0 +1,98 @@
+"""The training job end to end: check everything, open the MLflow run, fit, register.
+
+Every check that can fail on bad input (config, data source, tracking server,
+cluster size) runs before a worker starts, so mistakes cost seconds, not a queue
+slot. A failed fit still closes its MLflow run as FAILED and names the last
+checkpoint, which ``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtp.checkpoint import CONFIG, local_checkpoint_dir, read_config
+from mtp.cluster.trainer import build_trainer, check_placement, connect
+from mtp.config import JobConfig
+from mtp.data import prepare_data
+from mtp.tracking import FinishedRun, check_tracking, finish_run, start_run, tracking_uri
+from mtp.train import default_run_name
+
+
+class JobError(RuntimeError):
+    """Training failed; the message names the last checkpoint to resume from."""
+
+
+@dataclass
+class JobResult:
+    checkpoint: str | None  # the final checkpoint in Ray's storage (a local path on one machine)
+    run_id: str | None
+    tracking: FinishedRun | None
+    storage_dir: Path  # Ray Train's run directory: checkpoints and attempt logs
+
+
+def find_checkpoint(path_or_uri: str | Path) -> Path:
+    """A checkpoint directory, an MLflow URI, or a Ray run directory (its newest checkpoint)."""
+    path = Path(str(path_or_uri)).expanduser()
+    if path.is_dir() and not (path / CONFIG).is_file():
+        newest = newest_checkpoint(path)
+        if newest is not None:
+            return newest
+    return local_checkpoint_dir(path_or_uri)
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint_*`` in a Ray Train run directory."""
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / CONFIG).is_file())
+    return found[-1] if found else None
+
+
+def run_job(
+    cfg: JobConfig,
+    *,
+    config_file: str | Path | None = None,
+    resume: str | Path | None = None,
+    track: bool = True,
+) -> JobResult:
+    """Train ``cfg`` on the Ray cluster (local if none), tracked in MLflow unless ``track=False``."""
+    cfg = copy.deepcopy(cfg).validate()
+    cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
+    resume_dir = find_checkpoint(resume) if resume is not None else None
+    if resume_dir is not None and not cfg.tracking.run_id:
+        cfg.tracking.run_id = read_config(resume_dir).get("tracking", {}).get("run_id")
+
+    if track:
+        cfg.tracking.tracking_uri = tracking_uri(cfg.tracking)
+        check_tracking(cfg.tracking.tracking_uri)
+    prepare_data(cfg.data, cfg.train.seq_len)  # a missing dataset fails here; workers then hit the cache
+    connect()
+    check_placement(cfg.scaling)
+    if track:
+        cfg.tracking.run_id = start_run(cfg, config_file)
+    else:
+        cfg.tracking.run_id = None
+
+    storage = Path(cfg.train.output_dir).expanduser().resolve()
+    trainer = build_trainer(cfg, storage, resume_dir)
+    storage_dir = storage / cfg.tracking.run_name
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as exc:
+        last = newest_checkpoint(storage_dir)
+        if track:
+            finish_run(cfg, cfg.tracking.run_id, None, failed=True)
+        raise JobError(
+            f"training failed: {type(exc).__name__}: {exc}\n"
+            f"last checkpoint: {last or 'none'}" + (f"\nresume with: --resume {last}" if last else "")
+        ) from exc
+
+    finished = None
+    if track:
+        with result.checkpoint.as_directory() if result.checkpoint else contextlib.nullcontext() as directory:
+            finished = finish_run(cfg, cfg.tracking.run_id, directory)
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return JobResult(checkpoint, cfg.tracking.run_id, finished, storage_dir)

@@ -1,0 +1,120 @@
+"""``TorchTrainer`` construction for ``mtp.train``: workers, failures, checkpoints, placement."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from mtp.config import JobConfig, ScalingConfig, from_dict
+from mtp.parallel import DistInfo, dist_info
+from mtp.tracking import MLflowCallback, tracking_uri
+from mtp.train import train
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot place the requested workers."""
+
+
+def package_runtime_env() -> dict[str, Any]:
+    """A runtime_env that ships the ``mtp`` package to every worker (and the Train controller)."""
+    return {"py_modules": [str(Path(__file__).resolve().parents[1])]}  # .../mtp
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster this job was submitted to (or start a local one), carrying ``mtp``."""
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=package_runtime_env())
+
+
+def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return {k: v for k, v in resources.items() if v > 0}
+
+
+def check_placement(scaling: ScalingConfig) -> None:
+    """Fail before any work when the live nodes cannot hold ``num_workers`` workers at once."""
+    need = worker_resources(scaling)
+    capacity = 0
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    for node in nodes:
+        have = node["Resources"]
+        capacity += min((math.floor(have.get(k, 0) / v + 1e-9) for k, v in need.items()), default=scaling.num_workers)
+    if capacity < scaling.num_workers:
+        totals = ", ".join(f"{k}={sum(n['Resources'].get(k, 0) for n in nodes):g}" for k in need)
+        raise PlacementError(
+            f"scaling.num_workers={scaling.num_workers} with {need} per worker cannot be placed: "
+            f"the cluster ({len(nodes)} node(s), {totals}) fits {capacity} such worker(s)"
+        )
+
+
+class RayCheckpoints:
+    """``mtp.train.CheckpointStore`` over Ray Train: report to storage, restore on restart.
+
+    Every rank calls ``ray.train.report`` (Ray requires it); ranks with nothing to
+    write (all but rank 0 under DDP) report metrics only.
+    """
+
+    def __init__(self, sharded: bool = False):
+        self.sharded = sharded
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def save(self, step: int, write: Callable[[Path], None], metrics: dict[str, float], info: DistInfo) -> Path | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if info.is_main or self.sharded:
+                write(Path(tmp) / "checkpoint")
+                checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "checkpoint"))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+        return None
+
+
+def worker_loop(payload: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: rebuild the config, train, log from rank 0."""
+    cfg = from_dict(payload["config"])
+    callbacks = []
+    if dist_info().is_main and cfg.tracking.run_id:
+        resumed = ray.train.get_checkpoint() is not None
+        callbacks.append(MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), resumed=resumed))
+    try:
+        train(cfg, callbacks=callbacks, store=RayCheckpoints(sharded=cfg.scaling.strategy == "fsdp"))
+    finally:
+        for callback in callbacks:
+            callback.close()
+
+
+def build_trainer(cfg: JobConfig, storage_path: str | Path, resume_from: str | Path | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` running ``worker_loop`` as ``cfg.scaling`` asks."""
+    scaling = cfg.scaling
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=worker_resources(scaling)
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.tracking.run_name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume_from)) if resume_from else None,
+    )
