@@ -1,0 +1,362 @@
+"""Load-test the Serve completions service and compare its speedup with the bare engine's.
+
+    python jobs/bench_serve.py --checkpoint runs/<run>/final
+    python jobs/bench_serve.py --checkpoint models:/mtp-model/3 --concurrency 1 4 16 --json out.json
+    python jobs/bench_serve.py          # trains (once, cached under runs/) a small model first
+
+In one run, on 127.0.0.1:
+
+1. the engine alone, batch 1, in this process: vanilla vs speculative greedy tokens/s
+   on the same prompts (the number ``jobs/bench_decoding.py`` reports at batch 1);
+2. a local Ray + ``serve.run`` of ``mtp.serving.app:build_app`` (one ModelServer
+   replica with 1 CPU, the engine thread count used in step 1);
+3. a closed-loop load generator at each concurrency, speculation on and off:
+   requests/s, tokens/s, p50/p99 latency and errors for non-streamed requests (the
+   batched path), then time to first token from streamed requests.
+
+Checks: Serve keeps >= 0.85 of the engine's batch-1 speedup at concurrency 1;
+speculative is not slower than vanilla at the highest concurrency; 0 errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+from mtp.checkpoint import local_checkpoint_dir, model_config  # noqa: E402
+from mtp.decoding import Engine, SamplingParams  # noqa: E402
+from mtp.tokenizer import load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RETENTION_TARGET = 0.85
+REPLICA_CPUS = 1  # the ModelServer replica's num_cpus; the engine baseline uses as many threads
+DEFAULT_MODEL_DIR = REPO / "runs" / "bench-serve-default"
+DEFAULT_TRAINING = {  # a few minutes on 2 CPU cores, as `python jobs/train.py` with no arguments
+    "train.preset": "tiny",
+    "model.n_future": 4,
+    "train.seq_len": 128,
+    "train.batch_size": 8,
+    "train.max_steps": 150,
+    "train.warmup_steps": 15,
+    "train.eval_every": 50,
+    "train.checkpoint_every": 50,
+    "data.max_documents": 600,
+}
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def default_checkpoint() -> str:
+    """A small trained model, trained once in this process and reused from ``runs/``."""
+    final = DEFAULT_MODEL_DIR / "final"
+    if (final / "config.json").is_file():
+        return str(final)
+    from mtp.checkpoint import load_model, save_checkpoint
+    from mtp.config import build_config
+    from mtp.train import train
+
+    print(f"no --checkpoint: training a small model into {DEFAULT_MODEL_DIR} (once)", flush=True)
+    cfg = build_config(overrides={**DEFAULT_TRAINING, "train.output_dir": str(DEFAULT_MODEL_DIR.parent),
+                                  "tracking.run_name": DEFAULT_MODEL_DIR.name})
+    result = train(cfg)
+    model, tokenizer, config = load_model(result.checkpoint)
+    save_checkpoint(final, model, config, tokenizer)
+    return str(final)
+
+
+def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> list[str]:
+    """HumanEval prompts, cut from the left to leave room for ``max_tokens`` in the context."""
+    from mtp.evaluation.benchmarks import humaneval
+
+    directory = local_checkpoint_dir(checkpoint)
+    tokenizer, context = load_tokenizer(directory), model_config(directory).max_seq_len
+    room = context - max_tokens
+    if room < 8:
+        raise SystemExit(f"--max-tokens {max_tokens} leaves no room for a prompt in a context of {context}")
+    prompts = []
+    for problem in humaneval().problems[:count]:
+        ids = tokenizer.encode(problem.prompt)[-room:]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+# ------------------------------------------------------------------- the bare engine
+
+
+def engine_speedup(checkpoint: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    """Batch-1 greedy tokens/s of the engine, vanilla vs speculative, on the same prompts."""
+    torch.set_num_threads(REPLICA_CPUS)
+    engine = Engine.from_checkpoint(checkpoint, max_batch_size=1)
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=8))  # warm-up
+    out: dict[str, float] = {}
+    for speculative in (False, True):
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, speculative=speculative)
+        tokens, forwards, start = 0, 0, time.perf_counter()
+        for prompt in prompts:
+            (generation,) = engine.generate([prompt], params)
+            tokens += len(generation.tokens)
+            forwards += generation.stats.forwards
+        elapsed = time.perf_counter() - start
+        key = "speculative" if speculative else "vanilla"
+        out[f"{key}_tokens_per_s"] = tokens / elapsed
+        out[f"{key}_tokens_per_forward"] = tokens / max(forwards, 1)
+    out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]
+    return out
+
+
+# ----------------------------------------------------------------------- the service
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(checkpoint: str, max_tokens: int) -> str:
+    """A local Ray instance and the application on 127.0.0.1; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from mtp.serving.app import build_app
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop("MTP_SERVE_API_KEY", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform"), "RAY_AUTH_MODE": "disabled"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": checkpoint, "max_tokens_cap": max_tokens}), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_service() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class Cell:
+    """One (concurrency, speculation) measurement."""
+
+    concurrency: int
+    speculative: bool
+    requests: int = 0
+    errors: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    tokens_per_forward: float = 0.0
+
+    def summary(self) -> dict[str, float | int | bool]:
+        return {
+            "concurrency": self.concurrency,
+            "speculative": self.speculative,
+            "requests": self.requests,
+            "errors": self.errors,
+            "requests_per_s": self.requests / self.elapsed_s if self.elapsed_s else 0.0,
+            "tokens_per_s": self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0,
+            "p50_latency_s": _percentile(self.latencies_s, 50),
+            "p99_latency_s": _percentile(self.latencies_s, 99),
+            "p50_ttft_s": _percentile(self.ttft_s, 50),
+            "tokens_per_forward": self.tokens_per_forward,
+        }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def _request_body(prompt: str, max_tokens: int, speculative: bool, stream: bool) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "speculative": speculative}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return body
+
+
+def _one_request(url: str, body: dict, timeout: float) -> tuple[float, float | None, dict]:
+    """(latency, time to first text chunk or None, usage) of one request; raises on any error."""
+    start = time.perf_counter()
+    if not body.get("stream"):
+        r = requests.post(f"{url}/v1/completions", json=body, timeout=timeout)
+        r.raise_for_status()
+        return time.perf_counter() - start, None, r.json()["usage"]
+    first, usage, done = None, None, False
+    with requests.post(f"{url}/v1/completions", json=body, timeout=timeout, stream=True) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:]
+            if payload == b"[DONE]":
+                done = True
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.perf_counter() - start
+            usage = event.get("usage", usage)
+    if not done or usage is None:
+        raise RuntimeError("stream ended without usage and [DONE]")
+    return time.perf_counter() - start, first, usage
+
+
+def run_load(url: str, prompts: list[str], cell: Cell, total: int, max_tokens: int, stream: bool,
+             timeout: float) -> None:
+    """Closed loop: ``cell.concurrency`` clients send ``total`` requests, cycling through prompts."""
+    lock, counter = threading.Lock(), iter(range(total))
+    forwards = 0
+
+    def client() -> None:
+        nonlocal forwards
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            body = _request_body(prompts[i % len(prompts)], max_tokens, cell.speculative, stream)
+            try:
+                latency, ttft, usage = _one_request(url, body, timeout)
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
+                with lock:
+                    cell.errors += 1
+                print(f"  request failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            with lock:
+                if stream:
+                    cell.ttft_s.append(ttft if ttft is not None else latency)
+                else:
+                    cell.requests += 1
+                    cell.latencies_s.append(latency)
+                    cell.completion_tokens += usage["completion_tokens"]
+                    forwards += usage["forwards"]
+
+    threads = [threading.Thread(target=client) for _ in range(cell.concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not stream:
+        cell.elapsed_s = time.perf_counter() - start
+        cell.tokens_per_forward = cell.completion_tokens / max(forwards, 1)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="checkpoint dir or MLflow URI (default: train a small model once)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=16, help="non-streamed requests per cell (at least 2x concurrency)")
+    parser.add_argument("--stream-requests", type=int, default=4, help="streamed requests per cell, for TTFT")
+    parser.add_argument("--prompts", type=int, default=8, help="HumanEval prompts to cycle through")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--timeout", type=float, default=300.0, help="per-request client timeout (s)")
+    parser.add_argument("--json", help="write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkpoint = args.checkpoint or default_checkpoint()
+    checkpoint = str(local_checkpoint_dir(checkpoint))
+    prompts = bench_prompts(checkpoint, args.prompts, args.max_tokens)
+
+    print(f"engine alone, batch 1, {REPLICA_CPUS} thread(s), {len(prompts)} prompts x {args.max_tokens} tokens")
+    engine = engine_speedup(checkpoint, prompts, args.max_tokens)
+    print(f"  vanilla {engine['vanilla_tokens_per_s']:.1f} tok/s, speculative {engine['speculative_tokens_per_s']:.1f} "
+          f"tok/s, speedup {engine['speedup']:.2f}x, tokens/forward {engine['speculative_tokens_per_forward']:.2f}")
+
+    url = start_service(checkpoint, args.max_tokens)
+    cells: list[Cell] = []
+    try:
+        for _ in range(2):  # warm-up: compile paths, fill the proxy's and replica's caches
+            _one_request(url, _request_body(prompts[0], 8, True, False), args.timeout)
+        for concurrency in args.concurrency:
+            for speculative in (False, True):
+                cell = Cell(concurrency, speculative)
+                total = max(args.requests, 2 * concurrency)
+                run_load(url, prompts, cell, total, args.max_tokens, stream=False, timeout=args.timeout)
+                run_load(url, prompts, cell, max(args.stream_requests, concurrency), args.max_tokens, stream=True,
+                         timeout=args.timeout)
+                cells.append(cell)
+                s = cell.summary()
+                print(f"  c={concurrency:<3} spec={str(speculative):<5} {s['tokens_per_s']:8.1f} tok/s "
+                      f"p50 {s['p50_latency_s']:.3f}s errors {cell.errors}", flush=True)
+    finally:
+        stop_service()
+
+    rows = [c.summary() for c in cells]
+    report = {"checkpoint": checkpoint, "max_tokens": args.max_tokens, "prompts": len(prompts),
+              "engine_batch1": engine, "serve": rows, "checks": checks(engine, rows)}
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if all(v["ok"] for v in report["checks"].values()) else 1
+
+
+def checks(engine: dict[str, float], rows: list[dict]) -> dict[str, dict]:
+    by = {(r["concurrency"], r["speculative"]): r for r in rows}
+    lowest, highest = min(r["concurrency"] for r in rows), max(r["concurrency"] for r in rows)
+    serve_speedup = by[(lowest, True)]["tokens_per_s"] / by[(lowest, False)]["tokens_per_s"]
+    retention = serve_speedup / engine["speedup"]
+    high_ratio = by[(highest, True)]["tokens_per_s"] / by[(highest, False)]["tokens_per_s"]
+    errors = sum(r["errors"] for r in rows)
+    return {
+        "speedup_retention": {"serve_speedup": serve_speedup, "engine_speedup": engine["speedup"],
+                              "retention": retention, "target": RETENTION_TARGET,
+                              "ok": retention >= RETENTION_TARGET, "concurrency": lowest},
+        "speculative_not_slower": {"concurrency": highest, "ratio": high_ratio, "ok": high_ratio >= 1.0},
+        "errors": {"count": errors, "ok": errors == 0},
+    }
+
+
+def print_table(report: dict) -> None:
+    header = f"{'conc':>4} {'spec':>5} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'ttft50 s':>8} " \
+             f"{'tok/fwd':>7} {'errors':>6}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in report["serve"]:
+        print(f"{r['concurrency']:>4} {str(r['speculative']):>5} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
+              f"{r['p50_latency_s']:>7.3f} {r['p99_latency_s']:>7.3f} {r['p50_ttft_s']:>8.3f} "
+              f"{r['tokens_per_forward']:>7.2f} {r['errors']:>6}")
+    c = report["checks"]
+    ret = c["speedup_retention"]
+    print(f"\nspeedup at concurrency {ret['concurrency']}: Serve {ret['serve_speedup']:.2f}x vs engine (batch 1) "
+          f"{ret['engine_speedup']:.2f}x -> retention {ret['retention']:.2f} (target >= {RETENTION_TARGET}) "
+          f"{'OK' if ret['ok'] else 'FAIL'}")
+    hi = c["speculative_not_slower"]
+    print(f"speculative / vanilla tokens/s at concurrency {hi['concurrency']}: {hi['ratio']:.2f} "
+          f"{'OK' if hi['ok'] else 'FAIL'}")
+    print(f"errors: {c['errors']['count']} {'OK' if c['errors']['ok'] else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
