@@ -274,3 +274,46 @@ def test_engine_error_leaves_replica_serving(server):
         assert info.value.status == 400 and "temperature" in info.value.message
     assert good == [greedy_text(server, p, 8) for p in PROMPTS]
     assert handle.info.remote().result()["replica"] == before, "the replica was replaced"
+
+
+def test_crashed_replica_is_replaced_and_clients_see_errors_not_hangs(server):
+    """Kill the model replica mid-stream: every client gets an answer or an error, then Serve recovers."""
+    import ray
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelServer", app_name=APP)
+    before = handle.info.remote().result()["replica"]
+    replica = ray.get_actor(f"SERVE_REPLICA::{APP}#ModelServer#{before}", namespace="serve")
+
+    def stream_outcome(prompt: str) -> str:
+        """'done' (finished), 'error' (error event or status), raising only on a malformed end."""
+        body = {"prompt": prompt, "max_tokens": 90, "temperature": 0, "stream": True}
+        with requests.post(f"{server}/v1/completions", json=body, headers=AUTH, stream=True, timeout=90) as r:
+            if r.status_code != 200:
+                assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+                return "error"
+            events = [line[len(b"data: "):] for line in r.iter_lines() if line]
+        assert events[-1] == b"[DONE]"
+        last = json.loads(events[-2])
+        if "error" in last:
+            assert last["error"]["code"] == "unavailable"
+            return "error"
+        assert last["choices"][0]["finish_reason"] in ("stop", "length")
+        return "done"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = [pool.submit(stream_outcome, p) for p in PROMPTS + PROMPTS[:2]]
+        time.sleep(0.2)
+        ray.kill(replica, no_restart=True)
+        assert {f.result(timeout=90) for f in outcomes} <= {"done", "error"}
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            after = handle.info.remote().result(timeout_s=10)["replica"]
+            if after != before:
+                break
+        except Exception:  # noqa: BLE001 - the replacement is still starting
+            time.sleep(0.5)
+    assert after != before, "Serve did not replace the killed replica"
+    assert greedy_text(server, PROMPTS[0], 8) == greedy_text(server, PROMPTS[0], 8)
