@@ -3,7 +3,7 @@
     python jobs/tune.py --space tune_spaces/smoke.yaml
     python jobs/tune.py --space tune_spaces/smoke.yaml --resume runs/sweeps/smoke-20261128-101500-123456
     ray job submit --working-dir . -- python jobs/tune.py --space tune_spaces/paper_grid.yaml \\
-        --storage-path s3://bucket/sweeps --tracking-uri http://mlflow:5000
+        --storage-path /mnt/shared/sweeps --tracking-uri http://mlflow:5000
 
 The sweep file, every config it can produce and the cluster's capacity are checked
 before the first trial starts. At the end it prints one row per trial and where the
@@ -13,22 +13,25 @@ parent run is in MLflow.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1] / "platform"
 sys.path.insert(0, str(SOURCE_ROOT))
 
+from mtp.cluster.trainer import connect  # noqa: E402
+from mtp.data import DataError  # noqa: E402
 from mtp.sweep import SweepError, load_spec, run_sweep  # noqa: E402
 from mtp.sweep.summary import format_table  # noqa: E402
+from mtp.tracking import TrackingError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--space", required=True, help="sweep file (tune_spaces/*.yaml)")
     p.add_argument("--storage-path", default=None,
-                   help="where Tune keeps trial state and checkpoints (shared storage on multi-node clusters); "
+                   help="where Tune keeps trial state and checkpoints (a filesystem every node mounts, on "
+                        "multi-node clusters); "
                         "default runs/sweeps")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI; default the config's tracking.tracking_uri, else MLFLOW_TRACKING_URI")
@@ -41,16 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster (or start a local one) with the ``mtp`` package shipped to every worker."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"py_modules": [str(SOURCE_ROOT / "mtp")], "env_vars": {"PYTHONPATH": str(SOURCE_ROOT)}}
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -58,14 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     connect(args.address)
     try:
         result = run_sweep(
             spec, sweep_file=Path(args.space), storage_path=args.storage_path, tracking_uri=args.tracking_uri,
             resume=args.resume, check_resources=not args.skip_resource_check,
         )
-    except SweepError as exc:
+    except (SweepError, DataError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()

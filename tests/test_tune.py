@@ -173,7 +173,7 @@ def test_sweep_logs_nested_runs_summary_and_best_trial_and_survives_a_failed_tri
     for run in failed:
         assert "vocab_size=64 is smaller than the tokenizer" in run.data.tags["error"]
     # Full config as params; the same metric names in every trial that trained.
-    assert all(set(JobConfig().flat()) <= set(r.data.params) for r in children)
+    assert all(set(JobConfig().flat()) - {"tracking.run_id"} <= set(r.data.params) for r in children)
     assert {r.data.params["model.n_future"] for r in ok} == {"1", "2"}
     names = [set(r.data.metrics) for r in ok]
     assert "val/bpb" in names[0] and "val/loss_head_0" in names[0]
@@ -197,6 +197,30 @@ def test_sweep_logs_nested_runs_summary_and_best_trial_and_survives_a_failed_tri
     assert sorted(r["status"] for r in table) == ["error", "error", "ok", "ok"]
     plot = _artifact(client, result.parent_run_id, "val_bpb_vs_model.n_future.png").read_bytes()
     assert plot.startswith(b"\x89PNG") and len(plot) > 5000
+
+
+@pytest.mark.timeout(240)
+def test_a_two_worker_trial_trains_on_ray_train_without_deadlock_on_two_cpus(ray_cluster, mlflow_uri, tmp_path):
+    """The trial process holds no CPU, so its 2 Ray Train workers get both of them."""
+    from mlflow.tracking import MlflowClient
+
+    from mtp.sweep import run_sweep
+
+    spec = parse_spec(sweep(
+        config={**TINY_TRAIN, "scaling": {"num_workers": 2, "cpus_per_worker": 1}},
+        space={"model.n_future": {"grid": [2]}},
+    ))
+    result = run_sweep(spec, storage_path=str(tmp_path / "sweeps"))
+    assert result.max_concurrent_trials == 1
+    (row,) = result.rows
+    assert row.status == "ok", row.error
+    client = MlflowClient(mlflow_uri)
+    child = client.get_run(row.run_id)
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    assert child.data.metrics["val/bpb"] == pytest.approx(row.value("val/bpb"))
+    assert row.metrics["step"] == TINY_TRAIN["train"]["max_steps"]
+    assert "checkpoint" in {a.path for a in client.list_artifacts(row.run_id)}
 
 
 def test_impossible_resources_fail_before_any_trial_or_run(ray_cluster, mlflow_uri, tmp_path):

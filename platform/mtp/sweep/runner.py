@@ -8,17 +8,21 @@ so a bad sweep costs seconds, not a cluster hour.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from mtp.data import prepare_data
 from mtp.sweep import runs
 from mtp.sweep.resources import TrialDemand, check_feasible, cluster_view, fitting_concurrency, trial_bundle
 from mtp.sweep.spec import SweepError, SweepSpec
 from mtp.sweep.summary import TrialRow
 from mtp.sweep.trial import TrialContext, run_trial
+from mtp.tracking import _experiment_id as experiment_for
+from mtp.tracking import check_tracking
+from mtp.tracking import tracking_uri as resolve_tracking_uri
 
 DEFAULT_STORAGE = "runs/sweeps"
 
@@ -59,9 +63,12 @@ def run_sweep(
         check_feasible(demands, cluster, nodes)
     concurrency = spec.max_concurrent_trials or fitting_concurrency(demands, cluster)
 
-    uri = resolve_tracking_uri(tracking_uri or configs[0].tracking.tracking_uri)
+    uri = resolve_tracking_uri(replace(configs[0].tracking, tracking_uri=tracking_uri or configs[0].tracking.tracking_uri))
+    check_tracking(uri)
+    for cfg in {(repr(c.data), c.train.seq_len): c for c in configs}.values():
+        prepare_data(cfg.data, cfg.train.seq_len)  # a missing dataset fails here, not in every trial
     client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, uri, spec.experiment)
+    experiment_id = experiment_for(client, spec.experiment, uri)
 
     if resume:
         sweep_dir = str(Path(resume).resolve())
@@ -73,6 +80,9 @@ def run_sweep(
                              f"{spec.experiment!r} at {uri}; pass the same --tracking-uri as the first run")
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
+        if storage_path and "://" in storage_path:
+            raise SweepError(f"--storage-path {storage_path!r}: use a filesystem path (on a multi-node cluster, "
+                             "one mounted on every node, e.g. NFS); trials keep checkpoints there")
         storage = Path(storage_path or DEFAULT_STORAGE).resolve()
         # A reused name and storage path would silently resume an old run: make it unique.
         sweep_dir = str(storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}")
@@ -135,31 +145,3 @@ _TUNE_BOOKKEEPING = {
     "timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
     "iterations_since_restore", "done", "checkpoint_dir_name", "should_checkpoint",
 }
-
-
-def resolve_tracking_uri(explicit: str | None) -> str:
-    """``explicit``, else ``MLFLOW_TRACKING_URI``, else MLflow's default, with local paths made
-    absolute: trials run in their own working directories."""
-    import mlflow
-
-    uri = explicit or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    elif "://" not in uri:
-        uri = Path(uri).resolve().as_uri()
-    return uri
-
-
-def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
-    """Get or create the experiment on the driver, with artifacts next to a local store.
-
-    Created inside a trial, an sqlite-backed experiment would keep its artifacts in
-    that trial's temporary working directory.
-    """
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)

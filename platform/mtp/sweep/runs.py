@@ -63,31 +63,22 @@ def find_child(client: MlflowClient, experiment_id: str, parent_id: str, trial_i
     return runs[0].info.run_id if runs else None
 
 
-def child_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, name: str) -> str:
-    """The trial's run, nested under the parent; a restarted trial gets its old run back."""
-    run_id = find_child(client, experiment_id, parent_id, trial_id)
-    if run_id is not None:
-        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        return run_id
-    run = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id})
-    return run.info.run_id
+def tag_child(client: MlflowClient, run_id: str, parent_id: str, trial_id: str, name: str) -> None:
+    """Nest a trial's training run under the sweep's parent run."""
+    client.set_tag(run_id, PARENT_TAG, parent_id)
+    client.set_tag(run_id, TRIAL_TAG, trial_id)
+    client.set_tag(run_id, "mlflow.runName", name)
 
 
 def close_children(client: MlflowClient, rows: list[TrialRow]) -> None:
-    """End each child run as its trial ended; trials stopped early by ASHA never end their own."""
+    """End child runs their trial left open: trials stopped early by ASHA, or killed."""
     for row in rows:
-        if row.run_id is None:
+        if row.run_id is None or client.get_run(row.run_id).info.status != "RUNNING":
             continue
         if row.error:
             client.set_tag(row.run_id, "error", row.error[:5000])
         status = RunStatus.FAILED if row.error else RunStatus.FINISHED
         client.set_terminated(row.run_id, status=RunStatus.to_string(status))
-
-
-def log_config(client: MlflowClient, run_id: str, flat_config: dict[str, Any]) -> None:
-    """The trial's full config as params (skipping ones a resumed run already holds)."""
-    have = client.get_run(run_id).data.params
-    client.log_batch(run_id, params=_params({k: v for k, v in flat_config.items() if k not in have}))
 
 
 def finish_parent(

@@ -1,9 +1,14 @@
 """One trial of a sweep: a real training run, nested in MLflow under the sweep's parent run.
 
-A 1-worker trial runs ``mtp.train.train`` in the trial's own process, which holds the
-worker's CPU/GPU; a multi-worker trial starts a Ray Train run (``mtp.cluster``) and the
-trial process itself holds only a token bundle (see ``mtp.sweep.resources``). Both
-report the same metric names to Tune and to the trial's MLflow child run.
+The trial is the training job of ``mtp.cluster.job`` minus its cluster checks (the
+sweep made them once): the same MLflow run layout (``mtp.tracking``: full config as
+params, per-step metrics from rank 0, head-loss plot, final checkpoint artifact),
+with the run tagged as a child of the sweep's parent run.
+
+A 1-worker trial runs ``mtp.train.train`` in the trial's own process, which holds
+the worker's CPU/GPU; a multi-worker trial starts a Ray Train run
+(``mtp.cluster.trainer``) while the trial process holds only a token bundle (see
+``mtp.sweep.resources``). Both report the same metric names to Tune.
 
 Paths and run ids derive from the trial id, which ``Tuner.restore`` keeps, so a trial
 restarted after a driver crash resumes its own checkpoints and its own MLflow run.
@@ -11,15 +16,18 @@ restarted after a driver crash resumes its own checkpoints and its own MLflow ru
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mlflow.tracking import MlflowClient
 
 from mtp.config import JobConfig
 from mtp.sweep import runs
+from mtp.sweep.resources import runs_inline
 from mtp.sweep.spec import SweepSpec
+from mtp.tracking import MLflowCallback, finish_run, start_run
 
 
 @dataclass(frozen=True)
@@ -33,13 +41,12 @@ class TrialContext:
     sweep_dir: str
 
 
-def trial_config(context: TrialContext, params: dict[str, Any], trial_id: str, run_id: str) -> JobConfig:
+def trial_config(context: TrialContext, params: dict[str, Any], trial_id: str) -> JobConfig:
     """The training config of one trial: sweep config + sampled params + where to log and save."""
     cfg = context.spec.base(params)
     cfg.tracking.tracking_uri = context.tracking_uri
     cfg.tracking.experiment = context.spec.experiment
     cfg.tracking.run_name = trial_id
-    cfg.tracking.run_id = run_id
     cfg.tracking.registered_model = None  # a sweep registers nothing; promote the best run by hand
     cfg.train.output_dir = str(Path(context.sweep_dir) / "trials")
     return cfg
@@ -52,7 +59,7 @@ def trial_run_name(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> st
 
 
 class TuneReporter:
-    """Forwards training metrics to Tune, only the reports that carry the sweep's metric.
+    """Forwards rank 0's training metrics to Tune: only reports that carry the sweep's metric.
 
     Tune rejects a result without the metric it optimises, and the training loop logs
     validation metrics less often than training ones.
@@ -68,39 +75,78 @@ class TuneReporter:
             tune.report({**metrics, "step": step})
 
 
-class MlflowMetrics:
-    """Logs each report of the training loop to the trial's child run."""
+def metric_filtered_tune_callback(metric: str):
+    """Ray Train's ``TuneReportCallback``, passing on only reports that carry ``metric``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+    class MetricFilteredTuneReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
 
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-        import time
+    return MetricFilteredTuneReport()
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+@contextlib.contextmanager
+def train_inline(cfg: JobConfig, metric: str, resumed: bool) -> Iterator[Path | None]:
+    """Train in this process; yields the final checkpoint directory.
+
+    Checkpoints go to ``<output_dir>/<trial id>``, where a restarted trial finds them.
+    """
+    from mtp.train import train
+
+    logger = MLflowCallback(cfg.tracking.run_id, cfg.tracking.tracking_uri, resumed=resumed)
+    try:
+        result = train(cfg, callbacks=[logger, TuneReporter(metric)])
+    finally:
+        logger.close()
+    yield result.checkpoint
+
+
+@contextlib.contextmanager
+def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Path | None]:
+    """Train on ``scaling.num_workers`` Ray Train workers; yields the final checkpoint directory.
+
+    The Train run is named after the trial under the sweep's directory, so a restarted
+    trial resumes it from its last reported checkpoint.
+    """
+    from mtp.cluster.trainer import build_trainer
+
+    trainer = build_trainer(cfg, cfg.train.output_dir)
+    trainer.run_config.callbacks.append(metric_filtered_tune_callback(metric))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        yield None
+        return
+    with result.checkpoint.as_directory() as directory:
+        yield Path(directory)
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """The Tune function trainable."""
+    """The Tune function trainable: open (or reopen) the child run, train, close the run."""
     from ray import tune
-
-    from mtp.train import train
 
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(context.tracking_uri)
-    run_id = runs.child_run(client, context.experiment_id, context.parent_run_id, trial_id,
-                            trial_run_name(context.spec, params, trial_id))
-    cfg = trial_config(context, params, trial_id, run_id)
-    runs.log_config(client, run_id, cfg.flat())
+    cfg = trial_config(context, params, trial_id)
+    cfg.tracking.run_id = runs.find_child(client, context.experiment_id, context.parent_run_id, trial_id)
+    resumed = cfg.tracking.run_id is not None
+    cfg.tracking.run_id = start_run(cfg)
+    if not resumed:
+        runs.tag_child(client, cfg.tracking.run_id, context.parent_run_id, trial_id,
+                       trial_run_name(context.spec, params, trial_id))
+    training = train_inline(cfg, context.spec.metric, resumed) if runs_inline(cfg) else train_on_workers(cfg, context.spec.metric)
     try:
-        result = train(cfg, callbacks=[MlflowMetrics(client, run_id), TuneReporter(context.spec.metric)])
-    except BaseException as exc:
-        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        with training as checkpoint:
+            if checkpoint is not None:
+                client.set_tag(cfg.tracking.run_id, "checkpoint", str(checkpoint))
+            finish_run(cfg, cfg.tracking.run_id, checkpoint)
+    except Exception as exc:
+        client.set_tag(cfg.tracking.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        finish_run(cfg, cfg.tracking.run_id, None, failed=True)
         raise
-    if result.checkpoint is not None:
-        client.set_tag(run_id, "checkpoint", str(result.checkpoint))
 
 
 def _short(value: Any) -> str:
