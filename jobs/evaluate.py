@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from mtp.evaluation import (  # noqa: E402
-    DEFAULT_LIMITS, BenchmarkError, RunnerConfig, load_benchmark, parse_samples, score_samples,
+    DEFAULT_LIMITS, BenchmarkError, RunnerConfig, load_benchmark, open_scorer, parse_samples, score_samples,
 )
 from mtp.evaluation.generation import GenerationConfig, config_dict, generate_samples  # noqa: E402
 from mtp.evaluation.scoring import EvaluationResult, result_rows  # noqa: E402
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             training_run = training_run_id(args.model)
             out_dir = args.output or Path("eval_out") / time.strftime("%Y%m%d-%H%M%S")
             params.update(model=args.model, n_samples=args.n_samples, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+            generated = []  # all generation first: sandbox actors would hold the CPUs a CPU-only generator needs
             for name in args.benchmark:
                 benchmark = load_benchmark(name)
                 for temperature in args.temperature or [0.0]:
@@ -140,12 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                     samples = generate_samples(args.model, benchmark, gen)
                     print(f"generated {len(samples)} samples for {benchmark.name} at T={temperature:g} "
                           f"in {time.monotonic() - start:.1f}s")
+                    generated.append((benchmark, temperature, samples))
+            params.update({f"generation.{k}": v for k, v in config_dict(gen).items() if k != "temperature"})
+            scorer = open_scorer(runner)
+            try:
+                for benchmark, temperature, samples in generated:
                     start = time.monotonic()
-                    result = score_samples(benchmark, [(s["task_id"], s["completion"]) for s in samples], args.k, limits, runner)
-                    scored.append(ScoredRun(result, temperature))
+                    pairs = [(s["task_id"], s["completion"]) for s in samples]
+                    scored.append(ScoredRun(score_samples(benchmark, pairs, args.k, limits, scorer), temperature))
                     _report(scored[-1], time.monotonic() - start)
-                    _write_jsonl(out_dir / f"{scored[-1].slug}_results.jsonl", _result_rows(result))
-            params.update({f"generation.{k}": v for k, v in config_dict(gen).items() if k not in ("temperature",)})
+                    _write_jsonl(out_dir / f"{scored[-1].slug}_results.jsonl", _result_rows(scored[-1].result))
+            finally:
+                scorer.close()
             print(f"per-sample results: {out_dir}/")
     except (BenchmarkError, SandboxUnavailable, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

@@ -1,10 +1,13 @@
 """Score programs in sandboxes: locally on threads, or fanned out over a Ray cluster.
 
-Both backends keep one ``Sandbox`` (a warm zygote) per worker and stream verdicts back
-as they finish. On Ray, workers are actors sized to the cluster's free CPUs; programs
-travel in small batches, two in flight per actor so no worker waits on a round trip.
-An actor that dies takes only its in-flight batches with it: they are re-queued on a
-fresh actor, and every verdict already received is kept.
+A scorer is a pool of sandbox workers, each a ``Sandbox`` (one warm zygote), opened
+once and reused for every benchmark and temperature of a job, then closed. Verdicts
+stream back as they finish.
+
+On Ray, workers are actors sized to the cluster's free CPUs (one CPU each, spread over
+the nodes); programs travel in small batches, two in flight per actor, so no worker
+waits on a round trip. An actor that dies takes only its in-flight batches with it:
+they are re-queued on a fresh actor, and every verdict already received is kept.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from mtp.sandbox import Limits, Sandbox, SandboxConfig, Verdict
 from mtp.sandbox.sandbox import SOURCE_ROOT
@@ -48,6 +51,12 @@ class RunnerConfig:
 OnResult = Callable[[str, Verdict], None]
 
 
+class Scorer(Protocol):
+    def score(self, programs: Sequence[Program], limits: Limits, on_result: OnResult) -> dict[str, Verdict]: ...
+
+    def close(self) -> None: ...
+
+
 class SandboxWorker:
     """One sandbox slot; the Ray actor class (``ray.remote`` is applied at use)."""
 
@@ -57,9 +66,6 @@ class SandboxWorker:
     def run_batch(self, batch: list[tuple[str, str]], limits: dict) -> list[tuple[str, dict]]:
         parsed = Limits.from_dict(limits)
         return [(key, self.box.run(source, parsed).to_dict()) for key, source in batch]
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def ensure_ray() -> None:
@@ -74,43 +80,34 @@ def ensure_ray() -> None:
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": SOURCE_ROOT}}, include_dashboard=False)
 
 
-def score(programs: Sequence[Program], limits: Limits, config: RunnerConfig | None = None,
-          on_result: OnResult | None = None) -> dict[str, Verdict]:
-    """key -> verdict for every program; ``on_result`` is called as each one arrives."""
-    config = (config or RunnerConfig()).validate()
-    keys = [p.key for p in programs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("program keys must be unique")
-    if not programs:
-        return {}
-    run = _score_on_ray if config.backend == "ray" else _score_locally
-    return run(list(programs), limits.validate(), config, on_result or (lambda key, verdict: None))
+class LocalScorer:
+    """Sandboxes in this process, driven by a thread each."""
 
+    def __init__(self, config: RunnerConfig):
+        self.workers = config.workers or os.cpu_count() or 1
+        self._boxes: queue.Queue[Sandbox] = queue.Queue()
+        for _ in range(self.workers):
+            self._boxes.put(Sandbox(SandboxConfig(insecure=config.insecure)))
 
-def _score_locally(programs: list[Program], limits: Limits, config: RunnerConfig, on_result: OnResult) -> dict[str, Verdict]:
-    workers = min(config.workers or os.cpu_count() or 1, len(programs))
-    boxes: queue.Queue[Sandbox] = queue.Queue()
-    for _ in range(workers):
-        boxes.put(Sandbox(SandboxConfig(insecure=config.insecure)))
-
-    def run_one(program: Program) -> tuple[str, Verdict]:
-        box = boxes.get()
+    def _run_one(self, program: Program, limits: Limits) -> tuple[str, Verdict]:
+        box = self._boxes.get()
         try:
             return program.key, box.run(program.source, limits)
         finally:
-            boxes.put(box)
+            self._boxes.put(box)
 
-    results: dict[str, Verdict] = {}
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            for future in as_completed([pool.submit(run_one, p) for p in programs]):
+    def score(self, programs: Sequence[Program], limits: Limits, on_result: OnResult) -> dict[str, Verdict]:
+        results: dict[str, Verdict] = {}
+        with ThreadPoolExecutor(self.workers) as pool:
+            for future in as_completed([pool.submit(self._run_one, p, limits) for p in programs]):
                 key, verdict = future.result()
                 results[key] = verdict
                 on_result(key, verdict)
-    finally:
-        while not boxes.empty():
-            boxes.get().close()
-    return results
+        return results
+
+    def close(self) -> None:
+        while not self._boxes.empty():
+            self._boxes.get().close()
 
 
 @dataclass
@@ -119,59 +116,107 @@ class _Batch:
     attempt: int = 0
 
 
-def _score_on_ray(programs: list[Program], limits: Limits, config: RunnerConfig, on_result: OnResult) -> dict[str, Verdict]:
-    import ray
-    from ray.exceptions import RayActorError, WorkerCrashedError
+class RayScorer:
+    """Sandbox actors over the cluster; a dead actor is replaced and its batches re-run."""
 
-    lost = (RayActorError, WorkerCrashedError)  # the worker died; a bug in run_batch is re-raised
-    ensure_ray()
-    free_cpus = int(ray.available_resources().get("CPU", 0)) or 1
-    batches = deque(_Batch(list(programs[i:i + config.batch_size])) for i in range(0, len(programs), config.batch_size))
-    n_actors = min(config.workers or free_cpus, len(batches))
-    actor_class = ray.remote(num_cpus=1, max_restarts=0, max_concurrency=1)(SandboxWorker)
-    spawn = lambda: actor_class.options(scheduling_strategy="SPREAD").remote(config.insecure)  # noqa: E731
-    actors = [spawn() for _ in range(n_actors)]
-    generation = [0] * n_actors  # bumped when an actor is replaced
-    inflight: dict = {}  # ObjectRef -> (actor index, its generation, batch)
-    load = [0] * n_actors
-    results: dict[str, Verdict] = {}
-    limits_dict = limits.to_dict()
+    def __init__(self, config: RunnerConfig):
+        import ray
 
-    def submit() -> None:
-        for index in sorted(range(n_actors), key=load.__getitem__):
-            while load[index] < 2 and batches:
-                batch = batches.popleft()
-                ref = actors[index].run_batch.remote([(p.key, p.source) for p in batch.programs], limits_dict)
-                inflight[ref] = (index, generation[index], batch)
-                load[index] += 1
+        ensure_ray()
+        self.config = config
+        free_cpus = int(ray.available_resources().get("CPU", 0)) or 1
+        self._class = ray.remote(num_cpus=1, max_restarts=0, max_concurrency=1)(SandboxWorker)
+        self.actors = [self._spawn() for _ in range(config.workers or free_cpus)]
+        self.generation = [0] * len(self.actors)  # bumped when an actor is replaced
 
-    try:
+    def _spawn(self):
+        return self._class.options(scheduling_strategy="SPREAD").remote(self.config.insecure)
+
+    def _replace(self, index: int) -> None:
+        import ray
+
+        ray.kill(self.actors[index], no_restart=True)
+        self.actors[index] = self._spawn()
+        self.generation[index] += 1
+
+    def score(self, programs: Sequence[Program], limits: Limits, on_result: OnResult) -> dict[str, Verdict]:
+        import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError
+
+        size = self.config.batch_size
+        batches = deque(_Batch(list(programs[i:i + size])) for i in range(0, len(programs), size))
+        load = [0] * len(self.actors)
+        inflight: dict = {}  # ObjectRef -> (actor index, its generation, batch)
+        results: dict[str, Verdict] = {}
+        limits_dict = limits.to_dict()
+
+        def submit() -> None:
+            for index in sorted(range(len(self.actors)), key=load.__getitem__):
+                while load[index] < 2 and batches:
+                    batch = batches.popleft()
+                    ref = self.actors[index].run_batch.remote([(p.key, p.source) for p in batch.programs], limits_dict)
+                    inflight[ref] = (index, self.generation[index], batch)
+                    load[index] += 1
+
+        def record(key: str, verdict: Verdict) -> None:
+            results[key] = verdict
+            on_result(key, verdict)
+
         submit()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             index, born, batch = inflight.pop(ready[0])
-            if born == generation[index]:
+            current = born == self.generation[index]
+            if current:
                 load[index] -= 1
             try:
                 answers = ray.get(ready[0])
-            except lost as exc:
-                if born == generation[index]:  # its other in-flight batch fails too: replace once
-                    ray.kill(actors[index], no_restart=True)
-                    actors[index], generation[index], load[index] = spawn(), generation[index] + 1, 0
+            except (RayActorError, WorkerCrashedError) as exc:  # the worker died; a bug in run_batch is raised
+                if current:  # its other in-flight batch fails too: replace the actor once
+                    self._replace(index)
+                    load[index] = 0
                 batch.attempt += 1
-                if batch.attempt < config.max_attempts:
+                if batch.attempt < self.config.max_attempts:
                     batches.appendleft(batch)
                 else:
                     for program in batch.programs:
-                        verdict = Verdict("crashed", f"sandbox worker died {batch.attempt} times: {type(exc).__name__}")
-                        results[program.key] = verdict
-                        on_result(program.key, verdict)
+                        record(program.key, Verdict("crashed", f"sandbox worker died {batch.attempt} times: {type(exc).__name__}"))
             else:
-                for key, verdict_dict in answers:
-                    results[key] = Verdict.from_dict(verdict_dict)
-                    on_result(key, results[key])
+                for key, verdict in answers:
+                    record(key, Verdict.from_dict(verdict))
             submit()
-    finally:
-        for actor in actors:
+        return results
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
             ray.kill(actor, no_restart=True)
-    return results
+
+
+def open_scorer(config: RunnerConfig | None = None) -> Scorer:
+    """A worker pool for ``config.backend``; close it (or use ``score``) when done."""
+    config = (config or RunnerConfig()).validate()
+    return RayScorer(config) if config.backend == "ray" else LocalScorer(config)
+
+
+def score(programs: Sequence[Program], limits: Limits, config: RunnerConfig | Scorer | None = None,
+          on_result: OnResult | None = None) -> dict[str, Verdict]:
+    """key -> verdict for every program, on an open scorer or a pool opened for this call.
+
+    ``on_result`` is called as each verdict arrives.
+    """
+    keys = [p.key for p in programs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("program keys must be unique")
+    limits.validate()
+    if not programs:
+        return {}
+    callback = on_result or (lambda key, verdict: None)
+    if config is not None and not isinstance(config, RunnerConfig):
+        return config.score(programs, limits, callback)
+    scorer = open_scorer(config)
+    try:
+        return scorer.score(programs, limits, callback)
+    finally:
+        scorer.close()

