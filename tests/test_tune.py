@@ -223,6 +223,64 @@ def test_a_two_worker_trial_trains_on_ray_train_without_deadlock_on_two_cpus(ray
     assert "checkpoint" in {a.path for a in client.list_artifacts(row.run_id)}
 
 
+@pytest.mark.timeout(240)
+def test_a_sweep_resumes_after_its_driver_is_killed(ray_cluster, mlflow_uri, tmp_path):
+    """SIGKILL the driver (jobs/tune.py) once a trial has finished; --resume completes the same sweep."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from mtp.sweep import run_sweep
+
+    space_file = tmp_path / "two.yaml"
+    space_file.write_text(yaml.safe_dump(sweep(max_concurrent_trials=1)))
+    storage = tmp_path / "sweeps"
+    address = ray_cluster.get_runtime_context().gcs_address
+    job = Path(__file__).resolve().parents[1] / "jobs" / "tune.py"
+    driver = subprocess.Popen(
+        [sys.executable, str(job), "--space", str(space_file), "--storage-path", str(storage),
+         "--tracking-uri", mlflow_uri, "--address", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = MlflowClient(mlflow_uri)
+
+    def trial_runs():
+        experiment = client.get_experiment_by_name("mtp-sweeps")
+        if experiment is None:
+            return []
+        return client.search_runs([experiment.experiment_id], filter_string="tags.`mtp.sweep.trial_id` != ''")
+
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and driver.poll() is None:
+            children = trial_runs()
+            if any(r.info.status == "FINISHED" for r in children):
+                break
+            time.sleep(1)
+        assert driver.poll() is None, "the sweep ended before the driver could be killed"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    (sweep_dir,) = list(storage.iterdir())
+    started = {r.data.tags["mtp.sweep.trial_id"] for r in children}
+
+    result = run_sweep(parse_spec(sweep(max_concurrent_trials=1)), resume=str(sweep_dir), tracking_uri=mlflow_uri)
+    assert {r.status for r in result.rows} == {"ok"} and len(result.rows) == 2
+    assert started <= {r.trial_id for r in result.rows}  # the same trials, restored, not a new sweep
+    parents = client.search_runs([result.experiment_id], filter_string="tags.`mtp.kind` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    children = _children(client, result.experiment_id, result.parent_run_id)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert "summary.csv" in {a.path for a in client.list_artifacts(result.parent_run_id)}
+
+
 def test_impossible_resources_fail_before_any_trial_or_run(ray_cluster, mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
