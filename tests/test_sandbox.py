@@ -170,6 +170,21 @@ CORPUS = [
      Limits()),
     ("forked_harness_copy", "import os\nif os.fork():\n    os._exit(0)\nimport time\ntime.sleep(0.2)", "failed",
      "exited with code 0", Limits()),
+    ("cpu_time_limit", "while True: pass", "timed_out", "cpu time limit", Limits(timeout_s=10, cpu_s=1)),
+    # seccomp: each asserts that its call succeeded, so a contained attempt reads "failed" with the message.
+    ("user_namespace", "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nassert libc.unshare(0x10000000) == 0, 'denied'",
+     "failed", "AssertionError: denied", Limits()),
+    ("ptrace_traceme", "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nassert libc.ptrace(0, 0, 0, 0) == 0, 'denied'",
+     "failed", "AssertionError: denied", Limits()),
+    ("io_uring_setup", "import ctypes\np = ctypes.create_string_buffer(120)\n"
+     "assert ctypes.CDLL(None).syscall(425, 8, p) >= 0, 'denied'", "failed", "AssertionError: denied", Limits()),
+    ("threads_and_subprocess_still_work", """
+        import subprocess, threading
+        out = []
+        t = threading.Thread(target=lambda: out.append(subprocess.run(['echo', 'ok'], capture_output=True).stdout))
+        t.start(); t.join()
+        assert out == [b'ok\\n'], out
+     """, "passed", "", Limits()),
     ("plain_pass", "assert sum(range(10)) == 45", "passed", "", Limits()),
     ("plain_fail", "assert 1 + 1 == 3, 'wrong'", "failed", "AssertionError: wrong", Limits()),
 ]
@@ -193,21 +208,25 @@ def test_hostile_corpus(host, name, program, status, detail, limits):
 @needs_isolation
 def test_view_of_the_world(host):
     """Own pid namespace, no network interfaces up, read-only root, unprivileged uid, no caps."""
-    verdict = host.box.run(textwrap.dedent("""
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    verdict = host.box.run(textwrap.dedent(f"""
         import os, socket
         print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
         print(os.getuid(), os.getgid(), os.getgroups())
-        print(sorted(os.listdir('/')))
         print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])
-        print(socket.gethostname())
+        print(socket.gethostname(), socket.if_nameindex())
+        print([p for p in ({str(SOURCE_ROOT)!r}, {str(host.secret_file.parent)!r}, '/root/.ssh', '/etc/shadow', '/home',
+                           '/var', '/sys', '/run') if os.path.exists(p)])
+        print(os.path.isdir({site!r}), os.access({site!r}, os.W_OK), os.access('/', os.W_OK), os.getcwd())
     """))
     assert verdict.passed, verdict
-    pids, ids, root, caps, hostname = verdict.stdout.splitlines()
+    pids, ids, caps, net, visible, access = verdict.stdout.splitlines()
     assert len(eval(pids)) == 1  # only the program itself: the zygote (root) is hidden
     assert ids == f"{host.box.uid} {host.box.uid} []"
-    assert "work" not in root or str(SOURCE_ROOT) not in root  # only sys.path entries, read-only
     assert int(caps, 16) == 0
-    assert hostname == "sandbox"
+    assert net == "sandbox [(1, 'lo')]"  # a network namespace with only a (down) loopback
+    assert visible == "[]"  # the repo, planted files, /root, /etc, /sys... are not in its root at all
+    assert access == "True False False /scratch/w"  # Python's own files are there, read-only
 
 
 @needs_isolation

@@ -47,8 +47,12 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(number, new_root.encode(), put_old.encode()), "pivot_root")
 
 
-def prctl(option: int, arg: int) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+def prctl(option: int, arg2: int, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0), f"prctl({option})")
+
+
+def syscall(number: int, *args: int) -> None:
+    _check(_libc.syscall(number, *(ctypes.c_ulong(a) for a in args)), f"syscall {number}")
 
 
 def sethostname(name: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import platform
 import select
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtp.sandbox import cgroups, protocol
+from mtp.sandbox import cgroups, protocol, seccomp
 from mtp.sandbox.limits import Limits
 from mtp.sandbox.verdict import Verdict
 
@@ -45,6 +46,7 @@ class SandboxUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class SandboxConfig:
     insecure: bool = False  # run without isolation (loud warning), where it is impossible
+    seccomp: bool = True  # deny namespace, ptrace, bpf, io_uring, mount... calls (x86_64, aarch64)
     preload: tuple[str, ...] = DEFAULT_PRELOAD
     start_timeout_s: float = 30.0
     grace_s: float = 15.0  # extra wait beyond a program's timeout before the zygote is presumed dead
@@ -111,7 +113,8 @@ class Sandbox:
     def _start(self) -> None:
         boot = f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); from mtp.sandbox.zygote import main; main()"
         command = [sys.executable, "-I", "-c", boot]
-        config: dict = {"isolated": self.isolated, "preload": list(self.config.preload)}
+        config: dict = {"isolated": self.isolated, "preload": list(self.config.preload),
+                         "seccomp": self.config.seccomp and platform.machine() in seccomp.TABLES}
         if self.isolated:
             command = ["unshare", *NAMESPACES, "--", *command]
             self._root_dir = f"/tmp/.mtp-sandbox-root-{self._slot.uid}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import gc
 import importlib
 import os
 import resource
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from mtp.sandbox import _libc as libc
-from mtp.sandbox import protocol, rootfs
+from mtp.sandbox import protocol, rootfs, seccomp
 from mtp.sandbox.cgroups import Handles, SlotCgroups
 from mtp.sandbox.limits import Limits
 from mtp.sandbox.verdict import Verdict
@@ -120,6 +121,7 @@ class Zygote:
     def __init__(self, config: dict):
         self.isolated: bool = config["isolated"]
         self.uid: int | None = config.get("uid")
+        self.seccomp = seccomp.Prepared() if config.get("seccomp") else None
         for name in config.get("preload", ()):
             try:
                 importlib.import_module(name)
@@ -276,6 +278,8 @@ class Zygote:
                 os.setresuid(self.uid, self.uid, self.uid)
             libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
             libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if self.seccomp is not None:
+                self.seccomp.install()
             os.umask(0o077)
             os.environ.clear()
             os.environ.update({"PATH": PATH, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"})
@@ -360,6 +364,7 @@ def _kill_descendants(root: int) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host ends us by closing our stdin
     zygote = Zygote(protocol.receive(0))
+    gc.freeze()  # the preloaded heap is never scanned again, so forked children do not copy it on write
     protocol.send(1, {"ready": True})
     while True:
         try:
