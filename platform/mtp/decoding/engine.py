@@ -256,7 +256,7 @@ class Engine:
             mask = rel <= offsets[:, None]
         else:
             mask = (rel < 0) | ((rel < width) & tree.ancestors[offsets[:, None], rel.clamp(0, width - 1)])
-        return StepLayout(rope, slots, mask[:, None])
+        return StepLayout(rope, slots, mask[:, None], self._arange[: lengths.shape[0], None])
 
     # ------------------------------------------------------------------ model steps
 
@@ -331,15 +331,12 @@ class Engine:
         tree, B = rows.mode.tree, len(rows.requests)
         fed, lengths = rows.fed[:B], rows.lengths[:B]
         target = self.packed.logits(hidden[0]).argmax(-1)  # [B, W]
-        best, accepted = tree.accept(fed, target)
-        bonus = target.gather(1, best[:, None])
-        path = tree.path_nodes[best]  # [B, D]
-        if not tree.tree.is_chain:  # accepted nodes' keys/values -> contiguous slots
-            batch = torch.arange(B, device=self.device)
-            self.cache.move_slots(batch, lengths[:, None] + path, lengths[:, None] + 1 + self._arange[: path.shape[1]])
-        emitted = torch.cat([fed.gather(1, path), bonus], 1).scatter_(1, accepted[:, None], bonus)
-        drafts = self.packed.logits(hidden[1:, torch.arange(B, device=self.device), best].transpose(0, 1))
-        rows.fed[:B] = tree.tokens(bonus[:, 0], drafts)
+        best, accepted, emitted = tree.accept(fed, target)
+        if not tree.tree.is_chain:  # the accepted path's keys/values -> contiguous slots
+            path = tree.path[best, 1:]
+            self.cache.move_slots(self._arange[:B], lengths[:, None] + path, lengths[:, None] + 1 + self._arange[: path.shape[1]])
+        drafts = self.packed.logits(hidden[1:, self._arange[:B], best])  # [D, B, V]
+        rows.fed[:B] = tree.tokens(emitted.gather(1, accepted[:, None])[:, 0], drafts.transpose(0, 1))
         rows.lengths[:B] += accepted + 1
         return emitted, accepted
 
@@ -351,7 +348,7 @@ class Engine:
         accepted, residual = speculative_accept(fed[:, 1:], target, rows.draft_probs[:B], u[:, :D])
         bonus = sample(residual[:, None], u[:, D : D + 1])
         emitted = torch.cat([fed[:, 1:], bonus], 1).scatter_(1, accepted[:, None], bonus)
-        head_logits = self.packed.logits(hidden[1:, torch.arange(B, device=self.device), accepted].transpose(0, 1))
+        head_logits = self.packed.logits(hidden[1:, self._arange[:B], accepted].transpose(0, 1))
         draft_probs = target_probs(head_logits, sampling)
         rows.fed[:B] = torch.cat([bonus, sample(draft_probs, u[:, D + 1 :])], 1)
         rows.draft_probs[:B] = draft_probs

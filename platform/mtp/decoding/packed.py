@@ -45,6 +45,7 @@ class StepLayout:
     rope_positions: torch.Tensor
     slots: torch.Tensor
     mask: torch.Tensor
+    rows: torch.Tensor  # [B, 1] row indices, to pair with ``slots`` in indexed writes
 
     @property
     def kv_len(self) -> int:
@@ -52,87 +53,98 @@ class StepLayout:
 
 
 class StaticKVCache:
-    """Keys/values of every packed layer, allocated once: ``[max_batch, groups * kv_heads, slots, head_dim]``.
+    """Keys and values of every packed layer, allocated once: ``[max_batch, 2, groups, kv_heads, slots, head_dim]``.
 
     Row ``b`` holds one sequence; slot ``s`` holds its token at position ``s``. A row's
     valid length lives with the decoder: rejected draft slots are simply overwritten
-    by the next step, so rolling back is resetting that length.
+    by the next step and masked out until then, so rolling back is resetting that
+    length. Keys and values share a tensor so one indexed write stores both.
     """
 
     def __init__(self, groups: Sequence[int], max_batch: int, kv_heads: int, head_dim: int, slots: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = lambda g: (max_batch, g * kv_heads, slots, head_dim)  # noqa: E731
-        self.keys = [torch.zeros(shape(g), dtype=dtype, device=device) for g in groups]
-        self.values = [torch.zeros(shape(g), dtype=dtype, device=device) for g in groups]
+        self.layers = [
+            torch.zeros(max_batch, 2, g, kv_heads, slots, head_dim, dtype=dtype, device=device) for g in groups
+        ]
         self.slots = slots
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` slots to row ``dst`` (batch compaction, once per finished request)."""
-        for store in (*self.keys, *self.values):
-            store[dst, :, :length] = store[src, :, :length]
+        for store in self.layers:
+            store[dst, ..., :length, :] = store[src, ..., :length, :]
 
     def move_slots(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Per-row slot moves ``[B, k]`` (tree verification: accepted path -> contiguous slots)."""
         r = rows[:, None]
-        for store in (*self.keys, *self.values):
-            store[r, :, dst] = store[r, :, src]
+        for store in self.layers:
+            store[r, :, :, :, dst] = store[r, :, :, :, src]
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without the gain (folded into the next matmul's weights)."""
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
+def _rotate_(x: torch.Tensor, rope: torch.Tensor) -> None:
+    """Rotary embedding in place (q and k of every group in one call), as complex products.
+
+    Pairs of channels are rotated like ``mtp.model.apply_rope``; low-precision
+    inputs rotate in fp32, as there.
+    """
+    if x.dtype in (torch.float32, torch.float64):
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rope)
+    else:
+        x.copy_(torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rope).flatten(-2))
+
+
 class PackedLayer:
-    """``G`` transformer blocks run as one batched layer (``G = 1`` for a trunk layer)."""
+    """``G`` transformer blocks run as one batched layer (``G = 1`` for a trunk layer).
+
+    The norms' gains are folded into the matmul that follows them
+    (``(x * r * g) @ W == (x * r) @ (g[:, None] * W)``), and the first projection
+    of all ``G`` blocks is one matmul, since they read the same input.
+    """
 
     def __init__(self, blocks: Sequence[Block], cfg: ModelConfig):
         def stack(get) -> torch.Tensor:
             return torch.stack([get(b).detach() for b in blocks]).contiguous()
 
+        def folded(norm: torch.Tensor, *linears: torch.nn.Linear) -> torch.Tensor:
+            return (norm[:, None] * torch.cat([lin.weight for lin in linears]).T).detach()
+
         self.groups = len(blocks)
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.eps = cfg.norm_eps
-        self.attn_norm = stack(lambda b: b.attention_norm.weight[None])  # [G, 1, D]
-        self.wqkv = stack(lambda b: torch.cat([b.attention.wq.weight, b.attention.wk.weight, b.attention.wv.weight]).T)
+        self.qkv_width = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        # [D, G * qkv_width]: group g's q|k|v columns at g * qkv_width
+        self.wqkv = torch.cat(
+            [folded(b.attention_norm.weight, b.attention.wq, b.attention.wk, b.attention.wv) for b in blocks], 1
+        ).contiguous()
         self.wo = stack(lambda b: b.attention.wo.weight.T)
-        self.ffn_norm = stack(lambda b: b.ffn_norm.weight[None])
-        self.w13 = stack(lambda b: torch.cat([b.feed_forward.w1.weight, b.feed_forward.w3.weight]).T)
+        self.w13 = stack(lambda b: folded(b.ffn_norm.weight, b.feed_forward.w1, b.feed_forward.w3))
         self.w2 = stack(lambda b: b.feed_forward.w2.weight.T)
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        layout: StepLayout,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        groups: int,
-    ) -> torch.Tensor:
-        """``x [1 or G, B*T, D]`` -> ``[G, B*T, D]`` for the first ``groups`` blocks.
+    def __call__(self, x: torch.Tensor, rope: torch.Tensor, layout: StepLayout, cache: torch.Tensor, groups: int) -> torch.Tensor:
+        """``x [1, B*T, D]`` (shared input) -> ``[groups, B*T, D]`` for the first ``groups`` blocks.
 
-        ``rope`` is ``[B, T, 1, head_dim/2]`` complex; ``keys``/``values`` are this
-        layer's cache rows for the batch (views of the static cache).
+        ``rope`` is ``[B, T, 1, 1, head_dim/2]`` complex; ``cache`` is this layer's
+        ``[B, 2, G, kv_heads, slots, head_dim]`` rows for the batch (a view).
         """
         B, T = layout.slots.shape
         H, KV, hd = self.n_heads, self.kv_heads, self.head_dim
-        h = _rms(x, self.eps) * self.attn_norm[:groups]
-        qkv = torch.bmm(h, self.wqkv[:groups]).view(groups, B, T, H + 2 * KV, hd)
-        qk = torch.view_as_complex(qkv[..., : H + KV, :].float().unflatten(-1, (-1, 2)))
-        qk = torch.view_as_real(qk * rope).flatten(-2).type_as(x)
-        q, k, v = qk[..., :H, :], qk[..., H:, :], qkv[..., H + KV :, :]
-        rows = torch.arange(B, device=x.device)[:, None]
-        kv_channels = groups * KV
-        keys[rows, :kv_channels, layout.slots] = k.permute(1, 2, 0, 3, 4).reshape(B, T, kv_channels, hd)
-        values[rows, :kv_channels, layout.slots] = v.permute(1, 2, 0, 3, 4).reshape(B, T, kv_channels, hd)
-        q = q.permute(1, 0, 3, 2, 4).reshape(B, groups * H, T, hd)
+        qkv = (_rms(x[0], self.eps) @ self.wqkv[:, : groups * self.qkv_width]).view(B, T, groups, H + 2 * KV, hd)
+        _rotate_(qkv[..., : H + KV, :], rope)
+        kv = qkv[..., H:, :].unflatten(3, (2, KV)).permute(0, 1, 3, 2, 4, 5)  # [B, T, 2, groups, KV, hd]
+        cache[layout.rows, :, :groups, :, layout.slots] = kv
         S = layout.kv_len
-        out = F.scaled_dot_product_attention(
-            q, keys[:, :kv_channels, :S], values[:, :kv_channels, :S], attn_mask=layout.mask, enable_gqa=H != KV
-        )
+        keys = cache[:, 0, :groups, :, :S].flatten(1, 2)  # [B, groups * KV, S, hd], a view
+        values = cache[:, 1, :groups, :, :S].flatten(1, 2)
+        q = qkv[..., :H, :].permute(0, 2, 3, 1, 4).reshape(B, groups * H, T, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, enable_gqa=H != KV)
         out = out.view(B, groups, H, T, hd).permute(1, 0, 3, 2, 4).reshape(groups, B * T, H * hd)
         x = x + torch.bmm(out, self.wo[:groups])
-        gate, up = torch.bmm(_rms(x, self.eps) * self.ffn_norm[:groups], self.w13[:groups]).chunk(2, dim=-1)
-        return x + torch.bmm(F.silu(gate) * up, self.w2[:groups])
+        gate, up = torch.bmm(_rms(x, self.eps), self.w13[:groups]).chunk(2, dim=-1)
+        return x + torch.bmm(F.silu(gate).mul_(up), self.w2[:groups])
 
 
 class PackedModel:
@@ -148,7 +160,7 @@ class PackedModel:
         self.norm = model.norm.weight.detach()
         self.output = model.output.weight.detach()
         self.eps = cfg.norm_eps
-        self.freqs = torch.complex(model.rope_cos, model.rope_sin).detach()
+        self.freqs = torch.complex(model.rope_cos.float(), model.rope_sin.float()).detach()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,11 +189,10 @@ class PackedModel:
         keys/values at ``layout.slots`` and attends through ``layout.mask``.
         """
         B, T = tokens.shape
-        rope = self.freqs[layout.rope_positions][:, :, None]
+        rope = self.freqs[layout.rope_positions][:, :, None, None]
         x = F.embedding(tokens, self.embedding).view(1, B * T, -1)
-        for i, layer in enumerate(self.trunk):
-            x = layer(x, rope, layout, cache.keys[i][rows], cache.values[i][rows], 1)
-        x = self.heads(x, rope, layout, cache.keys[-1][rows], cache.values[-1][rows], heads)
+        for layer, store in zip(self.layers, cache.layers):
+            x = layer(x, rope, layout, store[rows], heads if layer is self.heads else 1)
         return x.view(heads, B, T, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

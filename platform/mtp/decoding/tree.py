@@ -64,33 +64,40 @@ class TreeTensors:
         self.parent = torch.tensor([index[p[:-1]] if p else 0 for p in paths], device=device)  # [W]
         # ancestors[i, j]: node j is node i or one of its ancestors (the attention pattern)
         ancestors = torch.zeros(W, W, dtype=torch.bool)
-        # path_nodes[i, d]: the depth-(d+1) node on node i's path (padded with 0)
-        path_nodes = torch.zeros(W, max(D, 1), dtype=torch.long)
+        # path[i, d]: the depth-d node on node i's path from the root (padded with 0)
+        path = torch.zeros(W, D + 1, dtype=torch.long)
         for i, p in enumerate(paths):
             for d in range(len(p) + 1):
                 ancestors[i, index[p[:d]]] = True
-                if d:
-                    path_nodes[i, d - 1] = index[p[:d]]
+                path[i, d] = index[p[:d]]
         self.ancestors = ancestors.to(device)
-        self.path_nodes = path_nodes.to(device)
+        self.path = path.to(device)
         # node i >= 1 takes head depth(i)'s rank-p[-1] candidate: flat index into [B, D, k]
         self.max_width = max(tree.widths)
         self.candidate = torch.tensor([(len(p) - 1) * self.max_width + p[-1] for p in paths[1:]], device=device)
 
     def tokens(self, pending: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
         """The next step's fed tokens ``[B, W]`` from the pending token ``[B]`` and heads 1.. logits ``[B, D, V]``."""
+        if self.tree.is_chain:
+            return torch.cat([pending[:, None], head_logits.argmax(-1)], dim=1)
         top = head_logits.topk(self.max_width, dim=-1).indices.flatten(1)  # [B, D * k]
         return torch.cat([pending[:, None], top[:, self.candidate]], dim=1)
 
-    def accept(self, fed: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy verification: (accepted node ``[B]``, its depth = accepted drafts ``[B]``).
+    def accept(self, fed: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy verification of fed tokens ``[B, W]`` against head 0's argmax ``target [B, W]``.
 
         Node ``i`` is right when its token is head 0's argmax at its parent; the
         accepted node is the deepest one whose whole path is right (children of a
-        node carry distinct tokens, so it is unique).
+        node carry distinct tokens, so it is unique). Returns (accepted node ``[B]``,
+        its depth = accepted drafts ``[B]``, the emitted tokens ``[B, depth + 1]``
+        padded to ``[B, D + 1]``): head 0's argmax along the path, i.e. the accepted
+        drafts followed by the next token.
         """
+        if self.tree.is_chain:
+            accepted = (fed[:, 1:] == target[:, :-1]).cumprod(1).sum(1)
+            return accepted, accepted, target
         right = fed == target.gather(1, self.parent.expand_as(fed))
         right[:, 0] = True
         on_path = ~((~right)[:, None, :] & self.ancestors).any(-1)  # [B, W]
         best = torch.where(on_path, self.depth + 1, 0).argmax(-1)
-        return best, self.depth[best]
+        return best, self.depth[best], target.gather(1, self.path[best])
