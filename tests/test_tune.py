@@ -25,6 +25,7 @@ TINY_TRAIN = {
 }
 
 
+EVAL_BENCHMARK = Path(__file__).parent / "data" / "eval_mbpp.jsonl"
 NO_PRESET = {**TINY_TRAIN, "train": {k: v for k, v in TINY_TRAIN["train"].items() if k != "preset"}}
 
 
@@ -59,6 +60,10 @@ def sweep(**overrides) -> dict:
         ({"resources": {"trial": {"CPU": 0}}}, "resources.trial must reserve something"),
         ({"max_concurrent_trials": 0}, "max_concurrent_trials=0"),
         ({"metric": ""}, "metric must be a non-empty string"),
+        ({"evaluation": {"benchmark": str(EVAL_BENCHMARK)}}, "metric 'val/bpb' is not reported by the evaluation; use one of ['eval_mbpp/T0/pass_at_1']"),
+        ({"evaluation": {"benchmark": "nope"}}, "evaluation.benchmark='nope': unknown benchmark"),
+        ({"evaluation": {"k": [1, 10]}}, "needs n_samples >= 10"),
+        ({"evaluation": {"samples": 3}}, "unknown evaluation key(s) ['samples']"),
     ],
 )
 def test_bad_sweep_files_name_the_problem(overrides, expected):
@@ -200,15 +205,19 @@ def test_sweep_logs_nested_runs_summary_and_best_trial_and_survives_a_failed_tri
 
 
 @pytest.mark.timeout(240)
-def test_a_two_worker_trial_trains_on_ray_train_without_deadlock_on_two_cpus(ray_cluster, mlflow_uri, tmp_path):
-    """The trial process holds no CPU, so its 2 Ray Train workers get both of them."""
+def test_a_two_worker_trial_trains_on_ray_train_and_is_scored_by_pass_at_k(ray_cluster, mlflow_uri, tmp_path):
+    """The trial process holds no CPU, so its 2 Ray Train workers get both CPUs (no deadlock);
+    its final checkpoint is then evaluated in sandboxes and pass@1 is the trial's metric."""
     from mlflow.tracking import MlflowClient
 
+    from mtp.sandbox import STATUSES
     from mtp.sweep import run_sweep
 
     spec = parse_spec(sweep(
         config={**TINY_TRAIN, "scaling": {"num_workers": 2, "cpus_per_worker": 1}},
         space={"model.n_future": {"grid": [2]}},
+        evaluation={"benchmark": str(EVAL_BENCHMARK), "k": [1], "max_new_tokens": 8},
+        metric="eval_mbpp/T0/pass_at_1", mode="max",
     ))
     result = run_sweep(spec, storage_path=str(tmp_path / "sweeps"))
     assert result.max_concurrent_trials == 1
@@ -218,9 +227,14 @@ def test_a_two_worker_trial_trains_on_ray_train_without_deadlock_on_two_cpus(ray
     child = client.get_run(row.run_id)
     assert child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == result.parent_run_id
-    assert child.data.metrics["val/bpb"] == pytest.approx(row.value("val/bpb"))
+    # Training metrics from rank 0, and the evaluation's, in the same child run and summary row.
+    assert child.data.metrics["val/bpb"] == pytest.approx(row.metrics["val/bpb"])
+    assert child.data.metrics["eval_mbpp/T0/pass_at_1"] == row.value("eval_mbpp/T0/pass_at_1")
+    programs = sum(child.data.metrics[f"eval_mbpp/T0/{status}"] for status in STATUSES)
+    assert programs == 4  # one sample for each of the 4 problems, each with a verdict
     assert row.metrics["step"] == TINY_TRAIN["train"]["max_steps"]
     assert "checkpoint" in {a.path for a in client.list_artifacts(row.run_id)}
+    assert client.get_run(result.parent_run_id).data.tags["best_run_id"] == row.run_id
 
 
 @pytest.mark.timeout(240)

@@ -23,6 +23,7 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
     resources: {trial: {memory: 1000000}}   # the trial process; workers: scaling.*
     max_concurrent_trials: auto      # or an int
     plot: {x: model.n_future, lines: train.preset}
+    evaluation: {benchmark: humaneval, k: [1]}  # optional: pass@k becomes the metric
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class SweepSpec:
     resources: dict[str, dict[str, float]] = field(default_factory=lambda: {"trial": {"memory": 1_000_000}})
     max_concurrent_trials: int | None = None  # None: as many as the cluster fits
     plot: PlotSpec = field(default_factory=PlotSpec)
-    evaluation: dict[str, Any] | None = None
+    evaluation: Any = None  # mtp.sweep.evaluation.EvalSpec: score each final checkpoint
 
     @property
     def trial_resources(self) -> dict[str, float]:
@@ -266,7 +267,7 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
             resources=_resources(data.get("resources")),
             max_concurrent_trials=_concurrency(data.get("max_concurrent_trials", "auto")),
             plot=_section(PlotSpec, data.get("plot"), "plot"),
-            evaluation=data.get("evaluation"),
+            evaluation=_evaluation(data.get("evaluation")),
         )
         if spec.mode not in ("min", "max"):
             raise SweepError(f"mode={spec.mode!r} must be 'min' or 'max'")
@@ -276,8 +277,10 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
         for axis in (spec.plot.x, spec.plot.lines):
             if axis not in defaults:
                 raise SweepError(f"plot axis {axis!r} is not a config field")
-        if spec.evaluation is not None and not isinstance(spec.evaluation, dict):
-            raise SweepError(f"evaluation must be a mapping, got {spec.evaluation!r}")
+        if spec.evaluation is not None:
+            from mtp.sweep.evaluation import check_metric
+
+            check_metric(spec.evaluation, spec.metric)
         spec.probe_configs()
         return spec
     except SweepError as exc:
@@ -323,6 +326,16 @@ def _resources(raw: Any) -> dict[str, dict[str, float]]:
 
 
 _RESOURCE_ALIASES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
+
+
+def _evaluation(raw: Any) -> Any:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SweepError(f"evaluation must be a mapping, got {raw!r}")
+    from mtp.sweep.evaluation import EvalSpec
+
+    return EvalSpec.parse(raw)
 
 
 def _concurrency(raw: Any) -> int | None:

@@ -17,6 +17,7 @@ restarted after a driver crash resumes its own checkpoints and its own MLflow ru
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from mtp.config import JobConfig
 from mtp.sweep import runs
+from mtp.sweep.evaluation import EvalSpec, evaluate_checkpoint
 from mtp.sweep.resources import runs_inline
 from mtp.sweep.spec import SweepSpec
 from mtp.tracking import MLflowCallback, finish_run, start_run
@@ -87,9 +89,17 @@ def metric_filtered_tune_callback(metric: str):
     return MetricFilteredTuneReport()
 
 
+@dataclass
+class Trained:
+    """The end of a trial's training: its final checkpoint and last metrics (with ``step``)."""
+
+    checkpoint: Path | None
+    metrics: dict[str, float]
+
+
 @contextlib.contextmanager
-def train_inline(cfg: JobConfig, metric: str, resumed: bool) -> Iterator[Path | None]:
-    """Train in this process; yields the final checkpoint directory.
+def train_inline(cfg: JobConfig, metric: str, resumed: bool) -> Iterator[Trained]:
+    """Train in this process.
 
     Checkpoints go to ``<output_dir>/<trial id>``, where a restarted trial finds them.
     """
@@ -100,12 +110,12 @@ def train_inline(cfg: JobConfig, metric: str, resumed: bool) -> Iterator[Path | 
         result = train(cfg, callbacks=[logger, TuneReporter(metric)])
     finally:
         logger.close()
-    yield result.checkpoint
+    yield Trained(result.checkpoint, {**result.metrics, "step": result.step})
 
 
 @contextlib.contextmanager
-def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Path | None]:
-    """Train on ``scaling.num_workers`` Ray Train workers; yields the final checkpoint directory.
+def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Trained]:
+    """Train on ``scaling.num_workers`` Ray Train workers.
 
     The Train run is named after the trial under the sweep's directory, so a restarted
     trial resumes it from its last reported checkpoint.
@@ -117,17 +127,33 @@ def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Path | None]:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    metrics = dict(result.metrics or {})
     if result.checkpoint is None:
-        yield None
+        yield Trained(None, metrics)
         return
     with result.checkpoint.as_directory() as directory:
-        yield Path(directory)
+        yield Trained(Path(directory), metrics)
+
+
+def report_evaluation(client: MlflowClient, cfg: JobConfig, spec: EvalSpec, trained: Trained) -> None:
+    """Score the final checkpoint; pass@k goes to the child run and, as the trial's last result, to Tune."""
+    from mlflow.entities import Metric
+    from ray import tune
+
+    if trained.checkpoint is None:
+        raise RuntimeError("the sweep evaluates each trial, but training left no checkpoint")
+    scores = evaluate_checkpoint(trained.checkpoint, spec)
+    step = int(trained.metrics.get("step", cfg.train.max_steps))
+    now = int(time.time() * 1000)
+    client.log_batch(cfg.tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in scores.items()])
+    tune.report({**trained.metrics, **scores, "step": step})
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """The Tune function trainable: open (or reopen) the child run, train, close the run."""
+    """The Tune function trainable: open (or reopen) the child run, train, evaluate, close the run."""
     from ray import tune
 
+    spec = context.spec
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(context.tracking_uri)
     cfg = trial_config(context, params, trial_id)
@@ -136,13 +162,15 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     cfg.tracking.run_id = start_run(cfg)
     if not resumed:
         runs.tag_child(client, cfg.tracking.run_id, context.parent_run_id, trial_id,
-                       trial_run_name(context.spec, params, trial_id))
-    training = train_inline(cfg, context.spec.metric, resumed) if runs_inline(cfg) else train_on_workers(cfg, context.spec.metric)
+                       trial_run_name(spec, params, trial_id))
+    training = train_inline(cfg, spec.metric, resumed) if runs_inline(cfg) else train_on_workers(cfg, spec.metric)
     try:
-        with training as checkpoint:
-            if checkpoint is not None:
-                client.set_tag(cfg.tracking.run_id, "checkpoint", str(checkpoint))
-            finish_run(cfg, cfg.tracking.run_id, checkpoint)
+        with training as trained:
+            if trained.checkpoint is not None:
+                client.set_tag(cfg.tracking.run_id, "checkpoint", str(trained.checkpoint))
+            if spec.evaluation is not None:
+                report_evaluation(client, cfg, spec.evaluation, trained)
+            finish_run(cfg, cfg.tracking.run_id, trained.checkpoint)
     except Exception as exc:
         client.set_tag(cfg.tracking.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
         finish_run(cfg, cfg.tracking.run_id, None, failed=True)
