@@ -100,6 +100,32 @@ def test_shipped_sweep_files_are_valid():
     assert all(c.scaling.use_gpu for c in paper.probe_configs())
 
 
+def test_grouped_asha_compares_trials_only_within_a_model_size():
+    """Big models have lower loss at every step: plain ASHA stops every small one, grouped ASHA
+    stops only the worse n_future within each size."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from mtp.sweep.scheduler import GroupedASHA
+
+    trials = [SimpleNamespace(trial_id=f"{preset}-{n}", config={"train.preset": preset, "model.n_future": n})
+              for preset in ("13B", "debug") for n in (1, 2)]
+    loss = {"13B-1": 1.0, "13B-2": 1.1, "debug-1": 3.0, "debug-2": 3.1}
+    asha = dict(time_attr="step", max_t=100, grace_period=10, reduction_factor=2)
+
+    def decisions(scheduler) -> dict[str, str]:
+        scheduler.set_search_properties("val/bpb", "min")
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        return {t.trial_id: scheduler.on_trial_result(None, t, {"step": 10, "val/bpb": loss[t.trial_id]})
+                for t in trials}
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert decisions(ASHAScheduler(**asha)) == {"13B-1": go, "13B-2": stop, "debug-1": stop, "debug-2": stop}
+    assert decisions(GroupedASHA("train.preset", **asha)) == {"13B-1": go, "13B-2": stop, "debug-1": go, "debug-2": stop}
+
+
 # -------------------------------------------------------------------------- capacity
 
 
