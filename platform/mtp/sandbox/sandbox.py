@@ -107,7 +107,11 @@ class Sandbox:
                 raise SandboxUnavailable(f"{problem}. Refusing to run untrusted code; pass --insecure (insecure=True) to run it anyway, unisolated")
             sys.stderr.write(INSECURE_WARNING + f"!! reason: {problem}\n")
         self.isolated = problem is None
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self._release_slot()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -133,6 +137,7 @@ class Sandbox:
             self._stop()
             raise SandboxUnavailable(f"the sandbox zygote did not start ({exc}): {detail}") from exc
         if not reply.get("ready"):
+            self._stop()
             raise SandboxUnavailable(f"unexpected zygote handshake: {reply}")
 
     def _receive(self, timeout_s: float) -> dict:

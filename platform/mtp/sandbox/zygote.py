@@ -118,6 +118,8 @@ def _harness(source: str) -> None:
 
 
 class Zygote:
+    """Set up once (namespaces are already ours; root, cgroup fds, preloads), then ``run`` programs."""
+
     def __init__(self, config: dict):
         self.isolated: bool = config["isolated"]
         self.uid: int | None = config.get("uid")
@@ -188,7 +190,7 @@ class Zygote:
         streams = {out_r: out, err_r: err}
         outcome = _Outcome()
         try:
-            outcome.timed_out = self._watch(pid, streams, parent_sock, start + limits.timeout_s)
+            outcome.timed_out = self._watch(pid, streams, start + limits.timeout_s)
             self._end_tree()
             status = self.children.pop(pid)
             if os.WIFSIGNALED(status):
@@ -204,7 +206,7 @@ class Zygote:
             parent_sock.close()
         return outcome, out, err
 
-    def _watch(self, pid: int, streams: dict[int, _Capture], sock: socket.socket, deadline: float) -> bool:
+    def _watch(self, pid: int, streams: dict[int, _Capture], deadline: float) -> bool:
         """Pump output until the main process exits; True if the wall deadline came first."""
         pidfd = os.pidfd_open(pid)
         poller = select.poll()
