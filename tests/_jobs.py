@@ -47,3 +47,71 @@ def tiny_config(tmp_path: Path, **overrides) -> JobConfig:
 def losses(history: list[dict], first_step: int = 0) -> dict[int, float]:
     """Per-step mean training loss from a run's history, from ``first_step`` on."""
     return {int(h["step"]): h["train/loss"] for h in history if h["step"] > first_step}
+
+
+# ------------------------------------------------------------ plain process groups
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank, world_size, port, fn, args, out):
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # as a 1-CPU Ray worker runs
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.save(fn(*args), Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args) -> list:
+    """Run ``fn(*args)`` in ``world_size`` fresh processes joined by a gloo group; return each rank's result."""
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rank_entry, args=(world_size, free_port(), fn, args, out), nprocs=world_size, join=True)
+        return [torch.load(Path(out) / f"{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def step_gradients(cfg_dict: dict) -> dict:
+    """One step's synced gradients on this rank, and how many all-reduces produced them."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from mtp.config import from_dict
+    from mtp.data import prepare_data
+    from mtp.train import LocalCheckpoints, Trainer
+
+    cfg = from_dict(cfg_dict)
+    trainer = Trainer(cfg, prepare_data(cfg.data, cfg.train.seq_len), LocalCheckpoints(tempfile.mkdtemp()), [])
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        trainer.accumulate_gradients()
+    finally:
+        dist.all_reduce = original
+    return {"grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()}, "all_reduce_calls": len(calls)}
+
+
+def train_history(cfg_dict: dict) -> list[dict]:
+    """A complete plain-process run's logged history (rank 0's; empty elsewhere)."""
+    from mtp.config import from_dict
+    from mtp.train import train
+
+    return train(from_dict(cfg_dict)).history

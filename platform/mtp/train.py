@@ -257,8 +257,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (head losses, grad norm)."""
+    def accumulate_gradients(self) -> torch.Tensor:
+        """Forward/backward over ``grad_accum`` micro-batches, then one gradient sync.
+
+        Leaves the step's averaged gradients in ``p.grad``; returns this rank's mean
+        per-head losses.
+        """
         tc = self.cfg.train
         self.step_start_position = self.sampler.position
         head_losses = torch.zeros(self.cfg.model.n_future, device=self.device)
@@ -274,6 +278,12 @@ class Trainer:
                     (loss / tc.grad_accum).backward()
             head_losses += losses.head_losses.float() / tc.grad_accum
         all_reduce_gradients(self.params)
+        return head_losses
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (this rank's head losses, the gradient norm)."""
+        tc = self.cfg.train
+        head_losses = self.accumulate_gradients()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if not torch.isfinite(grad_norm):
@@ -381,11 +391,11 @@ def train(
 ) -> TrainResult:
     """Train ``cfg`` in this process (one rank of a process group, or alone).
 
-    ``resume_from`` is a checkpoint directory to continue from; without it the run
-    continues from ``store.latest()`` if that holds a checkpoint (a restarted Ray
-    attempt), else it starts fresh. ``store`` defaults to
-    ``<train.output_dir>/<tracking.run_name>/checkpoints``. Returns the final step,
-    metrics and (on rank 0) the final checkpoint's directory.
+    The run continues from ``store.latest()`` when the store already holds a
+    checkpoint (a restarted Ray attempt, or a re-run into the same run directory),
+    else from ``resume_from`` (a checkpoint directory) if given, else from scratch.
+    ``store`` defaults to ``<train.output_dir>/<tracking.run_name>/checkpoints``.
+    Returns the final step, metrics and (on rank 0) the final checkpoint's directory.
     """
     cfg = copy.deepcopy(cfg).validate()
     cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
@@ -393,7 +403,7 @@ def train(
     data = data or prepare_data(cfg.data, cfg.train.seq_len)
     trainer = Trainer(cfg, data, store, callbacks)
     with store.latest() as latest:
-        source = Path(resume_from) if resume_from is not None else latest
+        source = latest if latest is not None else (Path(resume_from) if resume_from is not None else None)
         if source is not None:
             trainer.restore(source)
             trainer._print(f"resumed from {source} at step {trainer.step}")

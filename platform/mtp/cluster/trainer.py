@@ -87,14 +87,19 @@ class RayCheckpoints:
 
 
 def worker_loop(payload: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: rebuild the config, train, log from rank 0."""
+    """What each Ray Train worker runs: rebuild the config, train, log from rank 0.
+
+    ``payload["resume_from"]`` (a checkpoint path on storage every worker can read)
+    is where a ``--resume`` job starts; Ray's own latest checkpoint wins after a restart.
+    """
     cfg = from_dict(payload["config"])
     callbacks = []
     if dist_info().is_main and cfg.tracking.run_id:
-        resumed = ray.train.get_checkpoint() is not None
+        resumed = ray.train.get_checkpoint() is not None or payload.get("resume_from") is not None
         callbacks.append(MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), resumed=resumed))
     try:
-        train(cfg, callbacks=callbacks, store=RayCheckpoints(sharded=cfg.scaling.strategy == "fsdp"))
+        store = RayCheckpoints(sharded=cfg.scaling.strategy == "fsdp")
+        train(cfg, resume_from=payload.get("resume_from"), callbacks=callbacks, store=store)
     finally:
         for callback in callbacks:
             callback.close()
@@ -105,7 +110,7 @@ def build_trainer(cfg: JobConfig, storage_path: str | Path, resume_from: str | P
     scaling = cfg.scaling
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "resume_from": str(resume_from) if resume_from else None},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=worker_resources(scaling)
@@ -116,5 +121,4 @@ def build_trainer(cfg: JobConfig, storage_path: str | Path, resume_from: str | P
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume_from)) if resume_from else None,
     )

@@ -1,0 +1,139 @@
+"""Distributed training: gradient sync, a 2-worker Ray Train job that survives a SIGKILL, resume, bad input."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from _jobs import run_ranks, step_gradients, tiny_config, train_history
+from mtp.cluster.job import run_job
+from mtp.cluster.trainer import PlacementError, check_placement
+from mtp.data import DataError
+from mtp.tracking import TrackingError
+
+
+def test_two_ranks_average_gradients_once_per_step(tmp_path):
+    """2 ranks x batch 2 (with grad accumulation) == 1 rank x batch 4, synced by one all-reduce."""
+    two = tiny_config(tmp_path, **{"train.batch_size": 2, "train.grad_accum": 2, "scaling.num_workers": 2})
+    one = tiny_config(tmp_path, **{"train.batch_size": 4, "train.grad_accum": 2})
+    reference = step_gradients(one.to_dict())["grads"]
+    ranks = run_ranks(step_gradients, 2, two.to_dict())
+    for rank in ranks:
+        assert rank["all_reduce_calls"] == 1  # not once per head, chunk or micro-batch
+        for name, grad in reference.items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in reference.values())
+
+
+def _train_worker_processes():
+    """Ray Train worker processes started by this test session's Ray instance."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+class Killer(threading.Thread):
+    """SIGKILLs one training worker as soon as ``trigger`` appears in the run's storage.
+
+    A checkpoint's folder appears before Ray has registered it, so the trigger is the
+    second checkpoint: by then the first one is registered (reports are barriers).
+    """
+
+    def __init__(self, run_dir, trigger: str, timeout: float = 240):
+        super().__init__(daemon=True)
+        self.run_dir, self.trigger, self.timeout = run_dir, trigger, timeout
+        self.killed_pid = None
+
+    def run(self):
+        deadline = time.time() + self.timeout
+        while time.time() < deadline and self.killed_pid is None:
+            if (self.run_dir / self.trigger).is_dir():
+                workers = _train_worker_processes()
+                if workers:
+                    workers[-1].kill()
+                    self.killed_pid = workers[-1].pid
+                    return
+            time.sleep(0.01)
+
+
+def _last_value_per_step(client, run_id, key):
+    values = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        values.setdefault(m.step, []).append(m.value)
+    return values
+
+
+@pytest.fixture(scope="module")
+def killed_job(ray_cluster, tmp_path_factory):
+    """A 2-worker gloo job, one of whose workers is SIGKILLed mid-run (after one checkpoint)."""
+    tmp = tmp_path_factory.mktemp("killed")
+    cfg = tiny_config(tmp, **{
+        "train.max_steps": 40, "train.checkpoint_every": 10, "train.eval_every": 20,
+        "scaling.num_workers": 2, "scaling.max_failures": 1, "tracking.run_name": "killed",
+        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "tracking.registered_model": "killed-model",
+    })
+    killer = Killer(tmp / "runs" / "killed", "checkpoint_000020")
+    killer.start()
+    result = run_job(cfg)
+    killer.join(timeout=1)
+    return cfg, result, killer
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted_run(killed_job):
+    from mlflow import MlflowClient
+
+    cfg, result, killer = killed_job
+    assert killer.killed_pid is not None, "the run finished before a worker could be killed"
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    logged = _last_value_per_step(client, result.run_id, "train/loss")
+    assert sorted(logged) == list(range(1, 41))
+    # killed when the 2nd checkpoint was being written: the restart resumes from the 1st (or 2nd), not from 0
+    assert all(len(logged[s]) == 1 for s in range(1, 11)), "steps before the checkpoint must not be redone"
+
+    reference = {h["step"]: h["train/loss"] for h in run_ranks(train_history, 2, cfg.to_dict())[0]}
+    for step in range(11, 41):
+        assert logged[step][-1] == pytest.approx(reference[step], rel=1e-5), step
+    assert result.checkpoint.endswith("checkpoint_000040")
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.timeout(300)
+def test_resume_continues_a_finished_run_in_the_same_mlflow_run(killed_job, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg, first, _ = killed_job
+    longer = tiny_config(tmp_path, **{
+        "train.max_steps": 44, "train.checkpoint_every": 10, "train.eval_every": 20,
+        "tracking.tracking_uri": cfg.tracking.tracking_uri, "tracking.run_name": "resumed", "data.source": cfg.data.source,
+        "data.cache_dir": cfg.data.cache_dir,
+    })
+    result = run_job(longer, resume=first.storage_dir)
+    assert result.run_id == first.run_id
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert sorted(_last_value_per_step(client, result.run_id, "train/loss"))[-4:] == [41, 42, 43, 44]
+    assert client.get_run(result.run_id).data.tags.get("resume.train.max_steps") == "44"
+
+
+def test_bad_input_fails_before_any_worker_starts(ray_cluster, tmp_path):
+    cfg = tiny_config(tmp_path, **{"scaling.num_workers": 3})
+    with pytest.raises(PlacementError, match="num_workers=3 .* fits 2"):
+        check_placement(cfg.scaling)
+    with pytest.raises(PlacementError, match="GPU"):
+        check_placement(tiny_config(tmp_path, **{"scaling.use_gpu": True}).scaling)
+    started = time.time()
+    with pytest.raises(DataError, match="does not exist"):
+        run_job(tiny_config(tmp_path, **{"data.source": str(tmp_path / "nope")}), track=False)
+    with pytest.raises(TrackingError, match="unreachable"):
+        run_job(tiny_config(tmp_path, **{"tracking.tracking_uri": "http://127.0.0.1:9"}))
+    with pytest.raises(PlacementError):
+        run_job(cfg, track=False)
+    assert time.time() - started < 20
