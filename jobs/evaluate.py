@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from mtp.evaluation import (  # noqa: E402
     DEFAULT_LIMITS, BenchmarkError, RunnerConfig, load_benchmark, open_scorer, parse_samples, score_samples,
 )
-from mtp.evaluation.generation import GenerationConfig, config_dict, generate_samples  # noqa: E402
+from mtp.evaluation.generation import GenerationConfig, generate_samples  # noqa: E402
 from mtp.evaluation.scoring import EvaluationResult, result_rows  # noqa: E402
 from mtp.evaluation.tracking import ScoredRun, log_evaluation, training_run_id  # noqa: E402
 from mtp.sandbox import SandboxUnavailable  # noqa: E402
+from mtp.tracking import TrackingError  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"generated {len(samples)} samples for {benchmark.name} at T={temperature:g} "
                           f"in {time.monotonic() - start:.1f}s")
                     generated.append((benchmark, temperature, samples))
-            params.update({f"generation.{k}": v for k, v in config_dict(gen).items() if k != "temperature"})
+            params.update({f"generation.{k}": v for k, v in asdict(gen).items() if k != "temperature"})
             scorer = open_scorer(runner)
             try:
                 for benchmark, temperature, samples in generated:
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 scorer.close()
             print(f"per-sample results: {out_dir}/")
-    except (BenchmarkError, SandboxUnavailable, ValueError, FileNotFoundError) as exc:
+    except (BenchmarkError, SandboxUnavailable, TrackingError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     if not args.no_mlflow:

@@ -11,12 +11,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mtp.sandbox import Limits, Sandbox, SandboxConfig, isolation_problem
+from mtp.sandbox import Limits, Sandbox, isolation_problem
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1] / "platform"
 SECRET = "mtp-test-secret-4b1d7c"
@@ -33,7 +33,6 @@ class Host:
     listener: socket.socket
     bystander: subprocess.Popen
     box: Sandbox
-    extra: dict = field(default_factory=dict)
 
     @property
     def port(self) -> int:

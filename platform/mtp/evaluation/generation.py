@@ -8,7 +8,7 @@ derived from (base seed, task_id, sample index), so a rerun gives the same sampl
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 from mtp.evaluation.benchmarks import Benchmark, Problem
@@ -90,7 +90,3 @@ def generate_samples(checkpoint: str, benchmark: Benchmark, config: GenerationCo
     rows = [row for shard in ray.get(refs) for row in shard]
     order = {p.task_id: i for i, p in enumerate(benchmark.problems)}
     return sorted(rows, key=lambda r: (order[r["task_id"]], r["sample_index"]))
-
-
-def config_dict(config: GenerationConfig) -> dict:
-    return asdict(config)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from mtp.evaluation.benchmarks import Benchmark, BenchmarkError
-from mtp.evaluation.passk import mean_pass_at_k, pass_at_k
+from mtp.evaluation.passk import counts_by_problem, mean_pass_at_k, pass_at_k
 from mtp.evaluation.runner import Program, RunnerConfig, Scorer, score
 from mtp.sandbox import STATUSES, Limits, Verdict
 
@@ -39,7 +39,7 @@ class EvaluationResult:
         flags: dict[str, list[bool]] = defaultdict(list)
         for s in self.samples:
             flags[s.task_id].append(s.passed)
-        return {task: (len(f), sum(f)) for task, f in flags.items()}
+        return counts_by_problem(flags)
 
     def per_problem(self) -> list[dict]:
         """One row per problem: n, c, pass@k for the reported ks, and counts per status."""

@@ -38,14 +38,15 @@ class ScoredRun:
 
 
 def training_run_id(model: str) -> str | None:
-    """The run that trained ``model`` (a checkpoint path or MLflow URI), when it says."""
-    match = re.match(r"runs:/([^/]+)/", model)
-    if match:
-        return match.group(1)
+    """The run that trained ``model`` (a checkpoint path or MLflow URI), when it says.
+
+    Resolving the checkpoint here also checks it before any generation starts.
+    """
     from mtp.checkpoint import local_checkpoint_dir, read_config
 
     config = read_config(local_checkpoint_dir(model))
-    return (config.get("tracking") or {}).get("run_id")
+    match = re.match(r"runs:/([^/]+)/", model)
+    return (config.get("tracking") or {}).get("run_id") or (match.group(1) if match else None)
 
 
 def _experiment(client, name: str, uri: str) -> str:
