@@ -1,0 +1,282 @@
+"""The decoding engine: exactness of speculative decoding, its sampling distribution, requests and errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from mtp.config import ModelConfig
+from mtp.decoding import DraftTree, Engine, Generation, SamplingParams
+from mtp.decoding.packed import PackedModel, StepLayout
+from mtp.model import MTPTransformer
+from mtp.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(n_future: int, seed: int = 0, vocab: int = 260, **overrides) -> MTPTransformer:
+    """A small random fp32 model (its drafts are almost always rejected)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, n_future=n_future, max_seq_len=96, multiple_of=16)
+    return MTPTransformer(ModelConfig(**{**cfg, **overrides})).eval()
+
+
+def _successor_model(n_future: int, right: float = 0.7, attention: float = 100.0, seed: int = 0) -> MTPTransformer:
+    """A model whose heads mostly agree, so drafts are accepted in runs of every length.
+
+    Token ``x`` is embedded one-hot; head 0's feed-forward maps it to ``f(x)`` for a
+    random permutation ``f``, head ``i`` to ``f^(i+1)(x)`` on a random ``right``
+    fraction of tokens (elsewhere to a random token), so head ``i`` drafts what head
+    0 will say ``i`` steps later. Scaled-up random attention makes outputs depend on
+    the context (and on a correct cache) too.
+    """
+    model = _model(n_future, seed=seed, vocab=16)
+    V, g = 16, torch.Generator().manual_seed(seed)
+    f = torch.randperm(V, generator=g)
+    with torch.no_grad():
+        for w in (model.tok_embeddings.weight, model.output.weight):
+            w.zero_()
+            w[:, :V] = torch.eye(V)
+        for block in (*model.trunk_layers, *model.heads):
+            block.attention.wo.weight.mul_(attention)
+            block.feed_forward.w2.weight.zero_()
+        image = torch.arange(V)
+        for i, block in enumerate(model.heads):
+            image = f[image]
+            wrong = torch.rand(V, generator=g) > (right if i else 1.0)
+            maps_to = torch.where(wrong, torch.randint(0, V, (V,), generator=g), image)
+            ff = block.feed_forward
+            for w in (ff.w1.weight, ff.w3.weight):
+                w.zero_()
+                w[:V, :V] = 2 * torch.eye(V)
+            # normalised one-hot input 5.66 e_x -> hidden ~ 4 * 5.66^2 e_x -> output 2 e_{maps_to(x)} - e_x
+            ff.w2.weight[:V, :V] = (2 * torch.eye(V)[maps_to].T - torch.eye(V)) / (4 * 32)
+    return model
+
+
+def _prompts(n: int, seed: int = 1, max_len: int = 40, vocab: int = 256) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+@torch.no_grad()
+def _reference_greedy(model: MTPTransformer, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with full forwards and no cache: the ground truth."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_static_cache_steps_equal_full_forward():
+    """Prefill + token-by-token steps through the static cache give every head's full-forward logits."""
+    model = _model(n_future=3)
+    packed = PackedModel(model)
+    cache = packed.new_cache(max_batch=3, slots=40)
+    tokens = torch.randint(0, 260, (2, 12))
+    with torch.no_grad():
+        full = model(tokens, all_heads=True)  # [n, B, T, V]
+    rows = torch.arange(2)[:, None]
+    with torch.inference_mode():
+        steps, start = [], 5
+        pos = torch.arange(start).expand(2, start)
+        mask = (torch.arange(start) <= pos[..., None])[:, None]
+        steps.append(packed.logits(packed.forward(tokens[:, :start], StepLayout(pos, pos, mask, rows), cache, slice(1, 3), 3)))
+        for t in range(start, 12):
+            pos = torch.full((2, 1), t)
+            mask = (torch.arange(t + 1) <= pos[..., None])[:, None]
+            steps.append(packed.logits(packed.forward(tokens[:, t : t + 1], StepLayout(pos, pos, mask, rows), cache, slice(1, 3), 3)))
+    torch.testing.assert_close(torch.cat(steps, 2), full, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize(
+    "n_future,tree,agreeing",
+    [(2, None, False), (2, None, True), (4, None, False), (4, None, True), (4, (3, 2, 1), True), (4, (2, 2), False), (2, (4,), True)],
+)
+def test_speculative_greedy_equals_vanilla_greedy(n_future, tree, agreeing):
+    """Token for token, fp32, many prompts of different lengths batched together (rows come and go).
+
+    Random heads exercise rollback at every step; agreeing heads exercise runs of accepted drafts.
+    """
+    model = _successor_model(n_future) if agreeing else _model(n_future)
+    prompts = _prompts(14, vocab=model.cfg.vocab_size)
+    params = SamplingParams(max_new_tokens=40)
+    spec = Engine(model, TOKENIZER, max_batch_size=4, tree=tree).generate_ids(prompts, params)
+    vanilla = Engine(model, TOKENIZER, max_batch_size=1).generate_ids(prompts, SamplingParams(max_new_tokens=40, speculative=False))
+    for i, (s, v) in enumerate(zip(spec, vanilla)):
+        assert s.tokens == v.tokens, f"prompt {i}: speculative output diverged from vanilla greedy"
+        assert s.finish_reason == v.finish_reason == "length"
+    for i in (0, 5):
+        assert vanilla[i].tokens == _reference_greedy(model, prompts[i], 40)
+    if agreeing:  # every accepted length occurs, up to all drafts
+        assert max(len(s.stats.accepted_histogram) for s in spec) == n_future
+        assert sum(s.stats.accepted_histogram[0] for s in spec) > 0
+
+
+def test_tree_accepts_at_least_as_much_as_chain():
+    """A tree contains the chain's path, so it never needs more forwards for the same output."""
+    model = _successor_model(4, right=0.5)
+    prompts = _prompts(6, seed=3, vocab=16)
+    params = SamplingParams(max_new_tokens=40)
+    chain = Engine(model, TOKENIZER, max_batch_size=6).generate_ids(prompts, params)
+    tree = Engine(model, TOKENIZER, max_batch_size=6, tree=(3, 2, 1)).generate_ids(prompts, params)
+    assert [g.tokens for g in tree] == [g.tokens for g in chain]
+    assert sum(g.stats.forwards for g in tree) < sum(g.stats.forwards for g in chain)
+    assert DraftTree((3, 2, 1)).size == 16 and DraftTree.chain(3).is_chain
+
+
+# ------------------------------------------------------------------------ sampling
+
+
+def _sequence_probs(model: MTPTransformer, prompt: list[int], length: int, temperature: float) -> dict[tuple, float]:
+    """Exact probability of every continuation under head 0 (enumerated: small vocabulary)."""
+    V = model.cfg.vocab_size
+    out = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(V), repeat=length):
+            ids = torch.tensor([prompt + list(seq)])
+            logp = (model(ids)[0, len(prompt) - 1 : -1] / temperature).log_softmax(-1)
+            out[seq] = float(logp.gather(1, torch.tensor(seq)[:, None]).sum().exp())
+    return out
+
+
+def _draft_only_probs(model: MTPTransformer, prompt: list[int], length: int, temperature: float) -> dict[tuple, float]:
+    """What a broken rule that accepts every draft would sample: head 0, then heads 1.. at the prompt's end."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), all_heads=True)[:length, 0, -1] / temperature
+    probs = logits.softmax(-1)
+    return {seq: float(torch.prod(probs[torch.arange(length), torch.tensor(seq)])) for seq in itertools.product(range(model.cfg.vocab_size), repeat=length)}
+
+
+def _chi_square_pvalue(counts: dict[tuple, int], probs: dict[tuple, float], n: int) -> float:
+    """Pearson's test over the cells expected >= 5 times, the rest pooled into one cell."""
+    observed, expected, rest_o, rest_e = [], [], 0, 0.0
+    total = sum(probs.values())  # 1 up to rounding; scipy wants the sums to agree exactly
+    for seq, p in probs.items():
+        p = p / total
+        if p * n >= 5:
+            observed.append(counts.get(seq, 0))
+            expected.append(p * n)
+        else:
+            rest_o += counts.get(seq, 0)
+            rest_e += p * n
+    observed.append(rest_o)
+    expected.append(rest_e)
+    return float(scipy_stats.chisquare(observed, expected).pvalue)
+
+
+def test_speculative_sampling_keeps_head0_distribution():
+    """Empirical 3-token continuations (vocabulary of 5) against the exact head-0 distribution.
+
+    The heads are random, so their drafts are often wrong: the accept/reject rule has
+    to correct them. The same test rejects the distribution a rule that trusted the
+    drafts would give, so it has the power to catch a wrong rule.
+    """
+    model = _model(n_future=3, vocab=5, seed=4, init_std=0.3)
+    prompt, length, temperature, n = [1, 3, 2], 3, 0.8, 6000
+    torch.manual_seed(0)
+    engine = Engine(model, TOKENIZER, max_batch_size=64)
+    results = engine.generate_ids([prompt] * n, SamplingParams(max_new_tokens=length, temperature=temperature))
+    counts: dict[tuple, int] = {}
+    for g in results:
+        counts[tuple(g.tokens)] = counts.get(tuple(g.tokens), 0) + 1
+    hist = [sum(g.stats.accepted_histogram[k] if k < len(g.stats.accepted_histogram) else 0 for g in results) for k in range(3)]
+    assert hist[0] > 0 and hist[1] + hist[2] > 0, f"both rejections and acceptances must occur: {hist}"
+    exact = _sequence_probs(model, prompt, length, temperature)
+    assert _chi_square_pvalue(counts, exact, n) > 1e-3
+    assert _chi_square_pvalue(counts, _draft_only_probs(model, prompt, length, temperature), n) < 1e-6
+
+
+def test_vanilla_sampling_respects_top_k_and_seed():
+    model = _model(n_future=2, seed=5, init_std=0.5)
+    with torch.no_grad():
+        allowed = set(model(torch.tensor([[7, 8, 9]]))[0, -1].topk(3).indices.tolist())
+    for speculative in (False, True):
+        params = SamplingParams(max_new_tokens=1, temperature=1.5, top_k=3, speculative=speculative)
+        engine = Engine(model, TOKENIZER, max_batch_size=8)
+        firsts = {g.tokens[0] for g in engine.generate_ids([[7, 8, 9]] * 200, params)}
+        assert firsts <= allowed and len(firsts) > 1
+    seeded = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=123)
+    engine = Engine(model, TOKENIZER, max_batch_size=4)
+    alone = engine.generate_ids([[5, 6]], seeded)[0].tokens
+    other = SamplingParams(max_new_tokens=20, temperature=1.0)
+    batched = engine.generate_ids([[1], [5, 6], [2, 3, 4]], [other, seeded, other])
+    assert batched[1].tokens == alone, "a seeded request must not depend on its batch"
+
+
+# ------------------------------------------------------------------------ requests
+
+
+def test_stop_sequences_max_tokens_and_stream():
+    model = _model(4)
+    engine = Engine(model, TOKENIZER, max_batch_size=2)
+    prompt = "def f(x):"
+    full = engine.generate([prompt], SamplingParams(max_new_tokens=40, speculative=False))[0]
+    assert full.finish_reason == "length" and len(full.tokens) == 40
+    stop = full.text[17:20]
+    cut = full.text.index(stop)
+    for speculative in (False, True):
+        params = SamplingParams(max_new_tokens=40, stop=["\x00never", stop], speculative=speculative)
+        g = engine.generate([prompt], params)[0]
+        assert (g.text, g.finish_reason) == (full.text[:cut], "stop")
+        assert g.tokens == full.tokens[: len(g.tokens)] and TOKENIZER.decode(g.tokens) == g.text
+        items = list(engine.stream(prompt, params))
+        assert isinstance(items[-1], Generation) and items[-1].text == g.text
+        assert "".join(items[:-1]) == g.text and all(isinstance(d, str) and d for d in items[:-1])
+    one = engine.generate([prompt, "x"], SamplingParams(max_new_tokens=1))
+    assert [len(g.tokens) for g in one] == [1, 1] and all(g.finish_reason == "length" for g in one)
+
+
+def test_per_request_stats():
+    model = _successor_model(4)
+    engine = Engine(model, TOKENIZER, max_batch_size=3)
+    gens = engine.generate_ids(_prompts(5, seed=7, vocab=16), SamplingParams(max_new_tokens=30))
+    for g in gens:
+        s = g.stats
+        assert s.generated_tokens == len(g.tokens) == 30
+        assert sum(s.accepted_histogram) == s.forwards >= 30 / 4 - 1
+        steps_tokens = sum((k + 1) * c for k, c in enumerate(s.accepted_histogram))
+        assert steps_tokens + 1 >= 30  # the prefill gives the first token
+        assert s.tokens_per_forward == pytest.approx(steps_tokens / s.forwards)
+        assert s.elapsed_s > 0 and s.tokens_per_s > 0
+    vanilla = engine.generate_ids([[1, 2]], SamplingParams(max_new_tokens=10, speculative=False))[0].stats
+    assert vanilla.forwards == 9 and vanilla.accepted_histogram == [9] and vanilla.tokens_per_forward == 1.0
+
+
+def test_bad_requests_raise_clear_errors():
+    model = _model(2)
+    engine = Engine(model, TOKENIZER, max_batch_size=2)
+    with pytest.raises(ValueError, match=r"90 prompt tokens \+ max_new_tokens=10 = 100 exceeds the model's max_seq_len=96"):
+        engine.generate_ids([[1] * 90], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([""], SamplingParams())
+    with pytest.raises(ValueError, match="outside"):
+        engine.generate_ids([[1, 999]], SamplingParams())
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(["a"], SamplingParams(temperature=-1))
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        engine.generate(["a"], [SamplingParams(), SamplingParams()])
+    with pytest.raises(ValueError, match="n_future - 1 = 1"):
+        Engine(model, TOKENIZER, tree=(2, 2))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(model, TOKENIZER, max_batch_size=0)
+    assert engine.generate(["ok"], SamplingParams(max_new_tokens=3))[0].finish_reason == "length"  # still usable
