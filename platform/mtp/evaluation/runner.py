@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from mtp.sandbox import Limits, Sandbox, SandboxConfig, Verdict
+from mtp.sandbox import Limits, Sandbox, SandboxConfig, SandboxUnavailable, Verdict
 from mtp.sandbox.sandbox import SOURCE_ROOT
 
 
@@ -66,6 +66,9 @@ class SandboxWorker:
     def run_batch(self, batch: list[tuple[str, str]], limits: dict) -> list[tuple[str, dict]]:
         parsed = Limits.from_dict(limits)
         return [(key, self.box.run(source, parsed).to_dict()) for key, source in batch]
+
+    def ready(self) -> bool:
+        return True
 
 
 def ensure_ray() -> None:
@@ -121,6 +124,7 @@ class RayScorer:
 
     def __init__(self, config: RunnerConfig):
         import ray
+        from ray.exceptions import RayActorError
 
         ensure_ray()
         self.config = config
@@ -128,6 +132,11 @@ class RayScorer:
         self._class = ray.remote(num_cpus=1, max_restarts=0, max_concurrency=1)(SandboxWorker)
         self.actors = [self._spawn() for _ in range(config.workers or free_cpus)]
         self.generation = [0] * len(self.actors)  # bumped when an actor is replaced
+        try:  # fail here, once and clearly, rather than retrying batches on workers that cannot start
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except RayActorError as exc:
+            self.close()
+            raise SandboxUnavailable(f"sandbox workers could not start on the cluster: {exc}") from exc
 
     def _spawn(self):
         return self._class.options(scheduling_strategy="SPREAD").remote(self.config.insecure)

@@ -194,18 +194,23 @@ class Sandbox:
 
     # ------------------------------------------------------------------ programs
     def run(self, source: str, limits: Limits | None = None) -> Verdict:
-        """Run one program to its verdict. A dead zygote is restarted and reported as ``crashed``."""
+        """Run one program to its verdict.
+
+        If the zygote dies (it should not: programs cannot signal it), it is restarted and
+        the program run once more; a second failure is the program's ``crashed`` verdict.
+        """
         limits = (limits or Limits()).validate()
         with self._lock:
-            if self._proc is None:
-                self._start()
-            try:
-                protocol.send(self._proc.stdin.fileno(), {"source": source, "limits": limits.to_dict()})
-                reply = self._receive(limits.timeout_s + self.config.grace_s)
-            except (OSError, EOFError, TimeoutError) as exc:
-                reply = {"error": f"{type(exc).__name__}: {exc}; zygote log: {self._log_tail()}"}
-            if "verdict" in reply:
-                return Verdict.from_dict(reply["verdict"])
-            self._stop()
-            return Verdict(status="crashed", detail=f"sandbox worker failed and was restarted: {reply['error']}",
+            for attempt in range(2):
+                if self._proc is None:
+                    self._start()
+                try:
+                    protocol.send(self._proc.stdin.fileno(), {"source": source, "limits": limits.to_dict()})
+                    reply = self._receive(limits.timeout_s + self.config.grace_s)
+                except (OSError, EOFError, TimeoutError) as exc:
+                    reply = {"error": f"{type(exc).__name__}: {exc}; zygote log: {self._log_tail()}"}
+                if "verdict" in reply:
+                    return Verdict.from_dict(reply["verdict"])
+                self._stop()
+            return Verdict(status="crashed", detail=f"the sandbox worker failed twice on this program: {reply['error']}",
                            isolation="full" if self.isolated else "insecure")
