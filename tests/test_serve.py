@@ -79,6 +79,28 @@ def server(ray_cluster, checkpoint) -> str:
         serve.shutdown()
 
 
+def test_serve_config_from_args_and_environment(tmp_path, monkeypatch):
+    from mtp.config import ConfigError
+    from mtp.serving.config import MODEL_ENV, serve_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    cfg = serve_config({"model": "ckpt", "max_batch_size": 4})
+    assert cfg.model == str(tmp_path / "ckpt") and cfg.served_name == "ckpt"  # absolute for the replicas
+    monkeypatch.setenv(MODEL_ENV, "models:/mtp-model/3")
+    cfg = serve_config({"model": "ckpt"})
+    assert cfg.model == "models:/mtp-model/3" and cfg.served_name == "mtp-model"
+    with pytest.raises(ConfigError, match="max_bach_size"):
+        serve_config({"max_bach_size": 4})
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        serve_config({"max_batch_size": 0})
+    with pytest.raises(ConfigError, match="dtype"):
+        serve_config({"dtype": "int4"})
+    monkeypatch.delenv(MODEL_ENV)
+    with pytest.raises(ConfigError, match=MODEL_ENV):
+        serve_config({})
+
+
 def complete(url: str, **body) -> requests.Response:
     return requests.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
 

@@ -49,9 +49,19 @@ from mtp.tokenizer import load_tokenizer
 
 logger = logging.getLogger("ray.serve")
 
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEALTH_TIMEOUT_S = 10.0
 _END = object()
+
+
+def placement(cfg: ServeConfig) -> tuple[str, torch.dtype]:
+    """Resolve ``auto``: a replica given a GPU serves from it in bf16; a CPU replica in fp32."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.dtype != "auto":
+        return device, TORCH_DTYPES[cfg.dtype]
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -74,12 +84,12 @@ class ModelServer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = ServeConfig(**config).validate()
+        if self.cfg.tracking_uri:  # this process serves one model: its MLflow store is process-wide
+            os.environ["MLFLOW_TRACKING_URI"] = self.cfg.tracking_uri
         directory = local_checkpoint_dir(self.cfg.model)
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, dtype = placement(self.cfg)
         self.engine = Engine.from_checkpoint(
-            str(directory), device=device, dtype=DTYPES[self.cfg.dtype], max_batch_size=self.cfg.max_batch_size
+            str(directory), device=device, dtype=dtype, max_batch_size=self.cfg.max_batch_size
         )
         self.tokenizer = load_tokenizer(directory)
         self.max_seq_len = model_config(directory).max_seq_len

@@ -27,8 +27,9 @@ class ServeConfig:
 
     model: str | None = None  # checkpoint dir or MLflow URI; MTP_MODEL_URI overrides it
     model_name: str | None = None  # id in /v1/models; None: derived from ``model``
+    tracking_uri: str | None = None  # MLflow store for models:/ and runs:/; None: MLFLOW_TRACKING_URI
     device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
-    dtype: str = "auto"  # "auto": the engine's default for the device
+    dtype: str = "auto"  # "auto": bf16 on a GPU, fp32 on a CPU
     max_batch_size: int = 8  # rows the engine decodes together (Serve's batch size)
     batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill up
     max_tokens_cap: int = 512  # largest max_tokens a request may ask for
