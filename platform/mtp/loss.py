@@ -69,10 +69,18 @@ def naive_loss(
     targets: torch.Tensor,
     head_weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, StepLosses]:
-    """Reference schedule: all heads' logits at once; returns the loss (with graph)."""
-    logits = model(inputs, all_heads=True)
+    """Reference schedule: every head's logits alive at once; returns the loss (with graph).
+
+    The heads' logits are not stacked into one tensor (that copy would add another
+    ``n`` logits tensors), so this is the plain schedule at its best; for
+    ``n_future=1`` it is the ordinary next-token step.
+    """
+    h = model.trunk(inputs)
     per_head = torch.stack(
-        [F.cross_entropy(_upcast(lg.flatten(0, 1)), tg.flatten(), ignore_index=IGNORE_INDEX) for lg, tg in zip(logits, targets)]
+        [
+            F.cross_entropy(_upcast(model.logits(model.head(i, h)).flatten(0, 1)), tg.flatten(), ignore_index=IGNORE_INDEX)
+            for i, tg in enumerate(targets)
+        ]
     )
     weights = torch.tensor(_weights(len(per_head), head_weights), device=per_head.device, dtype=per_head.dtype)
     loss = (weights * per_head).sum()
@@ -108,6 +116,26 @@ def _chunked_ce_backward(
     return grad.view_as(hidden), total
 
 
+def _head_backward(
+    model: MTPTransformer,
+    i: int,
+    h_leaf: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Head ``i``'s forward and backward on the detached trunk output; returns its summed CE.
+
+    The head's gradient accumulates into ``h_leaf.grad``. A function of its own so
+    that the head's output and its gradient are freed on return, before the next
+    head starts.
+    """
+    z = model.head(i, h_leaf)
+    z_grad, ce_sum = _chunked_ce_backward(model, z.detach().requires_grad_(), targets, scale, chunk_size)
+    z.backward(z_grad)
+    return ce_sum
+
+
 def sequential_backward(
     model: MTPTransformer,
     inputs: torch.Tensor,
@@ -125,13 +153,10 @@ def sequential_backward(
     h = model.trunk(inputs)
     h_leaf = h.detach().requires_grad_()
     valid_counts = (targets != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1).tolist()  # one host sync
-    head_losses = []
-    for i, (weight, n_valid) in enumerate(zip(weights, valid_counts)):
-        z = model.head(i, h_leaf)
-        z_leaf = z.detach().requires_grad_()
-        z_grad, ce_sum = _chunked_ce_backward(model, z_leaf, targets[i], weight * loss_scale / n_valid, chunk_size)
-        z.backward(z_grad)  # head block's params; accumulates into h_leaf.grad
-        head_losses.append(ce_sum / n_valid)
+    head_losses = [
+        _head_backward(model, i, h_leaf, targets[i], weight * loss_scale / n_valid, chunk_size) / n_valid
+        for i, (weight, n_valid) in enumerate(zip(weights, valid_counts))
+    ]
     h.backward(h_leaf.grad)
     per_head = torch.stack(head_losses)
     w = torch.tensor(weights, device=per_head.device, dtype=per_head.dtype)
