@@ -41,6 +41,12 @@ class GenerationStats:
     generated_tokens: int = 0
     accepted_histogram: list[int] = field(default_factory=list)  # [k] = steps that accepted k drafts
     elapsed_s: float = 0.0
+    prefill_s: float = 0.0  # admission to first token (the prompt's forward)
+
+    @property
+    def seconds_per_forward(self) -> float:
+        """Wall time of one decode step after the prefill (shared by the rows of a batch)."""
+        return (self.elapsed_s - self.prefill_s) / self.forwards if self.forwards else 0.0
 
     @property
     def tokens_per_forward(self) -> float:

@@ -296,6 +296,7 @@ class Engine:
         rows.host_lengths.extend(lengths)
         for r, token in zip(new, first[:, 0].tolist()):
             r.accept([token], None)
+            r.stats.prefill_s = r.stats.elapsed_s
 
     @torch.inference_mode()
     def _step(self, rows: _Rows) -> None:
