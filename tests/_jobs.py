@@ -115,3 +115,19 @@ def train_history(cfg_dict: dict) -> list[dict]:
     from mtp.train import train
 
     return train(from_dict(cfg_dict)).history
+
+
+def ddp_fsdp_and_resumed_runs(cfg_dict: dict) -> dict:
+    """In one process group: a DDP run, the same run under FSDP2, and FSDP resumed from its midway checkpoint."""
+    from mtp.config import apply_overrides, from_dict
+    from mtp.train import train
+
+    def run(run_name: str, strategy: str, resume_from=None):
+        cfg = apply_overrides(from_dict(cfg_dict), {"tracking.run_name": run_name, "scaling.strategy": strategy})
+        return train(cfg, resume_from=resume_from)
+
+    ddp = run("ddp", "ddp")
+    fsdp = run("fsdp", "fsdp")
+    midway = Path(cfg_dict["train"]["output_dir"]) / "fsdp" / "checkpoints" / "step_000004"
+    resumed = run("fsdp-resumed", "fsdp", resume_from=midway)
+    return {"ddp": ddp.history, "fsdp": fsdp.history, "resumed": resumed.history, "checkpoint": fsdp.checkpoint}

@@ -137,3 +137,22 @@ def test_bad_input_fails_before_any_worker_starts(ray_cluster, tmp_path):
     with pytest.raises(PlacementError):
         run_job(cfg, track=False)
     assert time.time() - started < 20
+
+
+def test_fsdp_trains_like_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
+    from _jobs import ddp_fsdp_and_resumed_runs, losses
+
+    from mtp.checkpoint import load_model
+
+    cfg = tiny_config(tmp_path, **{"train.batch_size": 2, "train.grad_accum": 2, "train.max_steps": 8})
+    result = run_ranks(ddp_fsdp_and_resumed_runs, 2, cfg.to_dict())[0]
+    ddp, fsdp, resumed = losses(result["ddp"]), losses(result["fsdp"]), losses(result["resumed"])
+    assert list(fsdp) == list(range(1, 9)) and list(resumed) == [5, 6, 7, 8]
+    for step, value in ddp.items():
+        assert fsdp[step] == pytest.approx(value, rel=1e-4), step
+    for step, value in resumed.items():
+        assert value == pytest.approx(fsdp[step], rel=1e-5), step
+    final = result["checkpoint"]
+    assert sorted(p.name for p in (final / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    model, _, config = load_model(final)  # full weights for inference, gathered from the shards
+    assert config["scaling"]["strategy"] == "fsdp" and model.cfg.n_future == 2

@@ -37,7 +37,21 @@ from mtp.config import ConfigError, JobConfig, TrainConfig
 from mtp.data import BlockSampler, DataPosition, PackedData, prepare_data, val_indices
 from mtp.loss import evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
 from mtp.model import MTPTransformer, training_flops_per_token
-from mtp.parallel import DistInfo, all_reduce_gradients, all_reduce_sum, broadcast_parameters, dist_info
+from mtp.parallel import (
+    SHARDS,
+    DistInfo,
+    all_reduce_gradients,
+    all_reduce_sum,
+    broadcast_parameters,
+    clip_grad_norm,
+    dist_info,
+    full_state_dict,
+    is_sharded,
+    load_sharded,
+    save_sharded,
+    set_gradient_sync,
+    shard_blocks,
+)
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU. Devices not listed get no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -71,7 +85,7 @@ class CheckpointStore(Protocol):
         ...
 
     def save(self, step: int, write: Callable[[Path], None], metrics: dict[str, float], info: DistInfo) -> Path | None:
-        """Persist a checkpoint; ``write(dir)`` fills a directory on ranks that hold state."""
+        """Persist a checkpoint; every rank calls ``write(dir)``, which writes what that rank holds."""
         ...
 
 
@@ -91,10 +105,10 @@ class LocalCheckpoints:
         yield found[-1] if found else None
 
     def save(self, step: int, write: Callable[[Path], None], metrics: dict[str, float], info: DistInfo) -> Path | None:
+        directory = self.root / f"step_{step:06d}"
+        write(directory)  # every rank, into the same folder (one machine)
         if not info.is_main:
             return None
-        directory = self.root / f"step_{step:06d}"
-        write(directory)
         for old in self._all()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return directory
@@ -129,13 +143,20 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms), as in LLaMA/GPT training."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+    """AdamW with weight decay on matrices only (not norms), as in LLaMA/GPT training.
+
+    FSDP-sharded and replicated parameters go to separate groups, since the
+    multi-tensor kernels do not mix DTensors with plain tensors.
+    """
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((p.dim() >= 2, is_sharded(p)), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0} for (decay, _), ps in groups.items()],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -200,7 +221,11 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model = MTPTransformer(cfg.model).to(self.device)
         broadcast_parameters(self.model)
+        self.sharded = cfg.scaling.strategy == "fsdp" and self.info.world_size > 1
+        if self.sharded:
+            shard_blocks(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.replicated = [p for p in self.params if not is_sharded(p)]
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
         self.sampler = BlockSampler(
@@ -218,9 +243,10 @@ class Trainer:
     # -- state --------------------------------------------------------------------
 
     def train_state(self) -> dict:
+        """Resume state; under FSDP the optimizer lives in the sharded ``shards/`` instead."""
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "data_position": vars(self.sampler.position).copy(),
@@ -231,9 +257,11 @@ class Trainer:
         state = load_train_state(directory)
         if state is None:
             raise FileNotFoundError(f"{str(directory)!r} has no resume state (it is an inference-only checkpoint)")
-        weights = load_file(str(directory / WEIGHTS), device=str(self.device))
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_sharded(self.model, self.optimizer, directory / SHARDS)
+        else:
+            self.model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(self.device)))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.sampler.seek(DataPosition(**state["data_position"]))
@@ -241,7 +269,15 @@ class Trainer:
 
     def save(self, metrics: dict[str, float]) -> None:
         def write(directory: Path) -> None:
-            save_checkpoint(directory, self.model, self.cfg, self.data.tokenizer, train_state=self.train_state())
+            """Every rank calls this; rank 0 writes the full checkpoint, FSDP ranks add their shards."""
+            full = full_state_dict(self.model) if self.sharded else None
+            if self.info.is_main:
+                save_checkpoint(
+                    directory, self.model, self.cfg, self.data.tokenizer, train_state=self.train_state(), state_dict=full
+                )
+            if self.sharded:
+                torch.distributed.barrier()
+                save_sharded(self.model, self.optimizer, directory / SHARDS)
 
         path = self.store.save(self.step, write, {"step": self.step, **metrics}, self.info)
         self.last_checkpoint = path or self.last_checkpoint
@@ -266,7 +302,9 @@ class Trainer:
         tc = self.cfg.train
         self.step_start_position = self.sampler.position
         head_losses = torch.zeros(self.cfg.model.n_future, device=self.device)
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
+            if self.sharded:  # FSDP blocks reduce-scatter on the last micro-batch's backward only
+                set_gradient_sync(self.model, micro == tc.grad_accum - 1)
             inputs, targets = self._batch(self.sampler.next_indices(), self.data.train)
             with self._autocast():
                 if tc.schedule == "sequential":
@@ -277,7 +315,7 @@ class Trainer:
                     loss, losses = naive_loss(self.model, inputs, targets, tc.head_weights)
                     (loss / tc.grad_accum).backward()
             head_losses += losses.head_losses.float() / tc.grad_accum
-        all_reduce_gradients(self.params)
+        all_reduce_gradients(self.replicated)
         return head_losses
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +323,7 @@ class Trainer:
         tc = self.cfg.train
         head_losses = self.accumulate_gradients()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = clip_grad_norm(self.params, max_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"gradient norm is {grad_norm.item()} at step {self.step + 1}: training diverged")
         self.optimizer.step()

@@ -60,12 +60,10 @@ def check_placement(scaling: ScalingConfig) -> None:
 class RayCheckpoints:
     """``mtp.train.CheckpointStore`` over Ray Train: report to storage, restore on restart.
 
-    Every rank calls ``ray.train.report`` (Ray requires it); ranks with nothing to
-    write (all but rank 0 under DDP) report metrics only.
+    Every rank writes into its own temporary folder and calls ``ray.train.report``
+    (Ray requires all to); Ray merges the folders of the ranks that wrote something
+    (rank 0 under DDP, every rank's shards under FSDP) into one checkpoint.
     """
-
-    def __init__(self, sharded: bool = False):
-        self.sharded = sharded
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[Path | None]:
@@ -78,10 +76,9 @@ class RayCheckpoints:
 
     def save(self, step: int, write: Callable[[Path], None], metrics: dict[str, float], info: DistInfo) -> Path | None:
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if info.is_main or self.sharded:
-                write(Path(tmp) / "checkpoint")
-                checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "checkpoint"))
+            directory = Path(tmp) / "checkpoint"
+            write(directory)
+            checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory.is_dir() else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
         return None
 
@@ -98,8 +95,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
         resumed = ray.train.get_checkpoint() is not None or payload.get("resume_from") is not None
         callbacks.append(MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), resumed=resumed))
     try:
-        store = RayCheckpoints(sharded=cfg.scaling.strategy == "fsdp")
-        train(cfg, resume_from=payload.get("resume_from"), callbacks=callbacks, store=store)
+        train(cfg, resume_from=payload.get("resume_from"), callbacks=callbacks, store=RayCheckpoints())
     finally:
         for callback in callbacks:
             callback.close()
