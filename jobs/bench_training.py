@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 import torch  # noqa: E402
 
-from mtp.config import ModelConfig, model_preset  # noqa: E402
+from mtp.config import MODEL_PRESETS, ConfigError, ModelConfig, model_preset  # noqa: E402
 from mtp.loss import mtp_targets, naive_loss, sequential_backward  # noqa: E402
 from mtp.model import MTPTransformer, count_parameters, training_flops_per_token  # noqa: E402
 from mtp.profiling import DeviceTimer, MemoryReading, PeakMemory  # noqa: E402
@@ -301,19 +301,32 @@ def target_lines(results: list[Result]) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--vocab", type=int, nargs="+", default=[260, 32000], help="vocabulary sizes, one table each")
+    p.add_argument("--preset", choices=list(MODEL_PRESETS), help="model size (default per device)")
     p.add_argument("--rounds", type=int, help="timing rounds (default per device)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
+    p.add_argument("--chunk-size", type=int, help="positions per cross-entropy chunk")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: steady on a shared machine)")
     p.add_argument("--json", type=Path, help="write the results here as a JSON list")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    for name in ("rounds", "batch_size", "seq_len", "threads"):
+    for name in ("rounds", "batch_size", "seq_len", "chunk_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if any(v < 2 for v in args.vocab):
@@ -324,17 +337,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
     spec = CUDA_SPEC if args.device == "cuda" else CPU_SPEC
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    spec = replace(
-        spec,
-        **{k: v for k, v in dict(rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len).items() if v is not None},
+    chosen = dict(
+        preset=args.preset, rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len, chunk_size=args.chunk_size
     )
+    spec = replace(spec, **{k: v for k, v in chosen.items() if v is not None})
+    try:
+        spec.model_config(args.vocab[0], spec.n_future)
+    except ConfigError as exc:
+        raise SystemExit(f"bench_training: {exc}") from None
     results = []
-    for vocab in args.vocab:
-        rows = compare(spec, vocab)
-        print(format_table(spec, rows) + "\n", flush=True)
-        results += rows
+    with intra_op_threads(args.threads if args.device == "cpu" else torch.get_num_threads()):
+        for vocab in args.vocab:
+            rows = compare(spec, vocab)
+            print(format_table(spec, rows) + "\n", flush=True)
+            results += rows
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
