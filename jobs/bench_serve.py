@@ -98,22 +98,26 @@ def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> list[str]:
 
 
 def engine_speedup(checkpoint: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    """Batch-1 greedy tokens/s of the engine, vanilla vs speculative, on the same prompts."""
+    """Batch-1 greedy tokens/s of the engine, vanilla vs speculative, alternating per prompt.
+
+    Alternating spreads the noise of a shared machine over both modes alike.
+    """
     torch.set_num_threads(REPLICA_CPUS)
     engine = Engine.from_checkpoint(checkpoint, max_batch_size=1)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=8))  # warm-up
-    out: dict[str, float] = {}
-    for speculative in (False, True):
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, speculative=speculative)
-        tokens, forwards, start = 0, 0, time.perf_counter()
-        for prompt in prompts:
+    tokens, forwards, seconds = {}, {}, {}
+    for prompt in prompts:
+        for mode in ("vanilla", "speculative"):
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, speculative=mode == "speculative")
+            start = time.perf_counter()
             (generation,) = engine.generate([prompt], params)
-            tokens += len(generation.tokens)
-            forwards += generation.stats.forwards
-        elapsed = time.perf_counter() - start
-        key = "speculative" if speculative else "vanilla"
-        out[f"{key}_tokens_per_s"] = tokens / elapsed
-        out[f"{key}_tokens_per_forward"] = tokens / max(forwards, 1)
+            seconds[mode] = seconds.get(mode, 0.0) + time.perf_counter() - start
+            tokens[mode] = tokens.get(mode, 0) + len(generation.tokens)
+            forwards[mode] = forwards.get(mode, 0) + generation.stats.forwards
+    out = {}
+    for mode in ("vanilla", "speculative"):
+        out[f"{mode}_tokens_per_s"] = tokens[mode] / seconds[mode]
+        out[f"{mode}_tokens_per_forward"] = tokens[mode] / max(forwards[mode], 1)
     out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]
     return out
 
@@ -144,6 +148,28 @@ def start_service(checkpoint: str, max_tokens: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def scrape_metrics(prefix: str = "ray_mtp_serve_", wait_s: float = 20.0) -> dict[str, float]:
+    """Sum of each of our Ray metrics as this node's Prometheus endpoint exports them.
+
+    Shows the counters really leave the replicas; they are flushed every few seconds.
+    """
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, totals = time.monotonic() + wait_s, {}
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        totals = {}
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                name = line.split("{")[0].split(" ")[0]
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if f"{prefix}requests_total" in totals and f"{prefix}generated_tokens_total" in totals:
+            break
+        time.sleep(2)
+    return totals
+
+
 def stop_service() -> None:
     import ray
     from ray import serve
@@ -167,7 +193,7 @@ class Cell:
     elapsed_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
-    tokens_per_forward: float = 0.0
+    forwards: int = 0
 
     def summary(self) -> dict[str, float | int | bool]:
         return {
@@ -180,7 +206,7 @@ class Cell:
             "p50_latency_s": _percentile(self.latencies_s, 50),
             "p99_latency_s": _percentile(self.latencies_s, 99),
             "p50_ttft_s": _percentile(self.ttft_s, 50),
-            "tokens_per_forward": self.tokens_per_forward,
+            "tokens_per_forward": self.completion_tokens / self.forwards if self.forwards else 0.0,
         }
 
 
@@ -230,10 +256,8 @@ def run_load(url: str, prompts: list[str], cell: Cell, total: int, max_tokens: i
              timeout: float) -> None:
     """Closed loop: ``cell.concurrency`` clients send ``total`` requests, cycling through prompts."""
     lock, counter = threading.Lock(), iter(range(total))
-    forwards = 0
 
     def client() -> None:
-        nonlocal forwards
         while True:
             with lock:
                 i = next(counter, None)
@@ -254,7 +278,7 @@ def run_load(url: str, prompts: list[str], cell: Cell, total: int, max_tokens: i
                     cell.requests += 1
                     cell.latencies_s.append(latency)
                     cell.completion_tokens += usage["completion_tokens"]
-                    forwards += usage["forwards"]
+                    cell.forwards += usage["forwards"]
 
     threads = [threading.Thread(target=client) for _ in range(cell.concurrency)]
     start = time.perf_counter()
@@ -263,8 +287,7 @@ def run_load(url: str, prompts: list[str], cell: Cell, total: int, max_tokens: i
     for t in threads:
         t.join()
     if not stream:
-        cell.elapsed_s = time.perf_counter() - start
-        cell.tokens_per_forward = cell.completion_tokens / max(forwards, 1)
+        cell.elapsed_s += time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------- main
@@ -275,6 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="checkpoint dir or MLflow URI (default: train a small model once)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=16, help="non-streamed requests per cell (at least 2x concurrency)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of vanilla and speculative per cell")
     parser.add_argument("--stream-requests", type=int, default=4, help="streamed requests per cell, for TTFT")
     parser.add_argument("--prompts", type=int, default=8, help="HumanEval prompts to cycle through")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -300,22 +324,25 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):  # warm-up: compile paths, fill the proxy's and replica's caches
             _one_request(url, _request_body(prompts[0], 8, True, False), args.timeout)
         for concurrency in args.concurrency:
-            for speculative in (False, True):
-                cell = Cell(concurrency, speculative)
-                total = max(args.requests, 2 * concurrency)
-                run_load(url, prompts, cell, total, args.max_tokens, stream=False, timeout=args.timeout)
+            pair = [Cell(concurrency, False), Cell(concurrency, True)]
+            per_round = max(max(args.requests, 2 * concurrency) // args.rounds, concurrency)
+            for _ in range(args.rounds):  # alternate the modes so machine noise hits both alike
+                for cell in pair:
+                    run_load(url, prompts, cell, per_round, args.max_tokens, stream=False, timeout=args.timeout)
+            for cell in pair:
                 run_load(url, prompts, cell, max(args.stream_requests, concurrency), args.max_tokens, stream=True,
                          timeout=args.timeout)
                 cells.append(cell)
                 s = cell.summary()
-                print(f"  c={concurrency:<3} spec={str(speculative):<5} {s['tokens_per_s']:8.1f} tok/s "
+                print(f"  c={concurrency:<3} spec={str(cell.speculative):<5} {s['tokens_per_s']:8.1f} tok/s "
                       f"p50 {s['p50_latency_s']:.3f}s errors {cell.errors}", flush=True)
+        metrics = scrape_metrics()
     finally:
         stop_service()
 
     rows = [c.summary() for c in cells]
     report = {"checkpoint": checkpoint, "max_tokens": args.max_tokens, "prompts": len(prompts),
-              "engine_batch1": engine, "serve": rows, "checks": checks(engine, rows)}
+              "engine_batch1": engine, "serve": rows, "checks": checks(engine, rows), "exported_metrics": metrics}
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -356,6 +383,9 @@ def print_table(report: dict) -> None:
     print(f"speculative / vanilla tokens/s at concurrency {hi['concurrency']}: {hi['ratio']:.2f} "
           f"{'OK' if hi['ok'] else 'FAIL'}")
     print(f"errors: {c['errors']['count']} {'OK' if c['errors']['ok'] else 'FAIL'}")
+    exported = report["exported_metrics"]
+    print("exported Ray metrics: " + (", ".join(f"{k}={v:g}" for k, v in sorted(exported.items()) if
+                                               k.endswith(("_total", "_count"))) or "none seen"))
 
 
 if __name__ == "__main__":
