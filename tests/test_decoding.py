@@ -132,6 +132,19 @@ def test_speculative_greedy_equals_vanilla_greedy(n_future, tree, agreeing):
         assert sum(s.stats.accepted_histogram[0] for s in spec) > 0
 
 
+@pytest.mark.parametrize("tree", [None, (3, 2, 1)])
+def test_static_shapes_give_the_same_tokens(tree):
+    """Attending over the whole masked cache (the CUDA-graph layout) changes nothing."""
+    model = _successor_model(4)
+    prompts = _prompts(6, seed=2, vocab=16)
+    params = SamplingParams(max_new_tokens=30)
+    dynamic = Engine(model, TOKENIZER, max_batch_size=3, tree=tree).generate_ids(prompts, params)
+    static = Engine(model, TOKENIZER, max_batch_size=3, tree=tree, static_shapes=True).generate_ids(prompts, params)
+    assert [g.tokens for g in static] == [g.tokens for g in dynamic]
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(model, TOKENIZER, device="cpu", cuda_graphs=True)
+
+
 def test_tree_accepts_at_least_as_much_as_chain():
     """A tree contains the chain's path, so it never needs more forwards for the same output."""
     model = _successor_model(4, right=0.5)

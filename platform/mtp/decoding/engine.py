@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 import torch
 
 from mtp.decoding.api import Generation, GenerationStats, SamplingParams
+from mtp.decoding.graphs import CudaGraphs
 from mtp.decoding.packed import PackedModel, StepLayout
 from mtp.decoding.sampling import RowSampling, sample, speculative_accept, target_probs
 from mtp.decoding.text import TextState
@@ -108,9 +109,13 @@ class Engine:
     """Generate from an ``MTPTransformer`` with self-speculative decoding.
 
     ``tree`` (widths per draft depth, e.g. ``(3, 2, 1)``) makes greedy requests
-    verify a Medusa-style candidate tree instead of a single chain. The model's
-    weights are repacked once here: build a new Engine after changing them.
-    Calls are serialised (one static cache per engine).
+    verify a Medusa-style candidate tree instead of a single chain.
+    ``static_shapes`` makes every step attend over the whole cache (masked), so a
+    step's shapes depend only on the batch size; ``cuda_graphs`` (implies it)
+    captures each greedy step kind and batch size once and replays it, which
+    removes the per-kernel launch cost that dominates small-batch decoding on GPUs.
+    The model's weights are repacked once here: build a new Engine after changing
+    them. Calls are serialised (one static cache per engine).
     """
 
     def __init__(
@@ -120,10 +125,14 @@ class Engine:
         max_batch_size: int = 8,
         device: str | torch.device | None = None,
         tree: Sequence[int] | None = None,
+        static_shapes: bool = False,
+        cuda_graphs: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
@@ -139,6 +148,9 @@ class Engine:
             width = max(self.tree.size if self.tree is not None else 1, drafts + 1)
             self.cache = self.packed.new_cache(max_batch_size, self.cfg.max_seq_len + width)
             self._arange = torch.arange(self.cache.slots, device=self.device)
+        self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
+        self.static_shapes = static_shapes or cuda_graphs
+        self._graphs = CudaGraphs() if cuda_graphs else None
         self._lock = threading.Lock()
 
     @classmethod
@@ -219,7 +231,9 @@ class Engine:
     def _run(self, mode: _Mode, requests: list[_Request]) -> Iterator[None]:
         """Continuous batching of one group; yields after every step."""
         queue = list(reversed(requests))
-        rows = _Rows(self, mode)
+        rows = self._rows.get(mode) or self._rows.setdefault(mode, _Rows(self, mode))
+        rows.requests.clear()
+        rows.host_lengths.clear()
         while queue or rows.requests:
             free = self.max_batch_size - len(rows.requests)
             if queue and free:
@@ -251,7 +265,8 @@ class Engine:
         slots = lengths[:, None] + offsets
         depth = tree.depth if tree is not None else offsets
         rope = (lengths[:, None] + depth).clamp_(max=self.cfg.max_seq_len - 1)
-        rel = self._arange[: max_length + width] - lengths[:, None, None]  # [B, 1, S]: slot - length
+        kv_len = self.cache.slots if self.static_shapes else max_length + width
+        rel = self._arange[:kv_len] - lengths[:, None, None]  # [B, 1, S]: slot - length
         if tree is None or tree.tree.is_chain:
             mask = rel <= offsets[:, None]
         else:
@@ -302,20 +317,26 @@ class Engine:
     def _step(self, rows: _Rows) -> None:
         """One forward for every active row: verify drafts (or take one token), draft again."""
         mode, B = rows.mode, len(rows.requests)
-        fed, lengths = rows.fed[:B], rows.lengths[:B]
-        layout = self._layout(lengths, max(rows.host_lengths), mode.width, mode.tree)
-        hidden = self.packed.forward(fed, layout, self.cache, slice(0, B), 1 + mode.drafts)
-        if mode.tree is None:
-            emitted, accepted = self._vanilla(rows, hidden), None
-        elif mode.sampled:
-            emitted, accepted = self._speculative_sampling(rows, hidden)
+        if self._graphs is not None and not mode.sampled:
+            emitted, accepted = self._graphs.run((mode, B), lambda: self._device_step(rows, B), rows.buffers())
         else:
-            emitted, accepted = self._speculative_greedy(rows, hidden)
+            emitted, accepted = self._device_step(rows, B)
         steps = emitted.tolist() if accepted is None else torch.cat([accepted[:, None], emitted], 1).tolist()
         for i, (request, out) in enumerate(zip(rows.requests, steps)):
             n_accepted = 0 if accepted is None else out.pop(0)
             request.accept(out[: n_accepted + 1], n_accepted)
             rows.host_lengths[i] += n_accepted + 1
+
+    def _device_step(self, rows: _Rows, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's device work (no host synchronisation, so it can be captured in a CUDA graph)."""
+        mode = rows.mode
+        layout = self._layout(rows.lengths[:B], max(rows.host_lengths), mode.width, mode.tree)
+        hidden = self.packed.forward(rows.fed[:B], layout, self.cache, slice(0, B), 1 + mode.drafts)
+        if mode.tree is None:
+            return self._vanilla(rows, hidden), None
+        if mode.sampled:
+            return self._speculative_sampling(rows, hidden)
+        return self._speculative_greedy(rows, hidden)
 
     def _vanilla(self, rows: _Rows, hidden: torch.Tensor) -> torch.Tensor:
         B = len(rows.requests)
