@@ -2,12 +2,12 @@
 
     python jobs/bench_serve.py --checkpoint runs/<run>/final
     python jobs/bench_serve.py --checkpoint models:/mtp-model/3 --concurrency 1 4 16 --json out.json
-    python jobs/bench_serve.py          # trains (once, cached under runs/) a small model first
+    python jobs/bench_serve.py          # bench_decoding's default model (trained once, cached under runs/)
 
 In one run, on 127.0.0.1:
 
-1. the engine alone, batch 1, in this process: vanilla vs speculative greedy tokens/s
-   on the same prompts (the number ``jobs/bench_decoding.py`` reports at batch 1);
+1. the engine alone, batch 1, in this process: ``jobs/bench_decoding.py``'s own
+   vanilla-vs-speculative comparison on the same prompts and model;
 2. a local Ray + ``serve.run`` of ``mtp.serving.app:build_app`` (one ModelServer
    replica with 1 CPU, the engine thread count used in step 1);
 3. a closed-loop load generator at each concurrency, speculation on and off:
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -43,83 +42,36 @@ from mtp.tokenizer import load_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RETENTION_TARGET = 0.85
 REPLICA_CPUS = 1  # the ModelServer replica's num_cpus; the engine baseline uses as many threads
-DEFAULT_MODEL_DIR = REPO / "runs" / "bench-serve-default"
-DEFAULT_TRAINING = {  # a few minutes on 2 CPU cores, as `python jobs/train.py` with no arguments
-    "train.preset": "tiny",
-    "model.n_future": 4,
-    "train.seq_len": 128,
-    "train.batch_size": 8,
-    "train.max_steps": 150,
-    "train.warmup_steps": 15,
-    "train.eval_every": 50,
-    "train.checkpoint_every": 50,
-    "data.max_documents": 600,
-}
 
 
-# ---------------------------------------------------------------------------- inputs
+# ------------------------------------------------------------ inputs and the bare engine
+# The model, the prompts and the engine's batch-1 speedup come from jobs/bench_decoding.py's
+# own functions, so "the speedup bench_decoding measures" is measured by the same code here.
 
 
-def default_checkpoint() -> str:
-    """A small trained model, trained once in this process and reused from ``runs/``."""
-    final = DEFAULT_MODEL_DIR / "final"
-    if (final / "config.json").is_file():
-        return str(final)
-    from mtp.checkpoint import load_model, save_checkpoint
-    from mtp.config import build_config
-    from mtp.train import train
+def load_bench_decoding():
+    sys.path.insert(0, str(REPO / "jobs"))
+    import bench_decoding
 
-    print(f"no --checkpoint: training a small model into {DEFAULT_MODEL_DIR} (once)", flush=True)
-    cfg = build_config(overrides={**DEFAULT_TRAINING, "train.output_dir": str(DEFAULT_MODEL_DIR.parent),
-                                  "tracking.run_name": DEFAULT_MODEL_DIR.name})
-    result = train(cfg)
-    model, tokenizer, config = load_model(result.checkpoint)
-    save_checkpoint(final, model, config, tokenizer)
-    return str(final)
+    return bench_decoding
 
 
-def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> list[str]:
-    """HumanEval prompts, cut from the left to leave room for ``max_tokens`` in the context."""
-    from mtp.evaluation.benchmarks import humaneval
-
+def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> list[list[int]]:
+    """bench_decoding's HumanEval prompts (token ids), cut to leave room for ``max_tokens``."""
     directory = local_checkpoint_dir(checkpoint)
     tokenizer, context = load_tokenizer(directory), model_config(directory).max_seq_len
-    room = context - max_tokens
-    if room < 8:
+    if context - max_tokens < 8:
         raise SystemExit(f"--max-tokens {max_tokens} leaves no room for a prompt in a context of {context}")
-    prompts = []
-    for problem in humaneval().problems[:count]:
-        ids = tokenizer.encode(problem.prompt)[-room:]
-        prompts.append(tokenizer.decode(ids))
-    return prompts
+    return load_bench_decoding().humaneval_prompts(tokenizer, count, context - max_tokens)
 
 
-# ------------------------------------------------------------------- the bare engine
-
-
-def engine_speedup(checkpoint: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    """Batch-1 greedy tokens/s of the engine, vanilla vs speculative, alternating per prompt.
-
-    Alternating spreads the noise of a shared machine over both modes alike.
-    """
+def engine_speedup(checkpoint: str, prompts: list[list[int]], max_tokens: int) -> dict[str, object]:
+    """bench_decoding's batch-1 comparison (vanilla vs speculative greedy, interleaved)."""
     torch.set_num_threads(REPLICA_CPUS)
     engine = Engine.from_checkpoint(checkpoint, max_batch_size=1)
-    engine.generate(prompts[:1], SamplingParams(max_new_tokens=8))  # warm-up
-    tokens, forwards, seconds = {}, {}, {}
-    for prompt in prompts:
-        for mode in ("vanilla", "speculative"):
-            params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, speculative=mode == "speculative")
-            start = time.perf_counter()
-            (generation,) = engine.generate([prompt], params)
-            seconds[mode] = seconds.get(mode, 0.0) + time.perf_counter() - start
-            tokens[mode] = tokens.get(mode, 0) + len(generation.tokens)
-            forwards[mode] = forwards.get(mode, 0) + generation.stats.forwards
-    out = {}
-    for mode in ("vanilla", "speculative"):
-        out[f"{mode}_tokens_per_s"] = tokens[mode] / seconds[mode]
-        out[f"{mode}_tokens_per_forward"] = tokens[mode] / max(forwards[mode], 1)
-    out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]
-    return out
+    engine.generate_ids(prompts[:1], SamplingParams(max_new_tokens=8))  # warm-up
+    result = load_bench_decoding().compare(engine, prompts, 1, max_tokens)
+    return {k: v for k, v in result.items() if not isinstance(v, list)}
 
 
 # ----------------------------------------------------------------------- the service
@@ -309,14 +261,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    checkpoint = args.checkpoint or default_checkpoint()
+    checkpoint = args.checkpoint or load_bench_decoding().default_checkpoint("cpu")
     checkpoint = str(local_checkpoint_dir(checkpoint))
-    prompts = bench_prompts(checkpoint, args.prompts, args.max_tokens)
+    prompt_ids = bench_prompts(checkpoint, args.prompts, args.max_tokens)
+    tokenizer = load_tokenizer(checkpoint)
+    prompts = [tokenizer.decode(ids) for ids in prompt_ids]
 
     print(f"engine alone, batch 1, {REPLICA_CPUS} thread(s), {len(prompts)} prompts x {args.max_tokens} tokens")
-    engine = engine_speedup(checkpoint, prompts, args.max_tokens)
+    engine = engine_speedup(checkpoint, prompt_ids, args.max_tokens)
     print(f"  vanilla {engine['vanilla_tokens_per_s']:.1f} tok/s, speculative {engine['speculative_tokens_per_s']:.1f} "
-          f"tok/s, speedup {engine['speedup']:.2f}x, tokens/forward {engine['speculative_tokens_per_forward']:.2f}")
+          f"tok/s, speedup {engine['speedup']:.2f}x, tokens/forward {engine['tokens_per_forward']:.2f}, "
+          f"exact match {engine['exact_match']}")
 
     url = start_service(checkpoint, args.max_tokens)
     cells: list[Cell] = []
