@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"sweep {spec.name!r}: {spec.grid_size()} trials over {', '.join(spec.space)}; "
+          f"metric {spec.metric} ({spec.mode})")
     connect(args.address)
     try:
         result = run_sweep(

@@ -7,6 +7,7 @@ so a bad sweep costs seconds, not a cluster hour.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from mtp.tracking import check_tracking
 from mtp.tracking import tracking_uri as resolve_tracking_uri
 
 DEFAULT_STORAGE = "runs/sweeps"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,7 +63,11 @@ def run_sweep(
     cluster, nodes = cluster_view()
     if check_resources:
         check_feasible(demands, cluster, nodes)
-    concurrency = spec.max_concurrent_trials or fitting_concurrency(demands, cluster)
+    fits = fitting_concurrency(demands, cluster)
+    concurrency = spec.max_concurrent_trials or fits
+    if concurrency > fits:
+        log.warning("max_concurrent_trials=%d but the cluster fits %d such trials now; the rest will queue",
+                    concurrency, fits)
 
     uri = resolve_tracking_uri(replace(configs[0].tracking, tracking_uri=tracking_uri or configs[0].tracking.tracking_uri))
     check_tracking(uri)
@@ -78,7 +84,7 @@ def run_sweep(
         if parent_id is None:
             raise SweepError(f"--resume {resume!r}: no MLflow parent run tagged with it in experiment "
                              f"{spec.experiment!r} at {uri}; pass the same --tracking-uri as the first run")
-        client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        runs.reopen_parent(client, parent_id)
     else:
         if storage_path and "://" in storage_path:
             raise SweepError(f"--storage-path {storage_path!r}: use a filesystem path (on a multi-node cluster, "

@@ -47,10 +47,19 @@ def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, swee
         **{f"space.{k}": json.dumps({d.kind: list(d.values) or [d.low, d.high]}) for k, d in spec.space.items()},
         **{f"config.{k}": v for k, v in spec.config.items()},
     }
-    client.log_batch(run_id, params=_params(params))
+    items = _params(params)
+    for start in range(0, len(items), 100):  # MLflow's per-request limit
+        client.log_batch(run_id, params=items[start : start + 100])
     if sweep_file is not None:
         client.log_artifact(run_id, str(sweep_file))
     return run_id
+
+
+def reopen_parent(client: MlflowClient, run_id: str) -> None:
+    """Mark a resumed sweep's parent run as running again."""
+    if "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
 
 def find_child(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str) -> str | None:

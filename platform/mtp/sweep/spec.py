@@ -184,6 +184,7 @@ class SweepSpec:
         }
 
     def grid_size(self) -> int:
+        """Number of trials: every grid point, ``num_samples`` times (random dimensions drawn anew)."""
         finite = [len(d.values) for d in self.space.values() if d.kind == "grid"]
         return math.prod(finite) * self.num_samples
 

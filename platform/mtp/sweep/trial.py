@@ -61,61 +61,65 @@ def trial_run_name(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> st
 
 
 class TuneReporter:
-    """Forwards rank 0's training metrics to Tune: only reports that carry the sweep's metric.
+    """Forwards rank 0's intermediate metrics to Tune (for ASHA), if they carry the sweep's metric.
 
     Tune rejects a result without the metric it optimises, and the training loop logs
-    validation metrics less often than training ones.
+    validation metrics less often than training ones. The last step is left to
+    ``run_trial``, which reports every trial's final result exactly once, also when a
+    restarted trial finds its training already complete.
     """
 
-    def __init__(self, metric: str):
-        self.metric = metric
+    def __init__(self, metric: str, final_step: int):
+        self.metric, self.final_step = metric, final_step
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         from ray import tune
 
-        if self.metric in metrics:
+        if self.metric in metrics and step < self.final_step:
             tune.report({**metrics, "step": step})
 
 
-def metric_filtered_tune_callback(metric: str):
-    """Ray Train's ``TuneReportCallback``, passing on only reports that carry ``metric``."""
+def tune_callback(metric: str, final_step: int):
+    """Ray Train's ``TuneReportCallback`` with ``TuneReporter``'s filter."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class MetricFilteredTuneReport(TuneReportCallback):
+    class FilteredTuneReport(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metric in metrics[0]:
+            if metrics and metric in metrics[0] and metrics[0].get("step", final_step) < final_step:
                 super().after_report(run_context, metrics, checkpoint)
 
-    return MetricFilteredTuneReport()
+    return FilteredTuneReport()
 
 
-@dataclass
-class Trained:
-    """The end of a trial's training: its final checkpoint and last metrics (with ``step``)."""
-
-    checkpoint: Path | None
-    metrics: dict[str, float]
+def logged_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """The latest value of each training/evaluation metric of a run (system metrics left out)."""
+    return {k: v for k, v in client.get_run(run_id).data.metrics.items() if not k.startswith("system/")}
 
 
 @contextlib.contextmanager
-def train_inline(cfg: JobConfig, metric: str, resumed: bool) -> Iterator[Trained]:
-    """Train in this process.
+def train_inline(cfg: JobConfig, metric: str, resumed: bool) -> Iterator[Path | None]:
+    """Train in this process; yields the final checkpoint directory.
 
     Checkpoints go to ``<output_dir>/<trial id>``, where a restarted trial finds them.
     """
-    from mtp.train import train
+    from mtp.train import LocalCheckpoints, train
 
     logger = MLflowCallback(cfg.tracking.run_id, cfg.tracking.tracking_uri, resumed=resumed)
     try:
-        result = train(cfg, callbacks=[logger, TuneReporter(metric)])
+        result = train(cfg, callbacks=[logger, TuneReporter(metric, cfg.train.max_steps)])
     finally:
         logger.close()
-    yield Trained(result.checkpoint, {**result.metrics, "step": result.step})
+    if result.checkpoint is not None:
+        yield result.checkpoint
+        return
+    # Restarted after its last step (killed while closing its run): nothing new was saved.
+    with LocalCheckpoints(Path(cfg.train.output_dir) / cfg.tracking.run_name).latest() as latest:
+        yield latest
 
 
 @contextlib.contextmanager
-def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Trained]:
-    """Train on ``scaling.num_workers`` Ray Train workers.
+def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Path | None]:
+    """Train on ``scaling.num_workers`` Ray Train workers; yields the final checkpoint directory.
 
     The Train run is named after the trial under the sweep's directory, so a restarted
     trial resumes it from its last reported checkpoint.
@@ -123,34 +127,32 @@ def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Trained]:
     from mtp.cluster.trainer import build_trainer
 
     trainer = build_trainer(cfg, cfg.train.output_dir)
-    trainer.run_config.callbacks.append(metric_filtered_tune_callback(metric))
+    trainer.run_config.callbacks.append(tune_callback(metric, cfg.train.max_steps))
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    metrics = dict(result.metrics or {})
     if result.checkpoint is None:
-        yield Trained(None, metrics)
+        yield None
         return
     with result.checkpoint.as_directory() as directory:
-        yield Trained(Path(directory), metrics)
+        yield Path(directory)
 
 
-def report_evaluation(client: MlflowClient, cfg: JobConfig, spec: EvalSpec, trained: Trained) -> None:
-    """Score the final checkpoint; pass@k goes to the child run and, as the trial's last result, to Tune."""
+def log_evaluation(client: MlflowClient, cfg: JobConfig, spec: EvalSpec, checkpoint: Path | None) -> None:
+    """Score the final checkpoint; pass@k and verdict counts go to the child run at the last step."""
     from mlflow.entities import Metric
-    from ray import tune
 
-    if trained.checkpoint is None:
+    if checkpoint is None:
         raise RuntimeError("the sweep evaluates each trial, but training left no checkpoint")
-    scores = evaluate_checkpoint(trained.checkpoint, spec)
-    step = int(trained.metrics.get("step", cfg.train.max_steps))
+    scores = evaluate_checkpoint(checkpoint, spec)
     now = int(time.time() * 1000)
-    client.log_batch(cfg.tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in scores.items()])
-    tune.report({**trained.metrics, **scores, "step": step})
+    client.log_batch(cfg.tracking.run_id,
+                     metrics=[Metric(k, float(v), now, cfg.train.max_steps) for k, v in scores.items()])
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
-    """The Tune function trainable: open (or reopen) the child run, train, evaluate, close the run."""
+    """The Tune function trainable: open (or reopen) the child run, train, evaluate, close the run,
+    then report the final result (read back from the run, so a resumed trial reports the same)."""
     from ray import tune
 
     spec = context.spec
@@ -159,22 +161,27 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     cfg = trial_config(context, params, trial_id)
     cfg.tracking.run_id = runs.find_child(client, context.experiment_id, context.parent_run_id, trial_id)
     resumed = cfg.tracking.run_id is not None
+    if resumed and client.get_run(cfg.tracking.run_id).info.status == "FINISHED":
+        # It completed before the driver died, after Tune last saved its state: report, don't retrain.
+        tune.report({**logged_metrics(client, cfg.tracking.run_id), "step": cfg.train.max_steps})
+        return
     cfg.tracking.run_id = start_run(cfg)
     if not resumed:
         runs.tag_child(client, cfg.tracking.run_id, context.parent_run_id, trial_id,
                        trial_run_name(spec, params, trial_id))
     training = train_inline(cfg, spec.metric, resumed) if runs_inline(cfg) else train_on_workers(cfg, spec.metric)
     try:
-        with training as trained:
-            if trained.checkpoint is not None:
-                client.set_tag(cfg.tracking.run_id, "checkpoint", str(trained.checkpoint))
+        with training as checkpoint:
+            if checkpoint is not None:
+                client.set_tag(cfg.tracking.run_id, "checkpoint", str(checkpoint))
             if spec.evaluation is not None:
-                report_evaluation(client, cfg, spec.evaluation, trained)
-            finish_run(cfg, cfg.tracking.run_id, trained.checkpoint)
+                log_evaluation(client, cfg, spec.evaluation, checkpoint)
+            finish_run(cfg, cfg.tracking.run_id, checkpoint)
     except Exception as exc:
         client.set_tag(cfg.tracking.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
         finish_run(cfg, cfg.tracking.run_id, None, failed=True)
         raise
+    tune.report({**logged_metrics(client, cfg.tracking.run_id), "step": cfg.train.max_steps})
 
 
 def _short(value: Any) -> str:
