@@ -240,6 +240,12 @@ def upstream_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
 
 
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """A bug in this module still answers in the OpenAI error shape."""
+    return JSONResponse(upstream_error(exc).body(), status_code=500)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes (declared or streamed) with 413."""
     declared = request.headers.get("content-length", "")
@@ -279,25 +285,21 @@ class Ingress:
             raise APIError(401, "missing or invalid bearer token (Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 
-    async def _call(self, response) -> Any:
+    async def _call(self, response, timeout_s: float | None = None) -> Any:
+        """Await a handle call with a deadline; whatever goes wrong becomes an APIError."""
         try:
-            return await asyncio.wait_for(response, self.cfg.request_timeout_s)
-        except BaseException as exc:  # noqa: BLE001 - mapped to an HTTP error below
+            return await asyncio.wait_for(response, timeout_s or self.cfg.request_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error
             if isinstance(exc, asyncio.TimeoutError):
                 response.cancel()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             raise upstream_error(exc) from None
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
         """Unauthenticated, for load balancers: 200 when a model replica answers."""
         try:
-            card = await asyncio.wait_for(self.model.info.remote(), HEALTH_TIMEOUT_S)
-        except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            error = upstream_error(exc)
+            card = await self._call(self.model.info.remote(), HEALTH_TIMEOUT_S)
+        except APIError as error:
             return JSONResponse({"status": "unavailable", "error": error.message}, status_code=503)
         return JSONResponse({"status": "ok", "model": card["id"], "version": card["version"]})
 
@@ -380,9 +382,7 @@ class Ingress:
         try:
             async for item in self.model.options(stream=True).stream.remote(prompt, params):
                 await queue.put((index, item))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - becomes an error event for the client
             await queue.put((index, upstream_error(exc)))
 
 
