@@ -5,6 +5,7 @@ Runs as root (as CI does); without root the isolated tests skip and only the ref
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mtp.sandbox import Limits, Sandbox, isolation_problem
+from mtp.sandbox import Limits, Sandbox, cgroups, isolation_problem
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1] / "platform"
 SECRET = "mtp-test-secret-4b1d7c"
@@ -267,3 +268,21 @@ def test_cli_prints_verdict_json(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(SOURCE_ROOT)}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result
     assert '"status": "failed"' in result.stdout and "SystemExit" in result.stdout
+
+
+@needs_isolation
+def test_cgroup_kill_fallback_sees_fresh_pids():
+    """Without cgroup.kill (kernels before 5.14) the tree is killed pid by pid: each read must be fresh."""
+    slot = dataclasses.replace(cgroups.create_slot(f"mtp-sandbox-test-{os.getpid()}"), kill=None)
+    try:
+        handles = cgroups.Handles(slot)
+        for _ in range(3):  # v1 caches a pid list per open file: a stale one would show the last round's pids
+            procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+            for proc in procs:
+                Path(slot.pids, "cgroup.procs").write_text(str(proc.pid))
+            assert sorted(handles.pids()) == sorted(p.pid for p in procs)
+            handles.kill_all()
+            assert all(p.wait(timeout=10) == -9 for p in procs)
+            assert handles.pids() == []
+    finally:
+        cgroups.remove_slot(slot)

@@ -1,10 +1,15 @@
 """cgroups for one worker slot: the tree's memory and process count, and killing it.
 
-Host side (``create_slot``/``remove_slot``) makes the directories under the caller's
-own cgroup in each hierarchy, so it nests under whatever a container or Ray gave us.
-Zygote side (``Handles``) opens the few control files once, before the root is
-pivoted away, and keeps them as fds. Either v2 or v1 controllers are used, whichever
-the host has; a v2 hierarchy without controllers still provides ``cgroup.kill``.
+Host side (``create_slot``/``remove_slot``) makes the slot's directories; the zygote
+side (``Handles``) opens the few control files once, before the root is pivoted away,
+and keeps them as fds. Whichever the host has is used:
+
+* cgroup v2 with memory and pids: ``<v2 root>/mtp-sandbox/<slot>``. A dedicated parent
+  without processes of its own, because v2 only delegates controllers to children of
+  cgroups that hold no processes (our own cgroup usually does).
+* v1 controllers (hybrid hosts, like this project's VMs): ``<own v1 cgroup>/<slot>``
+  per controller, nested under whatever a container or Ray gave us; a v2 hierarchy
+  without controllers still adds a ``<own v2 cgroup>/<slot>`` for its ``cgroup.kill``.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ class CgroupUnavailable(RuntimeError):
     """The host has no usable memory or pids controller."""
 
 
+V2_PARENT = "mtp-sandbox"
+CONTROLLERS = ("memory", "pids")
+
+
 @dataclass
 class SlotCgroups:
     memory: str  # directory that limits the tree's memory
-    memory_v2: bool
     pids: str  # directory that limits the tree's process count
-    pids_v2: bool
     kill: str | None  # a v2 directory whose cgroup.kill ends the tree atomically
+    v2: bool  # memory and pids are v2 controllers (file names differ)
 
     def directories(self) -> list[str]:
         return sorted({d for d in (self.memory, self.pids, self.kill) if d})
@@ -62,12 +70,9 @@ def _join(mount_root: str, mount_point: str, path: str) -> str:
     return os.path.normpath(os.path.join(mount_point, rel))
 
 
-def _v2_dir() -> str | None:
-    own = _own_paths().get("")
-    for root, point, fstype, _ in _mounts():
-        if fstype == "cgroup2" and own is not None:
-            return _join(root, point, own)
-    return None
+def _v2_mount() -> tuple[str, str] | None:
+    """(root within the hierarchy, mount point) of the cgroup2 mount, if any."""
+    return next(((root, point) for root, point, fstype, _ in _mounts() if fstype == "cgroup2"), None)
 
 
 def _v1_dir(controller: str) -> str | None:
@@ -85,34 +90,50 @@ def _make(parent: str, name: str) -> str:
     return path
 
 
+def _delegate(directory: str) -> None:
+    with open(os.path.join(directory, "cgroup.subtree_control"), "w") as f:
+        f.write(" ".join(f"+{c}" for c in CONTROLLERS))
+
+
+def _v2_parent(mount_point: str) -> str | None:
+    """``<v2 root>/mtp-sandbox`` with memory and pids delegated to its children, or None."""
+    try:
+        with open(os.path.join(mount_point, "cgroup.controllers")) as f:
+            if not set(CONTROLLERS) <= set(f.read().split()):
+                return None
+        _delegate(mount_point)  # the root is exempt from v2's no-internal-processes rule
+        parent = os.path.join(mount_point, V2_PARENT)
+        os.makedirs(parent, exist_ok=True)
+        _delegate(parent)
+        return parent
+    except OSError:
+        return None
+
+
 def create_slot(name: str) -> SlotCgroups:
     """Create (or reuse) this slot's cgroups. Raises CgroupUnavailable naming what is missing."""
-    v2 = _v2_dir()
-    v2_controllers: set[str] = set()
-    if v2 and os.path.exists(os.path.join(v2, "cgroup.controllers")):
-        with open(os.path.join(v2, "cgroup.controllers")) as f:
-            v2_controllers = set(f.read().split())
-    if {"memory", "pids"} <= v2_controllers:
-        try:
-            with open(os.path.join(v2, "cgroup.subtree_control"), "w") as f:
-                f.write("+memory +pids")
-        except OSError:
-            v2_controllers = set()
-    v2_slot = _make(v2, name) if v2 and os.access(v2, os.W_OK) else None
-    dirs: dict[str, tuple[str, bool]] = {}
-    for controller in ("memory", "pids"):
-        if controller in v2_controllers and v2_slot:
-            dirs[controller] = (v2_slot, True)
-            continue
-        parent = _v1_dir(controller)
-        if parent is None or not os.access(parent, os.W_OK):
+    v2 = _v2_mount()
+    parent = _v2_parent(v2[1]) if v2 else None
+    if parent is not None:
+        slot = _make(parent, name)
+        return SlotCgroups(slot, slot, slot if os.path.exists(os.path.join(slot, "cgroup.kill")) else None, v2=True)
+    dirs = {}
+    for controller in CONTROLLERS:
+        v1 = _v1_dir(controller)
+        if v1 is None or not os.access(v1, os.W_OK):
             raise CgroupUnavailable(
-                f"no writable {controller} cgroup controller (v1 or v2) for this process; "
+                f"no writable {controller} cgroup controller (v2 at the hierarchy root, or v1) for this process; "
                 "the sandbox needs one to limit the whole process tree"
             )
-        dirs[controller] = (_make(parent, name), False)
-    kill = v2_slot if v2_slot and os.path.exists(os.path.join(v2_slot, "cgroup.kill")) else None
-    return SlotCgroups(dirs["memory"][0], dirs["memory"][1], dirs["pids"][0], dirs["pids"][1], kill)
+        dirs[controller] = _make(v1, name)
+    kill = None
+    own_v2 = _join(v2[0], v2[1], _own_paths().get("", "/")) if v2 else None
+    if own_v2 and os.access(own_v2, os.W_OK):
+        kill = _make(own_v2, name)
+        if not os.path.exists(os.path.join(kill, "cgroup.kill")):  # kernels before 5.14
+            os.rmdir(kill)
+            kill = None
+    return SlotCgroups(dirs["memory"], dirs["pids"], kill, v2=False)
 
 
 def _kill_procs(directory: str, timeout_s: float = 5.0) -> None:
@@ -143,6 +164,15 @@ def remove_slot(slot: SlotCgroups) -> None:
                     time.sleep(0.01)
 
 
+def _read(fd: int) -> bytes:
+    """The whole file from its start (cgroup files are generated on read; pread of one fd is not reliable)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _counter(text: str, key: str) -> int:
     for line in text.splitlines():
         parts = line.split()
@@ -159,11 +189,13 @@ class Handles:
             return os.open(os.path.join(directory, name), flags | os.O_CLOEXEC)
 
         self.join_fds = [opened(d, "cgroup.procs", os.O_WRONLY) for d in slot.directories()]
-        self._memory_limit = opened(slot.memory, "memory.max" if slot.memory_v2 else "memory.limit_in_bytes", os.O_WRONLY)
-        self._oom = opened(slot.memory, "memory.events" if slot.memory_v2 else "memory.oom_control", os.O_RDONLY)
+        self._memory_limit = opened(slot.memory, "memory.max" if slot.v2 else "memory.limit_in_bytes", os.O_WRONLY)
+        self._oom = opened(slot.memory, "memory.events" if slot.v2 else "memory.oom_control", os.O_RDONLY)
         self._pids_max = opened(slot.pids, "pids.max", os.O_WRONLY)
         self._pids_events = opened(slot.pids, "pids.events", os.O_RDONLY)
-        self._procs = opened(slot.kill or slot.pids, "cgroup.procs", os.O_RDONLY)
+        # A directory fd, not cgroup.procs itself: v1 caches a file's pid list while it is
+        # being re-read, so each read must open the file afresh (openat works after the pivot).
+        self._procs_dir = os.open(slot.kill or slot.pids, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._kill = opened(slot.kill, "cgroup.kill", os.O_WRONLY) if slot.kill else None
         self._limits: tuple[int, int] | None = None
 
@@ -175,12 +207,16 @@ class Handles:
 
     def counters(self) -> tuple[int, int]:
         """(OOM kills so far, forks refused by pids.max so far); callers diff them."""
-        oom = _counter(os.pread(self._oom, 4096, 0).decode(), "oom_kill")
-        refused = _counter(os.pread(self._pids_events, 4096, 0).decode(), "max")
+        oom = _counter(_read(self._oom).decode(), "oom_kill")
+        refused = _counter(_read(self._pids_events).decode(), "max")
         return oom, refused
 
     def pids(self) -> list[int]:
-        return [int(p) for p in os.pread(self._procs, 1 << 20, 0).split()]
+        fd = os.open("cgroup.procs", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._procs_dir)
+        try:
+            return [int(p) for p in _read(fd).split()]
+        finally:
+            os.close(fd)
 
     def kill_all(self) -> None:
         """SIGKILL every process in the slot; cgroup.kill is atomic, the fallback loops."""
