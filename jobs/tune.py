@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({', '.join(f'{k}={result.best.params[k]}' for k in spec.space)})")
     print(f"MLflow: {result.tracking_uri}  experiment {spec.experiment!r} (id {result.experiment_id})  "
           f"parent run {result.parent_run_id}")
+    if result.tracking_uri.startswith(("http://", "https://")):
+        print(f"  browse: {result.tracking_uri}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}")
+    else:
+        print(f"  browse: mlflow ui --backend-store-uri {result.tracking_uri}")
     print(f"sweep dir (for --resume): {result.sweep_dir}")
     return 1 if result.rows and failed == len(result.rows) else 0
 
