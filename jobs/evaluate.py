@@ -32,7 +32,8 @@ from mtp.evaluation.generation import GenerationConfig, generate_samples  # noqa
 from mtp.evaluation.scoring import EvaluationResult, result_rows  # noqa: E402
 from mtp.evaluation.tracking import ScoredRun, log_evaluation, training_run_id  # noqa: E402
 from mtp.sandbox import SandboxUnavailable  # noqa: E402
-from mtp.tracking import TrackingError  # noqa: E402
+from mtp.config import TrackingConfig  # noqa: E402
+from mtp.tracking import TrackingError, check_tracking, tracking_uri  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -110,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
               "memory_mb": args.memory_mb, "backend": args.backend}
     scored: list[ScoredRun] = []
     training_run = None
+    uri = None
     try:
         limits.validate()
         runner.validate()
+        if not args.no_mlflow:  # fail before any work when the results could not be recorded
+            uri = tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
+            check_tracking(uri)
         if args.samples:
             benchmark = load_benchmark(args.benchmark[0])
             rows = [json.loads(line) for line in args.samples.read_text().splitlines() if line.strip()]
@@ -158,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchmarkError, SandboxUnavailable, TrackingError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
-    if not args.no_mlflow:
-        run_id = log_evaluation(scored, params, args.experiment, args.tracking_uri, training_run, args.run_name)
+    if uri is not None:
+        run_id = log_evaluation(scored, params, uri, args.experiment, training_run, args.run_name)
         link = f", linked to training run {training_run}" if training_run else ""
         print(f"MLflow evaluation run {run_id} (experiment {args.experiment}){link}")
     return 0

@@ -9,7 +9,6 @@ the same store.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.evaluation.scoring import EvaluationResult, result_rows
+from mtp.tracking import _experiment_id as experiment_for
 
 
 @dataclass
@@ -49,16 +49,6 @@ def training_run_id(model: str) -> str | None:
     return (config.get("tracking") or {}).get("run_id") or (match.group(1) if match else None)
 
 
-def _experiment(client, name: str, uri: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the cwd
-        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
 def metrics(runs: Sequence[ScoredRun]) -> dict[str, float]:
     out: dict[str, float] = {}
     for run in runs:
@@ -72,20 +62,19 @@ def metrics(runs: Sequence[ScoredRun]) -> dict[str, float]:
 def log_evaluation(
     runs: Sequence[ScoredRun],
     params: dict[str, Any],
+    tracking_uri: str,
     experiment: str = "mtp-eval",
-    tracking_uri: str | None = None,
     training_run: str | None = None,
     run_name: str | None = None,
 ) -> str:
-    """Log one evaluation run; returns its id."""
+    """Log one evaluation run to ``tracking_uri`` (see ``mtp.tracking.tracking_uri``); returns its id."""
     from mlflow import MlflowClient
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
     tags = {"mtp.kind": "evaluation"}
     if training_run:
         tags["mtp.training_run_id"] = training_run
-    run = client.create_run(_experiment(client, experiment, uri), run_name=run_name, tags=tags)
+    run = client.create_run(experiment_for(client, experiment, tracking_uri), run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
         client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
