@@ -8,7 +8,10 @@ rlimits and no_new_privs, watch it, kill the whole tree, answer with a verdict.
 A pass is decided only from a datagram the harness sends after the program's code ran
 to its end, carrying a nonce the harness reads only then, and sent by the program's
 main process (the kernel attests the sender's pid with SCM_CREDENTIALS). Exit codes,
-``atexit`` handlers and forked copies of the harness cannot produce one.
+``atexit`` handlers, killing the harness, walking stack frames and forked copies of the
+harness cannot produce one. What no in-process harness can rule out: the tests call the
+candidate in one interpreter, so code written against this protocol could read the
+nonce fd itself; that takes deliberate work, and is a forgery, not a lucky exit code.
 """
 
 from __future__ import annotations
