@@ -273,7 +273,8 @@ def test_cli_prints_verdict_json(tmp_path):
 @needs_isolation
 def test_cgroup_kill_fallback_sees_fresh_pids():
     """Without cgroup.kill (kernels before 5.14) the tree is killed pid by pid: each read must be fresh."""
-    slot = dataclasses.replace(cgroups.create_slot(f"mtp-sandbox-test-{os.getpid()}"), kill=None)
+    created = cgroups.create_slot(f"mtp-sandbox-test-{os.getpid()}")
+    slot = dataclasses.replace(created, kill=None)
     try:
         handles = cgroups.Handles(slot)
         for _ in range(3):  # v1 caches a pid list per open file: a stale one would show the last round's pids
@@ -285,4 +286,4 @@ def test_cgroup_kill_fallback_sees_fresh_pids():
             assert all(p.wait(timeout=10) == -9 for p in procs)
             assert handles.pids() == []
     finally:
-        cgroups.remove_slot(slot)
+        cgroups.remove_slot(created)
