@@ -134,6 +134,15 @@ def test_speculative_off_gives_identical_greedy_text(server):
         assert r_plain.json()["usage"]["speculative"] is False
 
 
+def test_stop_sequence_truncates(server):
+    full = greedy_text(server, PROMPTS[1], 40)
+    start = next(i for i in range(3, len(full) - 1) if "\ufffd" not in full[i : i + 2])
+    stop = full[start : start + 2]
+    r = complete(server, prompt=PROMPTS[1], max_tokens=40, temperature=0, stop=[stop, "never-emitted"])
+    (choice,) = r.json()["choices"]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+
+
 def test_prompt_list_n_and_seed(server):
     body = dict(prompt=PROMPTS[:2], n=2, max_tokens=10, temperature=1.0, seed=7)
     first, again = complete(server, **body), complete(server, **body)
