@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mtp.cluster.trainer import worker_resources
 from mtp.config import JobConfig
 from mtp.sweep.spec import SweepError, SweepSpec
 
@@ -28,12 +29,10 @@ class TrialDemand:
 
     @classmethod
     def of(cls, spec: SweepSpec, cfg: JobConfig) -> "TrialDemand":
-        s = cfg.scaling
-        worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-        worker = {k: v for k, v in worker.items() if v > 0} or dict(spec.trial_resources)
-        if runs_inline(cfg):  # the trial process is the worker
-            return cls(worker, {}, 0)
-        return cls(spec.trial_resources, worker, s.num_workers)
+        worker = worker_resources(cfg.scaling)
+        if runs_inline(cfg):  # the trial process is the worker (Tune rejects an empty bundle)
+            return cls(worker or spec.trial_resources, {}, 0)
+        return cls(spec.trial_resources, worker, cfg.scaling.num_workers)
 
     @property
     def total(self) -> dict[str, float]:

@@ -15,9 +15,12 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from mtp.cluster.trainer import PlacementError, check_placement
 from mtp.data import prepare_data
 from mtp.sweep import runs
-from mtp.sweep.resources import TrialDemand, check_feasible, cluster_view, fitting_concurrency, trial_bundle
+from mtp.sweep.resources import (
+    TrialDemand, check_feasible, cluster_view, fitting_concurrency, runs_inline, trial_bundle,
+)
 from mtp.sweep.spec import SweepError, SweepSpec
 from mtp.sweep.summary import TrialRow
 from mtp.sweep.trial import TrialContext, run_trial
@@ -63,6 +66,11 @@ def run_sweep(
     cluster, nodes = cluster_view()
     if check_resources:
         check_feasible(demands, cluster, nodes)
+        for scaling in {repr(c.scaling): c.scaling for c in configs if not runs_inline(c)}.values():
+            try:
+                check_placement(scaling)  # workers packed onto the nodes as they are
+            except PlacementError as exc:
+                raise SweepError(f"a trial's Ray Train run cannot be placed: {exc}") from None
     fits = fitting_concurrency(demands, cluster)
     concurrency = spec.max_concurrent_trials or fits
     if concurrency > fits:

@@ -15,8 +15,8 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
       model.n_future: {grid: [1, 2, 4]}
       train.preset: {choice: [debug, tiny]}
       train.lr: {loguniform: [1.0e-4, 1.0e-2]}
-      train.warmup_steps: {uniform: [0, 50]}  # rounded for int fields
-    metric: val/loss
+      train.warmup_steps: {uniform: [0, 50]}  # an int field samples integers
+    metric: val/bpb                  # head-0 bits per byte: comparable across n_future
     mode: min
     scheduler: {type: asha, time_attr: step, grace_period: 5, max_t: 20, group_by: train.preset}
     num_samples: 1                   # repeats of the grid / draws of the random dims
