@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mtp.evaluation import (
-    BenchmarkError, Program, RunnerConfig, load_benchmark, parse_samples, score, score_samples,
+    BenchmarkError, Program, RunnerConfig, load_benchmark, open_scorer, parse_samples, score, score_samples,
 )
 from mtp.evaluation.benchmarks import HUMANEVAL_STOP, humaneval, load_jsonl
 from mtp.evaluation.generation import GenerationConfig, generate_samples
@@ -67,6 +67,12 @@ def test_a_killed_worker_is_replaced_and_no_result_is_lost(ray_cluster):
     assert killed, "no worker was killed"
     assert sorted(arrived) == sorted(p.key for p in programs), "a result was lost or reported twice"
     assert all(v.passed for v in verdicts.values())
+
+
+def test_more_workers_than_cluster_cpus_is_refused(ray_cluster):
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    with pytest.raises(ValueError, match=f"workers={cpus + 1} exceeds the cluster's {cpus} CPUs"):
+        open_scorer(RunnerConfig(workers=cpus + 1))
 
 
 def test_mbpp_local_file_prompt_and_program():

@@ -36,6 +36,7 @@ class RunnerConfig:
     workers: int | None = None  # None: the cluster's free CPUs (ray) or os.cpu_count() (local)
     batch_size: int = 8
     max_attempts: int = 3  # per batch, when the worker running it dies
+    start_timeout_s: float = 300.0  # for Ray to place and start every worker
     insecure: bool = False  # see mtp.sandbox: only where isolation is impossible, loudly
 
     def validate(self) -> "RunnerConfig":
@@ -124,19 +125,23 @@ class RayScorer:
 
     def __init__(self, config: RunnerConfig):
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         ensure_ray()
         self.config = config
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if config.workers and config.workers > cpus:
+            raise ValueError(f"RunnerConfig.workers={config.workers} exceeds the cluster's {cpus} CPUs (one per worker)")
         free_cpus = int(ray.available_resources().get("CPU", 0)) or 1
         self._class = ray.remote(num_cpus=1, max_restarts=0, max_concurrency=1)(SandboxWorker)
         self.actors = [self._spawn() for _ in range(config.workers or free_cpus)]
         self.generation = [0] * len(self.actors)  # bumped when an actor is replaced
         try:  # fail here, once and clearly, rather than retrying batches on workers that cannot start
-            ray.get([actor.ready.remote() for actor in self.actors])
-        except RayActorError as exc:
+            ray.get([actor.ready.remote() for actor in self.actors], timeout=config.start_timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:
             self.close()
-            raise SandboxUnavailable(f"sandbox workers could not start on the cluster: {exc}") from exc
+            raise SandboxUnavailable(f"{len(self.actors)} sandbox workers could not start on the cluster "
+                                     f"within {config.start_timeout_s:g}s: {exc}") from exc
 
     def _spawn(self):
         return self._class.options(scheduling_strategy="SPREAD").remote(self.config.insecure)
