@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(result.rows, spec.metric, list(spec.space)))
     print()
-    failed = sum(r.status != "ok" for r in result.rows)
-    print(f"{len(result.rows)} trials, {failed} failed, up to {result.max_concurrent_trials} at a time")
+    failed = sum(r.status == "error" for r in result.rows)
+    stopped = sum(r.status == "stopped" for r in result.rows)
+    print(f"{len(result.rows)} trials, {failed} failed, {stopped} stopped early, "
+          f"up to {result.max_concurrent_trials} at a time")
     if result.best is not None:
         print(f"best trial: {result.best.trial_id}  {spec.metric}={result.best.value(spec.metric):.4g}  "
               f"({', '.join(f'{k}={result.best.params[k]}' for k in spec.space)})")

@@ -17,6 +17,7 @@ import yaml
 from mtp.config import JobConfig
 from mtp.sweep.resources import TrialDemand, check_feasible, fitting_concurrency
 from mtp.sweep.spec import SweepError, load_spec, parse_spec
+from mtp.sweep.summary import TrialRow, best_row, figure_points, plot_metric
 
 TINY_TRAIN = {
     "train": {"preset": "debug", "max_steps": 6, "batch_size": 2, "seq_len": 32, "warmup_steps": 2,
@@ -93,7 +94,8 @@ def test_search_space_translates_to_tune():
 
 
 def test_shipped_sweep_files_are_valid():
-    smoke, paper = load_spec("tune_spaces/smoke.yaml"), load_spec("tune_spaces/paper_grid.yaml")
+    spaces = Path(__file__).resolve().parents[1] / "tune_spaces"
+    smoke, paper = load_spec(spaces / "smoke.yaml"), load_spec(spaces / "paper_grid.yaml")
     assert smoke.grid_size() <= 4 and all(c.train.preset == "debug" for c in smoke.probe_configs())
     assert set(paper.space["model.n_future"].values) == {1, 2, 4, 6, 8}
     assert paper.scheduler.type == "asha"
@@ -124,6 +126,26 @@ def test_grouped_asha_compares_trials_only_within_a_model_size():
     go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
     assert decisions(ASHAScheduler(**asha)) == {"13B-1": go, "13B-2": stop, "debug-1": stop, "debug-2": stop}
     assert decisions(GroupedASHA("train.preset", **asha)) == {"13B-1": go, "13B-2": stop, "debug-1": go, "debug-2": stop}
+
+
+def test_figure_and_best_trial_use_finished_trials_only(tmp_path):
+    """One line per size in size order; the best of several trials per point; stopped and
+    failed trials neither plotted nor best."""
+    def row(trial, preset, n, bpb, status="ok"):
+        return TrialRow(trial, status, {"train.preset": preset, "model.n_future": n}, {"val/bpb": bpb})
+
+    rows = [
+        row("a", "1.3B", 1, 1.0), row("b", "1.3B", 2, 0.9), row("c", "1.3B", 2, 0.7),  # c: a better lr at n=2
+        row("d", "0.3B", 4, 1.4), row("e", "0.3B", 1, 1.5), row("f", "0.3B", 2, 0.1, status="stopped"),
+        row("g", "0.3B", 8, 0.2, status="error"),
+    ]
+    points = figure_points(rows, "val/bpb", "min", "model.n_future", "train.preset")
+    assert points == {"0.3B": {1: 1.5, 4: 1.4}, "1.3B": {1: 1.0, 2: 0.7}}
+    assert list(points) == ["0.3B", "1.3B"] and list(points["0.3B"]) == [1, 4]
+    assert best_row(rows, "val/bpb", "min").trial_id == "c"
+    assert best_row(rows, "val/bpb", "max").trial_id == "e"
+    png = plot_metric(rows, "val/bpb", "min", "model.n_future", "train.preset", tmp_path / "fig.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 # -------------------------------------------------------------------------- capacity

@@ -148,8 +148,9 @@ def _row(result, spec: SweepSpec, client: MlflowClient, experiment_id: str, pare
     error = None
     if result.error is not None:
         error = f"{type(result.error).__name__}: {result.error}"
+    status = "error" if error else "stopped" if metrics.get("step", 0) < base["train.max_steps"] else "ok"
     return TrialRow(
-        trial_id=trial_id, status="error" if error else "ok", params=params, metrics=metrics,
+        trial_id=trial_id, status=status, params=params, metrics=metrics,
         run_id=runs.find_child(client, experiment_id, parent_id, trial_id), error=error,
     )
 

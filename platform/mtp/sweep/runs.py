@@ -79,15 +79,19 @@ def tag_child(client: MlflowClient, run_id: str, parent_id: str, trial_id: str, 
     client.set_tag(run_id, "mlflow.runName", name)
 
 
+_CHILD_STATUS = {"ok": RunStatus.FINISHED, "stopped": RunStatus.KILLED, "error": RunStatus.FAILED}
+
+
 def close_children(client: MlflowClient, rows: list[TrialRow]) -> None:
-    """End child runs their trial left open: trials stopped early by ASHA, or killed."""
+    """End child runs their trial left open: trials stopped early by ASHA (KILLED), or crashed."""
     for row in rows:
         if row.run_id is None or client.get_run(row.run_id).info.status != "RUNNING":
             continue
         if row.error:
             client.set_tag(row.run_id, "error", row.error[:5000])
-        status = RunStatus.FAILED if row.error else RunStatus.FINISHED
-        client.set_terminated(row.run_id, status=RunStatus.to_string(status))
+        if row.status == "stopped":
+            client.set_tag(row.run_id, "stopped_early", f"by the scheduler at step {row.metrics.get('step', 0):g}")
+        client.set_terminated(row.run_id, status=RunStatus.to_string(_CHILD_STATUS[row.status]))
 
 
 def finish_parent(
@@ -103,7 +107,8 @@ def finish_parent(
         (directory / "summary.txt").write_text(format_table(rows, spec.metric, list(spec.space)) + "\n")
         for path in (csv_path, json_path, plot, directory / "summary.txt"):
             client.log_artifact(parent_id, str(path))
-    metrics = {"trials": len(rows), "trials_failed": sum(r.status != "ok" for r in rows)}
+    metrics = {"trials": len(rows), "trials_failed": sum(r.status == "error" for r in rows),
+               "trials_stopped": sum(r.status == "stopped" for r in rows)}
     if best is not None:
         client.set_tag(parent_id, BEST_TRIAL_TAG, best.trial_id)
         if best.run_id:
@@ -111,7 +116,7 @@ def finish_parent(
         metrics[f"best_{spec.metric}"] = best.value(spec.metric)
     for key, value in metrics.items():
         client.log_metric(parent_id, _metric_key(key), float(value))
-    failed = bool(rows) and all(r.status != "ok" for r in rows)
+    failed = bool(rows) and all(r.status == "error" for r in rows)
     client.set_terminated(parent_id, status=RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
     return best
 

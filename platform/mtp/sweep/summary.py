@@ -21,7 +21,7 @@ class TrialRow:
     """The outcome of one trial, as the summary table shows it."""
 
     trial_id: str
-    status: str  # "ok" or "error"
+    status: str  # "ok", "stopped" (early, by the scheduler) or "error"
     params: dict[str, Any]  # dotted config fields that vary (plus the plot axes)
     metrics: dict[str, float]  # last reported value of each metric
     run_id: str | None = None  # the trial's MLflow child run
@@ -79,19 +79,13 @@ def format_table(rows: list[TrialRow], metric: str, params: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_metric(
-    rows: list[TrialRow], metric: str, mode: str, x: str, lines: str, path: Path, title: str = ""
-) -> Path:
-    """``metric`` against ``x``, one line per value of ``lines`` (the paper's Figure 3).
+def figure_points(rows: list[TrialRow], metric: str, mode: str, x: str, lines: str) -> dict[Any, dict[Any, float]]:
+    """``{line label: {x value: metric}}`` for the plot, lines in size order.
 
-    Several trials at one point (an lr sweep, repeated samples) collapse to the best,
-    so each line shows what the best-tuned run at that size and n reached.
+    Several finished trials at one point (an lr sweep, repeated samples) collapse to the
+    best, so each line shows what the best-tuned run at that size and n reached; trials
+    that errored or were stopped early are left out.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pick = min if mode == "min" else max
     points: dict[Any, dict[Any, float]] = {}
     for row in rows:
@@ -101,11 +95,22 @@ def plot_metric(
         line = points.setdefault(row.params.get(lines), {})
         xv = row.params[x]
         line[xv] = pick(line[xv], value) if xv in line else value
+    return {label: dict(sorted(points[label].items())) for label in sorted(points, key=_line_order)}
 
+
+def plot_metric(
+    rows: list[TrialRow], metric: str, mode: str, x: str, lines: str, path: Path, title: str = ""
+) -> Path:
+    """``metric`` against ``x``, one line per value of ``lines`` (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = figure_points(rows, metric, mode, x, lines)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, line in sorted(points.items(), key=lambda kv: _line_order(kv[0])):
-        xs = sorted(line)
-        ax.plot(xs, [line[v] for v in xs], marker="o", label=f"{lines.split('.')[-1]}={label}")
+    for label, line in points.items():
+        ax.plot(list(line), list(line.values()), marker="o", label=f"{lines.split('.')[-1]}={label}")
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} vs {x}")
