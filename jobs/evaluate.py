@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--max-new-tokens", type=int, default=512)
     gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop sequence, repeatable (default: the benchmark's protocol)")
     gen.add_argument("--no-speculative", action="store_true", help="decode with head 0 only")
     run = p.add_argument_group("execution")
     run.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s, help="seconds per program (default %(default)s)")
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     gen = GenerationConfig(
                         n_samples=args.n_samples, temperature=temperature, top_p=args.top_p, top_k=args.top_k,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                        stop=tuple(args.stop) if args.stop else None,
                         speculative=not args.no_speculative, backend=args.backend,
                     ).validate()
                     start = time.monotonic()

@@ -191,7 +191,8 @@ def test_evaluate_model_generates_scores_and_links_the_training_run(tmp_path, ml
     training = client.create_run(client.create_experiment("mtp-train", artifact_location=(tmp_path / "a").as_uri()))
     _tiny_checkpoint(tmp_path / "ck", training.info.run_id)
     done = _evaluate("--model", str(tmp_path / "ck"), "--benchmark", str(DATA / "eval_mbpp.jsonl"), "--n-samples", "2",
-                     "--temperature", "0.8", "--max-new-tokens", "8", "--k", "1,2", "--output", str(tmp_path / "out"))
+                     "--temperature", "0.8", "--max-new-tokens", "8", "--k", "1,2", "--output", str(tmp_path / "out"),
+                     "--stop", "[DONE]", "--stop", "\nassert")
     assert done.returncode == 0, done.stderr
     assert "generated 8 samples for eval_mbpp at T=0.8" in done.stdout
     results = [json.loads(line) for line in (tmp_path / "out" / "eval_mbpp_T0.8_results.jsonl").read_text().splitlines()]
@@ -201,3 +202,4 @@ def test_evaluate_model_generates_scores_and_links_the_training_run(tmp_path, ml
     assert client.get_run(training.info.run_id).data.tags["mtp.evaluation_run_id"] == run.info.run_id
     assert {"eval_mbpp/T0.8/pass_at_1", "eval_mbpp/T0.8/pass_at_2"} <= set(run.data.metrics)
     assert run.data.params["generation.n_samples"] == "2"
+    assert run.data.params["generation.stop"] == str(("[DONE]", "\nassert"))

@@ -24,6 +24,7 @@ class GenerationConfig:
     top_k: int | None = None
     max_new_tokens: int = 512
     seed: int = 0
+    stop: tuple[str, ...] | None = None  # None: the benchmark's protocol (e.g. HumanEval's "\ndef", MBPP's [DONE])
     batch_size: int = 16
     speculative: bool = True  # draft with the extra heads (same distribution, fewer forwards)
     backend: Literal["ray", "local"] = "ray"
@@ -77,15 +78,16 @@ def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], co
 def generate_samples(checkpoint: str, benchmark: Benchmark, config: GenerationConfig) -> list[dict]:
     """Samples for every problem, ordered by (problem, sample index)."""
     config.validate()
+    stop = list(config.stop) if config.stop is not None else benchmark.stop
     if config.backend == "local":
-        return generate_shard(checkpoint, benchmark.problems, benchmark.stop, config)
+        return generate_shard(checkpoint, benchmark.problems, stop, config)
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     shards = max(1, min(gpus, len(benchmark.problems)))
     task = ray.remote(generate_shard).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)
     refs = [
-        task.remote(checkpoint, benchmark.problems[i::shards], benchmark.stop, config) for i in range(shards)
+        task.remote(checkpoint, benchmark.problems[i::shards], stop, config) for i in range(shards)
     ]
     rows = [row for shard in ray.get(refs) for row in shard]
     order = {p.task_id: i for i, p in enumerate(benchmark.problems)}
