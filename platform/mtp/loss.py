@@ -87,6 +87,25 @@ def naive_loss(
     return loss, StepLosses(per_head.detach(), loss.detach())
 
 
+def _ce_and_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    """Summed CE of ``logits [N, V]``; overwrites them with ``scale * dCE/dlogits``.
+
+    The gradient is ``softmax - onehot`` (zero on ignored rows), written in place: what
+    autograd's log_softmax + nll_loss backward computes, without their ``[N, V]``
+    intermediates (the saved log-probabilities, a zero-filled gradient, its result),
+    which are most of a head's memory and much of its non-matmul time.
+    """
+    valid = targets != IGNORE_INDEX
+    safe_targets = targets.where(valid, 0).unsqueeze(-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    ce = ((lse - logits.gather(-1, safe_targets)).squeeze(-1) * valid).sum()
+    row_valid = valid.unsqueeze(-1).to(logits.dtype)
+    probs = logits.sub_(lse).exp_()
+    probs.scatter_add_(-1, safe_targets, -row_valid)
+    probs.mul_(row_valid * scale)
+    return ce
+
+
 def _chunked_ce_backward(
     model: MTPTransformer,
     hidden: torch.Tensor,
@@ -98,7 +117,8 @@ def _chunked_ce_backward(
 
     ``hidden`` is a detached ``[B, T, D]`` activation. Returns (the gradient with
     respect to it, the summed CE). The shared norm/unembedding accumulate their
-    parameter gradients; only one chunk's logits are alive at a time.
+    parameter gradients; only one chunk's logits are alive at a time, and they hold
+    their own gradient (see ``_ce_and_grad_``).
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
@@ -107,12 +127,11 @@ def _chunked_ce_backward(
     step = chunk_size or flat.shape[0]
     for start in range(0, flat.shape[0], step):
         piece = flat[start : start + step].detach().requires_grad_()
-        ce = F.cross_entropy(
-            _upcast(model.logits(piece)), flat_targets[start : start + step], ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        (ce * scale).backward()
+        logits = model.logits(piece)
+        logits_grad = _upcast(logits.detach())  # the logits themselves when already fp32
+        total += _ce_and_grad_(logits_grad, flat_targets[start : start + step], scale)
+        logits.backward(logits_grad.to(logits.dtype))
         grad[start : start + step] = piece.grad
-        total += ce.detach()
     return grad.view_as(hidden), total
 
 
