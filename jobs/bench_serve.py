@@ -249,7 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint dir or MLflow URI (default: train a small model once)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=16, help="non-streamed requests per cell (at least 2x concurrency)")
+    parser.add_argument("--requests", type=int, default=16,
+                        help="non-streamed requests per cell (at least 2x concurrency)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of vanilla and speculative per cell")
     parser.add_argument("--stream-requests", type=int, default=4, help="streamed requests per cell, for TTFT")
     parser.add_argument("--prompts", type=int, default=8, help="HumanEval prompts to cycle through")
@@ -270,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine alone, batch 1, {REPLICA_CPUS} thread(s), {len(prompts)} prompts x {args.max_tokens} tokens")
     engine = engine_speedup(checkpoint, prompt_ids, args.max_tokens)
     print(f"  vanilla {engine['vanilla_tokens_per_s']:.1f} tok/s, speculative {engine['speculative_tokens_per_s']:.1f} "
-          f"tok/s, speedup {engine['speedup']:.2f}x, tokens/forward {engine['tokens_per_forward']:.2f}, "
-          f"exact match {engine['exact_match']}")
+          f"tok/s, speedup {engine['speedup']:.2f}x, tokens/forward {engine['tokens_per_forward']:.2f} "
+          f"({engine['tokens_per_forward_nonrepetitive']:.2f} on the {engine['nonrepetitive_prompts']} non-repetitive "
+          f"generations; distinct 8-grams {engine['distinct_8gram']:.2f}), exact match {engine['exact_match']}")
 
     url = start_service(checkpoint, args.max_tokens)
     cells: list[Cell] = []

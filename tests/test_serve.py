@@ -87,6 +87,7 @@ def test_serve_config_from_args_and_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(MODEL_ENV, raising=False)
     cfg = serve_config({"model": "ckpt", "max_batch_size": 4})
     assert cfg.model == str(tmp_path / "ckpt") and cfg.served_name == "ckpt"  # absolute for the replicas
+    assert cfg.serve_batch_size == 8  # Serve hands the engine twice its rows, to refill finished ones
     monkeypatch.setenv(MODEL_ENV, "models:/mtp-model/3")
     cfg = serve_config({"model": "ckpt"})
     assert cfg.model == "models:/mtp-model/3" and cfg.served_name == "mtp-model"

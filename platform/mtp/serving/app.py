@@ -94,7 +94,7 @@ class ModelServer:
         self.tokenizer = load_tokenizer(directory)
         self.max_seq_len = model_config(directory).max_seq_len
         self.card = model_card(self.cfg.served_name, str(self.cfg.model), directory, device)
-        self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._generate_batch.set_max_batch_size(self.cfg.serve_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.runner = EngineRunner()
         self.metrics = EngineMetrics()
@@ -136,8 +136,11 @@ class ModelServer:
             raise result
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # both set from the config in __init__
     async def _generate_batch(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
+        """Up to ``serve_batch_size`` rows: the engine decodes ``max_batch_size`` at a time and
+        refills a finished row from the rest, so a Serve batch larger than the engine's keeps
+        every engine row busy until the whole batch is done."""
         return await asyncio.to_thread(self._generate_rows, rows)
 
     def _generate_rows(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
@@ -393,5 +396,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     or ``runtime_env.env_vars`` of the application) and handed to the ingress.
     """
     cfg = serve_config(args)
-    model = ModelServer.options(max_ongoing_requests=4 * cfg.max_batch_size).bind(cfg.to_dict())
+    model = ModelServer.options(max_ongoing_requests=2 * cfg.serve_batch_size).bind(cfg.to_dict())
     return Ingress.bind(model, cfg.to_dict(), os.environ.get(API_KEY_ENV) or None)

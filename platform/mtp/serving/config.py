@@ -30,7 +30,8 @@ class ServeConfig:
     tracking_uri: str | None = None  # MLflow store for models:/ and runs:/; None: MLFLOW_TRACKING_URI
     device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
     dtype: str = "auto"  # "auto": bf16 on a GPU, fp32 on a CPU
-    max_batch_size: int = 8  # rows the engine decodes together (Serve's batch size)
+    max_batch_size: int = 8  # rows the engine decodes together
+    serve_batch_size: int | None = None  # rows Serve groups into one engine call; None: 2 x max_batch_size
     batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill up
     max_tokens_cap: int = 512  # largest max_tokens a request may ask for
     max_choices: int = 16  # prompts x n in one request
@@ -41,7 +42,9 @@ class ServeConfig:
     def validate(self) -> "ServeConfig":
         if not self.model:
             raise ConfigError(f"serve: no model; set args.model in the Serve config or {MODEL_ENV}")
-        for name in ("max_batch_size", "max_tokens_cap", "max_choices", "max_body_bytes"):
+        if self.serve_batch_size is None:
+            self.serve_batch_size = 2 * self.max_batch_size if isinstance(self.max_batch_size, int) else None
+        for name in ("max_batch_size", "serve_batch_size", "max_tokens_cap", "max_choices", "max_body_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"serve.{name}={value!r} must be a positive integer")
@@ -53,7 +56,7 @@ class ServeConfig:
             raise ConfigError(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s!r} must be >= 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"serve.dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"serve.device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
         return self
 

@@ -1,7 +1,7 @@
 """The OpenAI completions protocol: request validation, errors, response bodies.
 
-Plain pydantic and dataclasses, no Ray: the ingress parses with these, and the
-tests and the benchmark read the same shapes. Every rejection is an ``APIError``
+Plain pydantic and dataclasses, no Ray: the ingress parses and answers with
+these, and the model replica raises the same errors. Every rejection is an ``APIError``
 whose body is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with
 ``param`` naming the offending field, so existing clients surface it unchanged.
 """
@@ -117,10 +117,12 @@ def parse_completion_request(raw: bytes, max_tokens_cap: int, max_choices: int) 
     except ValidationError as exc:
         raise _as_api_error(exc) from None
     if request.max_tokens > max_tokens_cap:
-        raise APIError(400, f"max_tokens={request.max_tokens} exceeds this server's cap of {max_tokens_cap}", "max_tokens", code="invalid_value")
+        raise APIError(400, f"max_tokens={request.max_tokens} exceeds this server's cap of {max_tokens_cap}",
+                       "max_tokens", code="invalid_value")
     choices = len(request.prompts) * request.n
     if choices > max_choices:
-        raise APIError(400, f"{choices} choices (prompts x n) exceed this server's cap of {max_choices}", "n", code="invalid_value")
+        raise APIError(400, f"{choices} choices (prompts x n) exceed this server's cap of {max_choices}", "n",
+                       code="invalid_value")
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
     return request
