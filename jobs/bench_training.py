@@ -92,10 +92,7 @@ class BenchSpec:
 
 
 # CPU: small enough for 2 cores in a few minutes; at vocab 32000 the logits dominate.
-CPU_SPEC = BenchSpec(
-    device="cpu", preset="small", batch_size=2, seq_len=512,
-    chunk_size=256, rounds=5, steps_per_round=1,
-)
+CPU_SPEC = BenchSpec(device="cpu", preset="small", batch_size=2, seq_len=512, chunk_size=256, rounds=5, steps_per_round=1)
 # CUDA: the paper's smallest size, a full 2048-token context.
 CUDA_SPEC = BenchSpec(
     device="cuda", preset="0.3B", batch_size=8, seq_len=2048, chunk_size=4096, rounds=5,
@@ -146,7 +143,8 @@ class Trainer:
         self.device = torch.device(spec.device)
         self.cfg = spec.model_config(vocab_size, variant.n_future)
         torch.manual_seed(seed)
-        self.model = MTPTransformer(self.cfg).to(self.device)
+        with self.device:  # initialise in place: a 0.3B model is slow to initialise on the host
+            self.model = MTPTransformer(self.cfg)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
         g = torch.Generator().manual_seed(seed + 1)
         tokens = torch.randint(0, vocab_size, (spec.batch_size, spec.seq_len + 1), generator=g).to(self.device)
