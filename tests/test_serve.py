@@ -1,8 +1,9 @@
 """The completions service end to end: real HTTP to a real ``serve.run`` on 127.0.0.1.
 
-One application (auth on) serves a tiny random-init checkpoint for the whole
-module; every test talks to it over HTTP, except the engine-error test, which
-also sends an impossible request straight to the model deployment's handle.
+One application (auth on) serves a tiny random-init checkpoint, registered in a
+temporary MLflow store and loaded as ``models:/tiny/1``, for the whole module;
+every test talks to it over HTTP, except where a test also reaches the model
+deployment's handle (an impossible request, killing the replica).
 """
 
 from __future__ import annotations
@@ -46,7 +47,26 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, checkpoint) -> str:
+def registered(checkpoint, tmp_path_factory) -> tuple[str, str]:
+    """(tracking URI, models:/ URI) of the checkpoint registered in a fresh sqlite store."""
+    from mlflow import MlflowClient
+
+    from mtp.tracking import CHECKPOINT_ARTIFACT, register_checkpoint
+
+    root = tmp_path_factory.mktemp("mlflow")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(store, registry_uri=store)
+    experiment = client.create_experiment("serve-test", artifact_location=str(root / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifacts(run_id, str(checkpoint), CHECKPOINT_ARTIFACT)
+    client.set_terminated(run_id)
+    cfg = build_config(overrides={"train.preset": "debug", "tracking.tracking_uri": store,
+                                  "tracking.registered_model": "tiny"})
+    return store, register_checkpoint(cfg, run_id)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, registered) -> str:
     from ray import serve
 
     from mtp.serving.app import build_app
@@ -58,8 +78,8 @@ def server(ray_cluster, checkpoint) -> str:
     os.environ[API_KEY_ENV] = API_KEY
     try:
         app = build_app({
-            "model": str(checkpoint),
-            "model_name": "tiny",
+            "model": registered[1],
+            "tracking_uri": registered[0],
             "max_tokens_cap": MAX_TOKENS_CAP,
             "max_body_bytes": MAX_BODY,
             "max_choices": 8,
@@ -277,13 +297,13 @@ def test_bearer_auth(server):
     assert requests.get(f"{server}/health", timeout=30).status_code == 200  # open for load balancers
 
 
-def test_models_and_health_routes(server, checkpoint):
+def test_models_and_health_routes(server, registered):
     r = requests.get(f"{server}/v1/models", headers=AUTH, timeout=30)
     assert r.status_code == 200
     (card,) = r.json()["data"]
     assert card["id"] == "tiny" and card["object"] == "model"
-    assert card["source"] == str(checkpoint) and card["max_seq_len"] == 128 and card["n_future"] == 4
-    assert len(card["version"]) == 12
+    assert card["source"] == registered[1] == "models:/tiny/1" and card["version"] == "1"
+    assert card["max_seq_len"] == 128 and card["n_future"] == 4
     health = requests.get(f"{server}/health", timeout=30).json()
     assert health == {"status": "ok", "model": "tiny", "version": card["version"]}
     assert requests.get(f"{server}/v2/nothing", timeout=30).json()["error"]["code"] == "not_found"
