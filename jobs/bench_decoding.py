@@ -44,10 +44,11 @@ NONREPETITIVE = 0.5  # fraction of distinct 8-grams above which a generation cou
 # deep relative to the heads. CPU: minutes on 2 cores; CUDA: a few minutes on one GPU,
 # byte-level with 8 heads as in the paper's byte-level experiments.
 TRAINING = {
-    "cpu": {
-        "train.preset": "tiny", "model.n_layers": 12, "model.n_future": 4, "model.param_matched": True,
-        "model.max_seq_len": 512, "train.seq_len": 256, "train.batch_size": 8, "train.max_steps": 120,
-        "train.warmup_steps": 12, "train.eval_every": 60, "train.checkpoint_every": 60, "data.max_documents": 2000,
+    "cpu": {  # narrow, so that a step is bound by per-call overhead rather than this CPU's FLOPs
+        "train.preset": "tiny", "model.dim": 64, "model.n_heads": 4, "model.n_layers": 12, "model.n_future": 4,
+        "model.param_matched": True, "model.multiple_of": 32, "train.seq_len": 256, "train.batch_size": 16,
+        "train.max_steps": 250, "train.warmup_steps": 25, "train.eval_every": 125, "train.checkpoint_every": 125,
+        "data.max_documents": 2000,
     },
     "cuda": {
         "train.preset": "small", "model.dim": 512, "model.n_layers": 20, "model.n_heads": 8, "model.n_future": 8,
@@ -104,12 +105,12 @@ def distinct_ngrams(tokens: list[int], n: int = 8) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def acceptance(generations: list[Generation]) -> tuple[float, list[int]]:
-    """Tokens per forward (accepted drafts + 1, averaged over steps) and the summed histogram."""
+def acceptance(generations: list[Generation]) -> tuple[float | None, list[int]]:
+    """Tokens per forward (accepted drafts + 1, averaged over steps; None without steps) and the summed histogram."""
     width = max((len(g.stats.accepted_histogram) for g in generations), default=0)
     hist = [sum(g.stats.accepted_histogram[k] for g in generations if k < len(g.stats.accepted_histogram)) for k in range(width)]
     steps = sum(hist)
-    return (sum((k + 1) * c for k, c in enumerate(hist)) / steps if steps else 0.0), hist
+    return (sum((k + 1) * c for k, c in enumerate(hist)) / steps if steps else None), hist
 
 
 @torch.inference_mode()
@@ -194,7 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="checkpoint directory or MLflow URI (default: train a small model)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="fp32 keeps greedy ties identical between 1-token and multi-token forwards")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="on CUDA, launch kernels eagerly")
     ap.add_argument("--prompts", type=int, default=48, help="how many HumanEval prompts")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -210,11 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     checkpoint = args.checkpoint or default_checkpoint(args.device)
-    engine = Engine.from_checkpoint(checkpoint, device=args.device, dtype=dtype, max_batch_size=max(args.batch_sizes))
+    graphs = args.device == "cuda" and args.cuda_graphs
+    engine = Engine.from_checkpoint(checkpoint, device=args.device, dtype=dtype, max_batch_size=max(args.batch_sizes),
+                                    cuda_graphs=graphs)
     cfg, tokenizer = engine.cfg, engine.tokenizer
     room = cfg.max_seq_len - args.max_new_tokens
     if room < 1:
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "device": args.device,
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads() if args.device == "cpu" else None,
+        "cuda_graphs": graphs,
         "n_future": cfg.n_future,
         "layers_vanilla_step": cfg.n_trunk_layers + 1,
         "layers_speculative_step": cfg.n_trunk_layers + cfg.n_future,
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         row["efficiency"] = row["speedup"] / row["ideal_speedup"]
         results.append(row)
     if args.tree:
-        tree_engine = Engine(engine.model, tokenizer, max_batch_size=1, tree=args.tree)
+        tree_engine = Engine(engine.model, tokenizer, max_batch_size=1, tree=args.tree, cuda_graphs=graphs)
         row = {**common, "mode": f"tree{tuple(args.tree)}", **compare(tree_engine, prompts, 1, args.max_new_tokens)}
         row["ideal_speedup"] = row["tokens_per_forward"] * layer_ratio
         row["efficiency"] = row["speedup"] / row["ideal_speedup"]
@@ -273,7 +277,7 @@ def print_table(results: list[dict[str, object]]) -> None:
             ("ideal_speedup", "{:.2f}"), ("efficiency", "{:.2f}"), ("exact_match", "{}"), ("accepted_histogram", "{}")]
     names = ["mode", "B", "van tok/s", "spec tok/s", "speedup", "tok/fwd", "tok/fwd nonrep", "nonrep", "distinct8",
              "step cost", "ideal", "efficiency", "exact", "accepted hist"]
-    rows = [[fmt.format(r[k]) for k, fmt in cols] for r in results]
+    rows = [[fmt.format(r[k]) if r[k] is not None else "n/a" for k, fmt in cols] for r in results]
     widths = [max(len(n), *(len(row[i]) for row in rows)) for i, n in enumerate(names)]
     print(" | ".join(n.ljust(w) for n, w in zip(names, widths)))
     print("-+-".join("-" * w for w in widths))

@@ -115,33 +115,45 @@ class PackedLayer:
         self.groups = len(blocks)
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.eps = cfg.norm_eps
-        self.qkv_width = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
-        # [D, G * qkv_width]: group g's q|k|v columns at g * qkv_width
-        self.wqkv = torch.cat(
-            [folded(b.attention_norm.weight, b.attention.wq, b.attention.wk, b.attention.wv) for b in blocks], 1
-        ).contiguous()
+        # [D, q of every group | k of every group | v of every group]: the k|v of all groups are one
+        # block per token, written to the cache in one go. Fewer groups get their own copy (see qkv).
+        self._wqkv = {
+            self.groups: torch.cat(
+                [folded(b.attention_norm.weight, getattr(b.attention, name)) for name in ("wq", "wk", "wv") for b in blocks], 1
+            ).contiguous()
+        }
         self.wo = stack(lambda b: b.attention.wo.weight.T)
         self.w13 = stack(lambda b: folded(b.ffn_norm.weight, b.feed_forward.w1, b.feed_forward.w3))
         self.w2 = stack(lambda b: b.feed_forward.w2.weight.T)
 
-    def __call__(self, x: torch.Tensor, rope: torch.Tensor, layout: StepLayout, cache: torch.Tensor, groups: int) -> torch.Tensor:
-        """``x [1, B*T, D]`` (shared input) -> ``[groups, B*T, D]`` for the first ``groups`` blocks.
+    def qkv(self, groups: int) -> torch.Tensor:
+        """The fused projection of the first ``groups`` blocks (built once per count, e.g. head 0 alone)."""
+        if groups not in self._wqkv:
+            q, k, v = (self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+            full, G = self._wqkv[self.groups], self.groups
+            starts = (0, G * q, G * (q + k))
+            self._wqkv[groups] = torch.cat(
+                [full[:, s : s + groups * w] for s, w in zip(starts, (q, k, v))], 1
+            ).contiguous()
+        return self._wqkv[groups]
 
-        ``rope`` is ``[B, T, 1, 1, head_dim/2]`` complex; ``cache`` is this layer's
+    def __call__(self, x: torch.Tensor, rope: torch.Tensor, layout: StepLayout, cache: torch.Tensor, groups: int) -> torch.Tensor:
+        """``x [1, B*T, D]`` (shared input) -> ``[groups, B*T, D]`` for the first ``groups`` blocks (1 or all).
+
+        ``rope`` is ``[B, T, 1, head_dim/2]`` complex; ``cache`` is this layer's
         ``[B, 2, G, kv_heads, slots, head_dim]`` rows for the batch (a view).
         """
         B, T = layout.slots.shape
-        H, KV, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = (_rms(x[0], self.eps) @ self.wqkv[:, : groups * self.qkv_width]).view(B, T, groups, H + 2 * KV, hd)
-        _rotate_(qkv[..., : H + KV, :], rope)
-        kv = qkv[..., H:, :].unflatten(3, (2, KV)).permute(0, 1, 3, 2, 4, 5)  # [B, T, 2, groups, KV, hd]
-        cache[layout.rows, :, :groups, :, layout.slots] = kv
+        H, KV, hd = groups * self.n_heads, groups * self.kv_heads, self.head_dim
+        qkv = (_rms(x[0], self.eps) @ self.qkv(groups)).view(B, T, H + 2 * KV, hd)
+        _rotate_(qkv[:, :, : H + KV], rope)
+        cache[layout.rows, :, :groups, :, layout.slots] = qkv[:, :, H:].unflatten(2, (2, groups, self.kv_heads))
         S = layout.kv_len
-        keys = cache[:, 0, :groups, :, :S].flatten(1, 2)  # [B, groups * KV, S, hd], a view
+        keys = cache[:, 0, :groups, :, :S].flatten(1, 2)  # [B, groups * kv_heads, S, hd], a view
         values = cache[:, 1, :groups, :, :S].flatten(1, 2)
-        q = qkv[..., :H, :].permute(0, 2, 3, 1, 4).reshape(B, groups * H, T, hd)
+        q = qkv[:, :, :H].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, enable_gqa=H != KV)
-        out = out.view(B, groups, H, T, hd).permute(1, 0, 3, 2, 4).reshape(groups, B * T, H * hd)
+        out = out.view(B, groups, self.n_heads, T, hd).permute(1, 0, 3, 2, 4).reshape(groups, B * T, self.n_heads * hd)
         x = x + torch.bmm(out, self.wo[:groups])
         gate, up = torch.bmm(_rms(x, self.eps), self.w13[:groups]).chunk(2, dim=-1)
         return x + torch.bmm(F.silu(gate).mul_(up), self.w2[:groups])
@@ -189,7 +201,7 @@ class PackedModel:
         keys/values at ``layout.slots`` and attends through ``layout.mask``.
         """
         B, T = tokens.shape
-        rope = self.freqs[layout.rope_positions][:, :, None, None]
+        rope = self.freqs[layout.rope_positions][:, :, None]
         x = F.embedding(tokens, self.embedding).view(1, B * T, -1)
         for layer, store in zip(self.layers, cache.layers):
             x = layer(x, rope, layout, store[rows], heads if layer is self.heads else 1)
