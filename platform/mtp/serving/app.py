@@ -98,6 +98,7 @@ class ModelServer:
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.runner = EngineRunner()
         self.metrics = EngineMetrics()
+        self._producers: set[asyncio.Future] = set()
 
     def info(self) -> dict[str, Any]:
         """The model card plus which replica answered (a replaced replica gets a new id)."""
@@ -141,12 +142,13 @@ class ModelServer:
         """Up to ``serve_batch_size`` rows: the engine decodes ``max_batch_size`` at a time and
         refills a finished row from the rest, so a Serve batch larger than the engine's keeps
         every engine row busy until the whole batch is done."""
-        return await asyncio.to_thread(self._generate_rows, rows)
+        return await self.runner.run(self._generate_rows, rows)
 
     def _generate_rows(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
-        """Generate a batch; if the engine raises, retry row by row so one bad row fails alone."""
+        """Generate a batch (on the engine thread); if the engine raises, retry row by row so one
+        bad row fails alone."""
         try:
-            generations = self.runner.call(self.engine.generate, [p for p, _ in rows], [s for _, s in rows])
+            generations = self.engine.generate([p for p, _ in rows], [s for _, s in rows])
         except Exception as exc:  # noqa: BLE001 - a failing request must not take the replica down
             if len(rows) > 1:
                 return [self._generate_rows([row])[0] for row in rows]
@@ -161,10 +163,11 @@ class ModelServer:
         """Text deltas as the engine accepts tokens, then the final Generation.
 
         The engine's ``stream`` holds its single static cache until the sequence
-        ends, so the whole stream runs as one engine call in a worker thread and
-        hands each delta to the event loop as it is produced: the replica keeps
-        accepting requests meanwhile, which queue for the engine. When the client
-        goes away the generator is closed at the next token, freeing the engine.
+        ends, so the whole stream is one call on the engine thread, handing each
+        delta to the event loop as it is produced: the replica keeps accepting
+        requests meanwhile, which queue for the engine. When the client goes away
+        the engine's generator is closed at the next token (or skipped if still
+        queued), freeing the engine.
         """
         self._check(prompt, params)
         loop = asyncio.get_running_loop()
@@ -189,6 +192,8 @@ class ModelServer:
                 iterator.close()
 
         producer = asyncio.ensure_future(self.runner.run(produce))
+        self._producers.add(producer)  # keep the task alive after this generator is closed
+        producer.add_done_callback(self._producers.discard)
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, APIError):
@@ -198,7 +203,6 @@ class ModelServer:
                 yield item
         finally:
             stop.set()
-            await asyncio.shield(producer)
 
 
 # ----------------------------------------------------------------------------- ingress

@@ -1,16 +1,17 @@
 """Run engine calls one at a time off the event loop, and notice when one hangs.
 
 The engine owns preallocated caches and is not re-entrant, and on a CPU two
-concurrent forwards only fight over the same cores, so calls are serialised. They
-run in worker threads so the replica's event loop keeps accepting, batching and
-streaming while the engine computes; ``busy_for`` feeds Serve's health check.
+concurrent forwards only fight over the same cores, so every call goes to one
+dedicated worker thread, in arrival order. Waiting calls hold no thread, the
+replica's event loop keeps accepting, batching and streaming meanwhile, and
+``busy_for`` feeds Serve's health check.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -18,21 +19,19 @@ T = TypeVar("T")
 
 class EngineRunner:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._started: float | None = None
 
-    def call(self, fn: Callable[..., T], *args) -> T:
-        """Run ``fn(*args)`` while holding the engine (blocking; use from a thread)."""
-        with self._lock:
-            self._started = time.monotonic()
-            try:
-                return fn(*args)
-            finally:
-                self._started = None
-
     async def run(self, fn: Callable[..., T], *args) -> T:
-        """``call`` in a worker thread, awaited from the event loop."""
-        return await asyncio.to_thread(self.call, fn, *args)
+        """``fn(*args)`` on the engine thread, after the calls queued before it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
+
+    def _timed(self, fn: Callable[..., T], *args) -> T:
+        self._started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._started = None
 
     def busy_for(self) -> float:
         """Seconds the current engine call has been running (0 when idle)."""
