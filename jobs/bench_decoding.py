@@ -157,14 +157,17 @@ def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_t
              "speculative": SamplingParams(max_new_tokens=max_new_tokens, speculative=True)}
     gens: dict[str, list[Generation]] = {m: [] for m in modes}
     seconds = {m: 0.0 for m in modes}
+    decode_seconds = {m: 0.0 for m in modes}  # after the prefill (a chunk's rows are admitted together)
     for n, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
         for mode in (("vanilla", "speculative") if n % 2 == 0 else ("speculative", "vanilla")):
             out, dt = timed(engine, chunk, modes[mode], engine.device)
             gens[mode].extend(out)
             seconds[mode] += dt
+            decode_seconds[mode] += dt - max(g.stats.prefill_s for g in out)
     van, spec = gens["vanilla"], gens["speculative"]
     tokens = {m: sum(len(g.tokens) for g in gens[m]) for m in modes}
+    decode_tokens = {m: sum(len(g.tokens) - 1 for g in gens[m]) for m in modes}  # the first comes from the prefill
     distinct = [distinct_ngrams(g.tokens) for g in spec]
     tpf, hist = acceptance(spec)
     tpf_real, _ = acceptance([g for g, d in zip(spec, distinct) if d >= NONREPETITIVE])
@@ -185,7 +188,18 @@ def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_t
         "step_cost_ratio": per_forward["speculative"] / per_forward["vanilla"],
     }
     out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]
+    decode_rate = {m: decode_tokens[m] / decode_seconds[m] for m in modes}
+    out["decode_speedup"] = decode_rate["speculative"] / decode_rate["vanilla"]
     return out
+
+
+def with_efficiency(row: dict[str, object], layer_ratio: float) -> dict[str, object]:
+    """Measured speedup over the ideal one: end to end, and for the decode steps alone (the
+    ideal is a per-step model; the prefill, which speculation cannot shorten, is outside it)."""
+    row["ideal_speedup"] = row["tokens_per_forward"] * layer_ratio
+    row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+    row["decode_efficiency"] = row["decode_speedup"] / row["ideal_speedup"]
+    return row
 
 
 # ------------------------------------------------------------------------------ main
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                     help="fp32 keeps greedy ties identical between 1-token and multi-token forwards")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="on CUDA, launch kernels eagerly")
-    ap.add_argument("--prompts", type=int, default=48, help="how many HumanEval prompts")
+    ap.add_argument("--prompts", type=int, default=164, help="how many HumanEval prompts (164: all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tree", type=int, nargs="+", help="also measure a draft tree with these widths per level, e.g. 3 2 1")
@@ -242,21 +256,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results = []
     for batch_size in args.batch_sizes:
         row = {**common, "mode": "chain", **compare(engine, prompts, batch_size, args.max_new_tokens)}
-        row["ideal_speedup"] = row["tokens_per_forward"] * layer_ratio
-        row["efficiency"] = row["speedup"] / row["ideal_speedup"]
-        results.append(row)
+        results.append(with_efficiency(row, layer_ratio))
     if args.tree:
         tree_engine = Engine(engine.model, tokenizer, max_batch_size=1, tree=args.tree, cuda_graphs=graphs)
         row = {**common, "mode": f"tree{tuple(args.tree)}", **compare(tree_engine, prompts, 1, args.max_new_tokens)}
-        row["ideal_speedup"] = row["tokens_per_forward"] * layer_ratio
-        row["efficiency"] = row["speedup"] / row["ideal_speedup"]
-        results.append(row)
+        results.append(with_efficiency(row, layer_ratio))
 
     print_table(results)
     batch1 = next((r for r in results if r["batch_size"] == 1 and r["mode"] == "chain"), None)
     if batch1 is not None and args.device == "cpu":
         verdict = "meets" if batch1["efficiency"] >= EFFICIENCY_TARGET else "MISSES"
-        print(f"\nbatch-1 efficiency {batch1['efficiency']:.2f} {verdict} the target {EFFICIENCY_TARGET}")
+        print(f"\nbatch-1 efficiency {batch1['efficiency']:.3f} {verdict} the target {EFFICIENCY_TARGET} "
+              f"(decode steps alone: {batch1['decode_efficiency']:.3f})")
     if not all(r["exact_match"] for r in results):
         print("\nEXACTNESS FAILED: speculative output differs from vanilla greedy")
     if args.json:
@@ -272,11 +283,12 @@ def print_table(results: list[dict[str, object]]) -> None:
     print(f"teacher-forced on held-out code: {r0['teacher_forced_tokens_per_forward']:.2f} tokens/forward, "
           f"head agreement {[round(a, 3) for a in r0['teacher_forced_head_agreement']]}")
     cols = [("mode", "{}"), ("batch_size", "{}"), ("vanilla_tokens_per_s", "{:.1f}"), ("speculative_tokens_per_s", "{:.1f}"),
-            ("speedup", "{:.2f}"), ("tokens_per_forward", "{:.2f}"), ("tokens_per_forward_nonrepetitive", "{:.2f}"),
+            ("speedup", "{:.2f}"), ("decode_speedup", "{:.2f}"), ("tokens_per_forward", "{:.2f}"), ("tokens_per_forward_nonrepetitive", "{:.2f}"),
             ("nonrepetitive_prompts", "{}"), ("distinct_8gram", "{:.2f}"), ("step_cost_ratio", "{:.2f}"),
-            ("ideal_speedup", "{:.2f}"), ("efficiency", "{:.2f}"), ("exact_match", "{}"), ("accepted_histogram", "{}")]
-    names = ["mode", "B", "van tok/s", "spec tok/s", "speedup", "tok/fwd", "tok/fwd nonrep", "nonrep", "distinct8",
-             "step cost", "ideal", "efficiency", "exact", "accepted hist"]
+            ("ideal_speedup", "{:.2f}"), ("efficiency", "{:.2f}"), ("decode_efficiency", "{:.2f}"), ("exact_match", "{}"),
+            ("accepted_histogram", "{}")]
+    names = ["mode", "B", "van tok/s", "spec tok/s", "speedup", "decode spd", "tok/fwd", "tok/fwd nonrep", "nonrep",
+             "distinct8", "step cost", "ideal", "efficiency", "decode eff", "exact", "accepted hist"]
     rows = [[fmt.format(r[k]) if r[k] is not None else "n/a" for k, fmt in cols] for r in results]
     widths = [max(len(n), *(len(row[i]) for row in rows)) for i, n in enumerate(names)]
     print(" | ".join(n.ljust(w) for n, w in zip(names, widths)))
