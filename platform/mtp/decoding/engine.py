@@ -287,9 +287,10 @@ class Engine:
         tokens = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in new], device=self.device)
         zero = torch.zeros(len(new), dtype=torch.long, device=self.device)
         heads = 1 + mode.drafts
-        hidden = self.packed.forward(tokens, self._layout(zero, 0, T, None), self.cache, slice(start, start + len(new)), heads)
         last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.packed.logits(hidden[:, torch.arange(len(new), device=self.device), last].transpose(0, 1))
+        layout = self._layout(zero, 0, T, None)
+        hidden = self.packed.forward(tokens, layout, self.cache, slice(start, start + len(new)), heads, last[:, None])
+        logits = self.packed.logits(hidden[:, :, 0].transpose(0, 1))  # [k, heads, V] at each prompt's end
         sampling = RowSampling.build([r.params for r in new], self.vocab_size, self.device)
         end = start + len(new)
         for buf, value in zip(

@@ -137,11 +137,22 @@ class PackedLayer:
             ).contiguous()
         return self._wqkv[groups]
 
-    def __call__(self, x: torch.Tensor, rope: torch.Tensor, layout: StepLayout, cache: torch.Tensor, groups: int) -> torch.Tensor:
-        """``x [1, B*T, D]`` (shared input) -> ``[groups, B*T, D]`` for the first ``groups`` blocks (1 or all).
+    def __call__(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        layout: StepLayout,
+        cache: torch.Tensor,
+        groups: int,
+        outputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x [1, B*T, D]`` (shared input) -> ``[groups, B*Q, D]`` for the first ``groups`` blocks.
 
-        ``rope`` is ``[B, T, 1, head_dim/2]`` complex; ``cache`` is this layer's
-        ``[B, 2, G, kv_heads, slots, head_dim]`` rows for the batch (a view).
+        Every token's key/value is written to ``cache`` (this layer's
+        ``[B, 2, G, kv_heads, slots, head_dim]`` rows for the batch, a view), but only
+        the positions ``outputs [B, Q]`` (all ``T`` when None) are carried through
+        attention and the feed-forward: a prefill needs the last block's output at
+        the last prompt position only. ``rope`` is ``[B, T, 1, head_dim/2]`` complex.
         """
         B, T = layout.slots.shape
         H, KV, hd = groups * self.n_heads, groups * self.kv_heads, self.head_dim
@@ -151,8 +162,12 @@ class PackedLayer:
         S = layout.kv_len
         keys = cache[:, 0, :groups, :, :S].flatten(1, 2)  # [B, groups * kv_heads, S, hd], a view
         values = cache[:, 1, :groups, :, :S].flatten(1, 2)
-        q = qkv[:, :, :H].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.mask, enable_gqa=H != KV)
+        q, mask = qkv[:, :, :H], layout.mask
+        if outputs is not None:
+            q, mask = q[layout.rows, outputs], mask[layout.rows, 0, outputs][:, None]
+            x = x.view(B, T, -1)[layout.rows, outputs].view(1, -1, x.shape[-1])
+            T = outputs.shape[1]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=H != KV)
         out = out.view(B, groups, self.n_heads, T, hd).permute(1, 0, 3, 2, 4).reshape(groups, B * T, self.n_heads * hd)
         x = x + torch.bmm(out, self.wo[:groups])
         gate, up = torch.bmm(_rms(x, self.eps), self.w13[:groups]).chunk(2, dim=-1)
@@ -193,19 +208,27 @@ class PackedModel:
         )
 
     def forward(
-        self, tokens: torch.Tensor, layout: StepLayout, cache: StaticKVCache, rows: slice, heads: int
+        self,
+        tokens: torch.Tensor,
+        layout: StepLayout,
+        cache: StaticKVCache,
+        rows: slice,
+        heads: int,
+        outputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states ``[heads, B, T, D]`` of the first ``heads`` heads for ``tokens [B, T]``.
+        """Hidden states ``[heads, B, Q, D]`` of the first ``heads`` heads for ``tokens [B, T]``.
 
         ``rows`` selects the batch's rows of the cache; every layer writes its
-        keys/values at ``layout.slots`` and attends through ``layout.mask``.
+        keys/values at ``layout.slots`` and attends through ``layout.mask``. The heads
+        produce outputs at the positions ``outputs [B, Q]`` only (all when None).
         """
         B, T = tokens.shape
         rope = self.freqs[layout.rope_positions][:, :, None]
         x = F.embedding(tokens, self.embedding).view(1, B * T, -1)
-        for layer, store in zip(self.layers, cache.layers):
-            x = layer(x, rope, layout, store[rows], heads if layer is self.heads else 1)
-        return x.view(heads, B, T, -1)
+        for layer, store in zip(self.trunk, cache.layers):
+            x = layer(x, rope, layout, store[rows], 1)
+        x = self.heads(x, rope, layout, cache.layers[-1][rows], heads, outputs)
+        return x.view(heads, B, -1, x.shape[-1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Shared final norm and unembedding, in fp32 for sampling."""
