@@ -18,7 +18,13 @@ speculative runs interleaved chunk by chunk (so load on a shared machine hits bo
 * layers per vanilla and per speculative step, the cost of a speculative step
   relative to a vanilla one, and the engine's efficiency: measured speedup over the
   ideal ``tokens_per_forward x layers_vanilla_step / layers_speculative_step``
-  (target >= 0.85 at batch size 1 on a CPU).
+  (target >= 0.85 at batch size 1 on a CPU), end to end and for the decode steps
+  alone (the ideal models a step; the prefill is outside it).
+
+The default CPU model is narrow (dim 64) on purpose: at dim >= 128 this CPU's small
+matmuls are bound by FLOPs (a 4-token step then costs up to 4x a 1-token one per
+trunk layer), while the efficiency target assumes the per-call-overhead regime.
+Pass ``--checkpoint`` to measure any other model.
 """
 
 from __future__ import annotations
