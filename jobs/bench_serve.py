@@ -176,15 +176,15 @@ def _request_body(prompt: str, max_tokens: int, speculative: bool, stream: bool)
     return body
 
 
-def _one_request(url: str, body: dict, timeout: float) -> tuple[float, float | None, dict]:
+def _one_request(session: requests.Session, url: str, body: dict, timeout: float) -> tuple[float, float | None, dict]:
     """(latency, time to first text chunk or None, usage) of one request; raises on any error."""
     start = time.perf_counter()
     if not body.get("stream"):
-        r = requests.post(f"{url}/v1/completions", json=body, timeout=timeout)
+        r = session.post(f"{url}/v1/completions", json=body, timeout=timeout)
         r.raise_for_status()
         return time.perf_counter() - start, None, r.json()["usage"]
     first, usage, done = None, None, False
-    with requests.post(f"{url}/v1/completions", json=body, timeout=timeout, stream=True) as r:
+    with session.post(f"{url}/v1/completions", json=body, timeout=timeout, stream=True) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: "):
@@ -210,6 +210,7 @@ def run_load(url: str, prompts: list[str], cell: Cell, total: int, max_tokens: i
     lock, counter = threading.Lock(), iter(range(total))
 
     def client() -> None:
+        session = requests.Session()  # keep-alive, as a real client would
         while True:
             with lock:
                 i = next(counter, None)
@@ -217,7 +218,7 @@ def run_load(url: str, prompts: list[str], cell: Cell, total: int, max_tokens: i
                 return
             body = _request_body(prompts[i % len(prompts)], max_tokens, cell.speculative, stream)
             try:
-                latency, ttft, usage = _one_request(url, body, timeout)
+                latency, ttft, usage = _one_request(session, url, body, timeout)
             except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
                 with lock:
                     cell.errors += 1
@@ -272,14 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     engine = engine_speedup(checkpoint, prompt_ids, args.max_tokens)
     print(f"  vanilla {engine['vanilla_tokens_per_s']:.1f} tok/s, speculative {engine['speculative_tokens_per_s']:.1f} "
           f"tok/s, speedup {engine['speedup']:.2f}x, tokens/forward {engine['tokens_per_forward']:.2f} "
-          f"({engine['tokens_per_forward_nonrepetitive']:.2f} on the {engine['nonrepetitive_prompts']} non-repetitive "
-          f"generations; distinct 8-grams {engine['distinct_8gram']:.2f}), exact match {engine['exact_match']}")
+          f"({engine['tokens_per_forward_nonrepetitive'] or float('nan'):.2f} on the {engine['nonrepetitive_prompts']} "
+          f"non-repetitive generations; distinct 8-grams {engine['distinct_8gram']:.2f}), "
+          f"exact match {engine['exact_match']}")
 
     url = start_service(checkpoint, args.max_tokens)
     cells: list[Cell] = []
     try:
         for _ in range(2):  # warm-up: compile paths, fill the proxy's and replica's caches
-            _one_request(url, _request_body(prompts[0], 8, True, False), args.timeout)
+            _one_request(requests.Session(), url, _request_body(prompts[0], 8, True, False), args.timeout)
         for concurrency in args.concurrency:
             pair = [Cell(concurrency, False), Cell(concurrency, True)]
             per_round = max(max(args.requests, 2 * concurrency) // args.rounds, concurrency)

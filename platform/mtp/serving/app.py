@@ -1,12 +1,12 @@
 """The Ray Serve application: ``ModelServer`` replicas behind an OpenAI-style ``Ingress``.
 
-``ModelServer`` holds one engine. Concurrent non-streaming rows are grouped by
-``@serve.batch`` into one batched ``engine.generate`` call; streams advance the
-engine one step at a time, so batches and other streams interleave with them.
-``Ingress`` owns HTTP: auth, body limits, validation, fan-out of prompts x n,
-timeouts and error bodies. ``serve run serve/config.yaml`` uses ``build_app``.
+``ModelServer`` holds one engine, driven by one engine thread. Concurrent
+non-streaming rows are grouped by ``@serve.batch`` into one batched
+``engine.generate`` call (continuous batching inside it); a stream is one engine
+call, since the engine holds its cache for a whole sequence, and queues with the
+batches. ``Ingress`` owns HTTP: auth, body limits, validation, fan-out of prompts
+x n, timeouts and error bodies. ``serve run serve/config.yaml`` uses ``build_app``.
 """
-
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
 # annotation on the ingress methods, or it treats ``request`` as a query parameter.
@@ -137,7 +137,7 @@ class ModelServer:
             raise result
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # both set from the config in __init__
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
     async def _generate_batch(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
         """Up to ``serve_batch_size`` rows: the engine decodes ``max_batch_size`` at a time and
         refills a finished row from the rest, so a Serve batch larger than the engine's keeps

@@ -32,7 +32,8 @@ class ServeConfig:
     dtype: str = "auto"  # "auto": bf16 on a GPU, fp32 on a CPU
     max_batch_size: int = 8  # rows the engine decodes together
     serve_batch_size: int | None = None  # rows Serve groups into one engine call; None: 2 x max_batch_size
-    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill up
+    batch_wait_timeout_s: float = 0.0  # extra wait for a batch to fill; 0: rows queued while the
+    # engine was busy form the next batch anyway, and a lone request pays no wait
     max_tokens_cap: int = 512  # largest max_tokens a request may ask for
     max_choices: int = 16  # prompts x n in one request
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
