@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -293,3 +294,63 @@ def test_bad_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="max_batch_size"):
         Engine(model, TOKENIZER, max_batch_size=0)
     assert engine.generate(["ok"], SamplingParams(max_new_tokens=3))[0].finish_reason == "length"  # still usable
+
+
+# ----------------------------------------------------------------- shared batch
+
+
+def test_concurrent_streams_and_generate_share_the_batch_exactly():
+    """Streams (stepped round-robin here) and a generate call on another thread, speculative
+    and vanilla rows mixed, give token for token what separate calls give, and each stream's
+    deltas add up to its final text. A stream closed early leaves the others untouched."""
+    model = _successor_model(4)
+    engine = Engine(model, TOKENIZER, max_batch_size=3, tree=(3, 2, 1))
+    prompts = [TOKENIZER.decode(p) for p in _prompts(7, seed=8, max_len=12, vocab=16)]
+    kinds = [SamplingParams(max_new_tokens=30, speculative=s) for s in (True, True, False, True, False, True, True)]
+    alone = [engine.generate([p], k)[0].tokens for p, k in zip(prompts, kinds)]
+
+    streams = [engine.stream(p, k) for p, k in zip(prompts[:3], kinds[:3])]
+    abandoned = engine.stream(prompts[0], kinds[0])
+    next(abandoned)
+    batch: list[Generation] = []
+    worker = threading.Thread(target=lambda: batch.extend(engine.generate(prompts[3:], kinds[3:])))
+    worker.start()
+    abandoned.close()
+    items: list[list] = [[] for _ in streams]
+    while any(not out or not isinstance(out[-1], Generation) for out in items):
+        for it, out in zip(streams, items):
+            if not out or not isinstance(out[-1], Generation):
+                out.append(next(it))
+    worker.join(timeout=60)
+    for out, expected in zip(items, alone[:3]):
+        final = out[-1]
+        assert final.tokens == expected and "".join(out[:-1]) == final.text
+    assert [g.tokens for g in batch] == alone[3:]
+    assert not engine.has_work()
+
+
+def test_submitted_rows_interleave_and_join_as_rows_free():
+    """With listeners (how a server drives the engine): a request submitted while others run
+    starts before they finish, a third waits for a free row, and events arrive per step."""
+    model = _successor_model(4)
+    engine = Engine(model, TOKENIZER, max_batch_size=2)
+    log: list[tuple[str, str]] = []
+
+    def listen(name: str):
+        return lambda event: log.append((name, type(event).__name__))
+
+    params = SamplingParams(max_new_tokens=40)
+    engine.submit([1, 2, 3], params, listen("long"), stream=True)
+    for _ in range(3):
+        engine.step()
+    engine.submit([4, 5], SamplingParams(max_new_tokens=4), listen("short"))
+    engine.submit([6], params, listen("queued"), stream=True)
+    while engine.step():
+        pass
+    order = [name for name, kind in log if kind == "Generation"]
+    assert order == ["short", "long", "queued"]
+    first_queued = log.index(("queued", "str"))
+    assert log.index(("short", "Generation")) < first_queued < log.index(("long", "Generation"))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.submit([1], SamplingParams(max_new_tokens=0))
+    assert not engine.has_work()

@@ -18,14 +18,23 @@ Three step kinds, chosen per request:
 
 Rolling back rejected drafts is resetting a row's length: their cache slots are
 overwritten by the next step and masked out until then.
+
+All requests, from any caller, go through one scheduler: ``submit`` queues a
+request (optionally with a listener that receives its text deltas and result),
+and every ``step`` admits waiting requests into free rows or advances the running
+ones. ``generate`` and ``stream`` are thin drivers over it, so concurrent callers
+(a server's streams and plain requests) share the same running batch. One static
+cache serves one step kind at a time: while another kind waits at the head of the
+queue, the running kind admits no more rows and drains, then the next kind starts.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -39,30 +48,8 @@ from mtp.model import MTPTransformer
 from mtp.tokenizer import Tokenizer
 
 
-@dataclass
-class _Request:
-    index: int
-    prompt: list[int]
-    params: SamplingParams
-    text: TextState
-    generator: torch.Generator | None
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    started: float = 0.0
-
-    def accept(self, tokens: list[int], drafts_accepted: int | None) -> bool:
-        """Record one step's tokens; returns True when finished."""
-        if drafts_accepted is not None:
-            self.stats.forwards += 1
-            hist = self.stats.accepted_histogram
-            hist.extend([0] * (drafts_accepted + 1 - len(hist)))
-            hist[drafts_accepted] += 1
-        done = self.text.extend(tokens)
-        self.stats.generated_tokens = len(self.text.tokens)
-        self.stats.elapsed_s = time.perf_counter() - self.started
-        return done
-
-    def result(self) -> Generation:
-        return Generation(self.prompt, list(self.text.tokens), self.text.text, self.text.finish_reason, self.stats)
+Event = Union[str, Generation, BaseException]
+Listener = Callable[[Event], None]
 
 
 @dataclass(frozen=True)
@@ -81,13 +68,87 @@ class _Mode:
         return int(self.tree.depth.max()) if self.tree is not None else 0
 
 
+@dataclass(eq=False)
+class Request:
+    """One queued or running request, as ``Engine.submit`` returns it.
+
+    ``listener`` (called on the thread that runs ``Engine.step``; it must be quick
+    and must not call the engine) gets, with ``stream=True``, each text delta that
+    can no longer change, then the final ``Generation``, or the exception that
+    failed the request. A listener that raises cancels its request: nobody listens.
+    """
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    mode: _Mode
+    text: TextState
+    generator: torch.Generator | None
+    listener: Listener | None = None
+    stream: bool = False
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    started: float = 0.0
+    cancelled: bool = False  # set from any thread; the scheduler drops the request at its next step
+    done: bool = False  # the result (or error) has been published
+    error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Stop working on this request (its row is freed at the next step); no result follows."""
+        self.cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or self.text.finish_reason is not None
+
+    def accept(self, tokens: list[int], drafts_accepted: int | None) -> bool:
+        """Record one step's tokens; returns True when finished."""
+        if drafts_accepted is not None:
+            self.stats.forwards += 1
+            hist = self.stats.accepted_histogram
+            hist.extend([0] * (drafts_accepted + 1 - len(hist)))
+            hist[drafts_accepted] += 1
+        done = self.text.extend(tokens)
+        self.stats.generated_tokens = len(self.text.tokens)
+        self.stats.elapsed_s = time.perf_counter() - self.started
+        return done
+
+    def result(self) -> Generation:
+        return Generation(self.prompt, list(self.text.tokens), self.text.text, self.text.finish_reason, self.stats)
+
+    def publish(self) -> None:
+        """After a step: hand the listener the new text, and the result once finished."""
+        if self.cancelled or self.done:
+            return
+        if self.text.finish_reason is not None:
+            self.done = True
+        if self.listener is None:
+            return
+        if self.stream and (delta := self.text.delta()):
+            self._tell(delta)
+        if self.done:
+            self._tell(self.result())
+
+    def fail(self, exc: BaseException) -> None:
+        self.error, self.done = exc, True
+        if self.listener is not None:
+            self._tell(exc)
+
+    def _tell(self, event: Event) -> None:
+        if self.cancelled:
+            return
+        try:
+            self.listener(event)
+        except Exception:  # noqa: BLE001 - a broken listener must not fail the other rows
+            self.cancelled = True
+
+
 class _Rows:
     """Device state of the active rows (``[max_batch, ...]`` buffers) and their requests."""
 
     def __init__(self, engine: "Engine", mode: _Mode):
         B, dev = engine.max_batch_size, engine.device
         self.mode = mode
-        self.requests: list[_Request] = []
+        self.requests: list[Request] = []
         self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
         self.host_lengths: list[int] = []
         self.fed = torch.zeros(B, mode.width, dtype=torch.long, device=dev)
@@ -115,7 +176,8 @@ class Engine:
     captures each greedy step kind and batch size once and replays it, which
     removes the per-kernel launch cost that dominates small-batch decoding on GPUs.
     The model's weights are repacked once here: build a new Engine after changing
-    them. Calls are serialised (one static cache per engine).
+    them. Any number of threads may submit, generate and stream at once: their
+    requests share one continuous batch (one static cache per engine).
     """
 
     def __init__(
@@ -151,7 +213,10 @@ class Engine:
         self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
         self.static_shapes = static_shapes or cuda_graphs
         self._graphs = CudaGraphs() if cuda_graphs else None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one step at a time
+        self._waiting: deque[Request] = deque()
+        self._waiting_lock = threading.Lock()  # submit() may run while a step does
+        self._active: _Rows | None = None  # the rows of the step kind now running
 
     @classmethod
     def from_checkpoint(
@@ -168,33 +233,101 @@ class Engine:
         return self.generate_ids([self.tokenizer.encode(p) for p in prompts], params)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
-        """Any number of prompts, batched ``max_batch_size`` rows at a time; results in prompt order."""
+        """Any number of prompts, batched ``max_batch_size`` rows at a time; results in prompt order.
+
+        Requests are queued grouped by step kind (so a mixed list does not switch
+        kinds at every row) and decoded together with whatever else is running.
+        """
         requests = self._requests(prompt_ids, params)
-        groups: dict[_Mode, list[_Request]] = {}
+        groups: dict[_Mode, list[Request]] = {}
         for r in requests:
-            groups.setdefault(self._mode(r.params), []).append(r)
-        with self._lock:
-            for mode, group in groups.items():
-                for _ in self._run(mode, group):
-                    pass
+            groups.setdefault(r.mode, []).append(r)
+        self._enqueue([r for group in groups.values() for r in group])
+        pending = list(reversed(requests))  # oldest last: the first to finish, popped cheaply
+        while pending:
+            while pending and pending[-1].done:
+                pending.pop()
+            if pending and not self.step() and not pending[-1].done:
+                raise RuntimeError("the engine went idle with unfinished requests")
+        failed = next((r.error for r in requests if r.error is not None), None)
+        if failed is not None:
+            raise failed
         return [r.result() for r in requests]
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str | Generation]:
-        """Text deltas as tokens are accepted, then the final ``Generation``."""
-        (request,) = self._requests([self.tokenizer.encode(prompt)], params)
+        """Text deltas as tokens are accepted, then the final ``Generation``.
+
+        Every ``next`` runs one step of the shared batch, so streams and other
+        callers' requests advance together; closing the iterator early cancels
+        the request.
+        """
+        events: deque[Event] = deque()
+        request = self.submit(self.tokenizer.encode(prompt), params, events.append, stream=True)
+        try:
+            while True:
+                while events:
+                    event = events.popleft()
+                    if isinstance(event, BaseException):
+                        raise event
+                    yield event
+                    if isinstance(event, Generation):
+                        return
+                if not self.step() and not events:
+                    raise RuntimeError("the engine went idle with an unfinished stream")
+        finally:
+            request.cancel()
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, listener: Listener | None = None, stream: bool = False
+    ) -> Request:
+        """Validate and queue one request (thread-safe); whoever calls ``step`` decodes it.
+
+        Raises ``ValueError`` for an impossible request before anything is queued.
+        """
+        (request,) = self._requests([prompt_ids], params, listener, stream)
+        self._enqueue([request])
+        return request
+
+    def step(self) -> bool:
+        """One scheduling step: admit waiting requests into free rows (a prefill) or
+        advance every running row by one forward; then publish and retire.
+
+        Thread-safe (steps are serialised); returns False when there was nothing to do.
+        If the model raises, every request in the step fails with the exception (their
+        listeners are told), the rows are cleared, the engine stays usable, and the
+        exception propagates to the caller.
+        """
         with self._lock:
-            for _ in self._run(self._mode(request.params), [request]):
-                delta = request.text.delta()
-                if delta:
-                    yield delta
-        delta = request.text.delta()
-        if delta:
-            yield delta
-        yield request.result()
+            rows = self._select_rows()
+            if rows is None:
+                return False
+            admitted = self._admit(rows)
+            try:
+                if admitted:
+                    self._prefill(rows, admitted)
+                elif rows.requests:  # (empty only if the waiting head was cancelled meanwhile)
+                    self._step(rows)
+            except BaseException as exc:
+                self._fail(rows, admitted, exc)
+                raise
+            for request in rows.requests:
+                request.publish()
+            self._retire(rows)
+            return True
+
+    def has_work(self) -> bool:
+        """Whether requests are waiting or running (a cancelled one counts until the next step)."""
+        return bool(self._waiting) or (self._active is not None and bool(self._active.requests))
 
     # ------------------------------------------------------------------ requests
 
-    def _requests(self, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[_Request]:
+    def _requests(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        listener: Listener | None = None,
+        stream: bool = False,
+    ) -> list[Request]:
         """Validate everything before any work, so a bad request fails alone and early."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompt_ids)
@@ -217,7 +350,8 @@ class Engine:
             if p.temperature > 0:
                 seed = p.seed if p.seed is not None else int(torch.randint(2**62, ()).item())
                 generator = torch.Generator().manual_seed(seed)
-            requests.append(_Request(i, list(ids), p, TextState(self.tokenizer, list(p.stop), p.max_new_tokens), generator))
+            text = TextState(self.tokenizer, list(p.stop), p.max_new_tokens)
+            requests.append(Request(i, list(ids), p, self._mode(p), text, generator, listener, stream))
         return requests
 
     def _mode(self, params: SamplingParams) -> _Mode:
@@ -228,25 +362,54 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _run(self, mode: _Mode, requests: list[_Request]) -> Iterator[None]:
-        """Continuous batching of one group; yields after every step."""
-        queue = list(reversed(requests))
-        rows = self._rows.get(mode) or self._rows.setdefault(mode, _Rows(self, mode))
+    def _enqueue(self, requests: list[Request]) -> None:
+        with self._waiting_lock:
+            self._waiting.extend(requests)
+
+    def _select_rows(self) -> _Rows | None:
+        """The running step kind's rows, or the next kind's once the running one has drained."""
+        rows = self._active
+        if rows is not None:
+            self._retire(rows)  # cancelled rows leave before they cost a forward
+            if rows.requests:
+                return rows
+        with self._waiting_lock:
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft()
+            head = self._waiting[0] if self._waiting else None
+        if head is None:
+            self._active = None
+            return None
+        self._active = self._rows.get(head.mode) or self._rows.setdefault(head.mode, _Rows(self, head.mode))
+        return self._active
+
+    def _admit(self, rows: _Rows) -> list[Request]:
+        """Waiting requests of the running kind for the free rows, in arrival order; stops at
+        the first of another kind, so the running kind drains and that one gets its turn."""
+        admitted: list[Request] = []
+        free = self.max_batch_size - len(rows.requests)
+        with self._waiting_lock:
+            while self._waiting and len(admitted) < free:
+                head = self._waiting[0]
+                if head.cancelled:
+                    self._waiting.popleft()
+                elif head.mode == rows.mode:
+                    admitted.append(self._waiting.popleft())
+                else:
+                    break
+        return admitted
+
+    def _fail(self, rows: _Rows, admitted: list[Request], exc: BaseException) -> None:
+        running = set(map(id, rows.requests))
+        for request in rows.requests + [r for r in admitted if id(r) not in running]:
+            request.fail(exc)
         rows.requests.clear()
         rows.host_lengths.clear()
-        while queue or rows.requests:
-            free = self.max_batch_size - len(rows.requests)
-            if queue and free:
-                self._prefill(rows, [queue.pop() for _ in range(min(free, len(queue)))])
-            elif rows.requests:
-                self._step(rows)
-            yield
-            self._retire(rows)
 
     def _retire(self, rows: _Rows) -> None:
         """Drop finished rows, moving the last row into each hole (keeps rows contiguous)."""
         for i in reversed(range(len(rows.requests))):
-            if rows.requests[i].text.finish_reason is None:
+            if not rows.requests[i].finished:
                 continue
             last = len(rows.requests) - 1
             if i != last:
@@ -256,7 +419,7 @@ class Engine:
             rows.requests.pop()
             rows.host_lengths.pop()
 
-    def _uniforms(self, requests: list[_Request], k: int) -> torch.Tensor:
+    def _uniforms(self, requests: list[Request], k: int) -> torch.Tensor:
         return torch.stack([torch.rand(k, generator=r.generator) for r in requests]).to(self.device)
 
     def _layout(self, lengths: torch.Tensor, max_length: int, width: int, tree: TreeTensors | None) -> StepLayout:
@@ -276,7 +439,7 @@ class Engine:
     # ------------------------------------------------------------------ model steps
 
     @torch.inference_mode()
-    def _prefill(self, rows: _Rows, new: list[_Request]) -> None:
+    def _prefill(self, rows: _Rows, new: list[Request]) -> None:
         """Run new requests' prompts into free rows: first token and first drafts."""
         mode, start = rows.mode, len(rows.requests)
         now = time.perf_counter()
