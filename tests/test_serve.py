@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,8 +183,9 @@ def test_concurrent_requests_match_sequential_ones(server):
     assert results == [expected[p] for p in jobs]
 
 
-def _stream_events(url: str, **body) -> tuple[list[dict], list[float], bool]:
-    """(parsed data chunks, arrival time of each, whether [DONE] closed the stream)."""
+def _stream_events(url: str, started: threading.Event | None = None, **body) -> tuple[list[dict], list[float], bool]:
+    """(parsed data chunks, arrival time of each, whether [DONE] closed the stream); sets
+    ``started`` when the first chunk arrives."""
     events, times, done = [], [], False
     with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, headers=AUTH, stream=True,
                        timeout=60) as r:
@@ -200,7 +202,13 @@ def _stream_events(url: str, **body) -> tuple[list[dict], list[float], bool]:
             assert not done, "data after [DONE]"
             events.append(json.loads(payload))
             times.append(time.perf_counter())
+            if started is not None:
+                started.set()
     return events, times, done
+
+
+def _text_times(events: list[dict], times: list[float]) -> list[float]:
+    return [t for e, t in zip(events, times) if e["choices"] and e["choices"][0]["text"]]
 
 
 def test_streaming_is_incremental_and_matches_plain(server):
@@ -214,7 +222,7 @@ def test_streaming_is_incremental_and_matches_plain(server):
     finals = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert len(finals) == 1
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
-    text_times = [t for e, t in zip(events, times) if e["choices"] and e["choices"][0]["text"]]
+    text_times = _text_times(events, times)
     assert text_times[-1] - text_times[0] > 0.005, "all chunks arrived at once: the response was buffered"
 
 
@@ -224,6 +232,37 @@ def test_streaming_several_choices(server):
     for index, prompt in enumerate(PROMPTS[:2]):
         text = "".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == index)
         assert text == greedy_text(server, prompt, 16)
+
+
+def test_long_stream_does_not_block_short_requests(server):
+    """Short plain requests sent while a long stream runs join its batch and finish first."""
+    started = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        stream = pool.submit(_stream_events, server, started, prompt="#", max_tokens=MAX_TOKENS_CAP, temperature=0)
+        assert started.wait(30), "the stream sent nothing"
+
+        def short(prompt: str) -> float:
+            greedy_text(server, prompt, 4)
+            return time.perf_counter()
+
+        shorts = list(pool.map(short, PROMPTS[:3]))
+        events, times, done = stream.result(timeout=60)
+    assert done
+    assert max(shorts) < _text_times(events, times)[-1], "the short requests waited for the stream"
+
+
+def test_concurrent_streams_interleave(server):
+    """A second stream starts producing before the first one ends, and both match plain results."""
+    started = threading.Event()
+    body = dict(max_tokens=MAX_TOKENS_CAP, temperature=0)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_stream_events, server, started, prompt="#", **body)
+        assert started.wait(30), "the first stream sent nothing"
+        second = pool.submit(_stream_events, server, prompt="def", **body)
+        (events_1, times_1, _), (events_2, times_2, _) = first.result(timeout=60), second.result(timeout=60)
+    assert _text_times(events_2, times_2)[0] < _text_times(events_1, times_1)[-1], "the streams ran one after another"
+    for prompt, events in (("#", events_1), ("def", events_2)):
+        assert "".join(e["choices"][0]["text"] for e in events) == greedy_text(server, prompt, MAX_TOKENS_CAP)
 
 
 LONG_PROMPT = "x" * 200  # the debug preset's context is 128 bytes

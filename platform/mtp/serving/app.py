@@ -1,11 +1,11 @@
 """The Ray Serve application: ``ModelServer`` replicas behind an OpenAI-style ``Ingress``.
 
-``ModelServer`` holds one engine, driven by one engine thread. Concurrent
-non-streaming rows are grouped by ``@serve.batch`` into one batched
-``engine.generate`` call (continuous batching inside it); a stream is one engine
-call, since the engine holds its cache for a whole sequence, and queues with the
-batches. ``Ingress`` owns HTTP: auth, body limits, validation, fan-out of prompts
-x n, timeouts and error bodies. ``serve run serve/config.yaml`` uses ``build_app``.
+``ModelServer`` holds one engine, stepped one step at a time on one engine
+thread while it has work. Every request, streamed or not, is submitted to the
+engine's scheduler and joins its running batch as a row frees (continuous
+batching), so a long stream does not hold up other requests. ``Ingress`` owns
+HTTP: auth, body limits, validation, fan-out of prompts x n, timeouts and error
+bodies. ``serve run serve/config.yaml`` uses ``build_app``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
@@ -14,8 +14,8 @@ import asyncio
 import hmac
 import logging
 import os
-import threading
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import torch
@@ -51,7 +51,6 @@ logger = logging.getLogger("ray.serve")
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEALTH_TIMEOUT_S = 10.0
-_END = object()
 
 
 def placement(cfg: ServeConfig) -> tuple[str, torch.dtype]:
@@ -80,7 +79,7 @@ def engine_error(exc: BaseException) -> APIError:
     graceful_shutdown_timeout_s=30,
 )
 class ModelServer:
-    """One replica: the model, its tokenizer and the engine, fed by Serve's dynamic batching."""
+    """One replica: the model, its tokenizer and the engine, whose continuous batch every request joins."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = ServeConfig(**config).validate()
@@ -94,115 +93,98 @@ class ModelServer:
         self.tokenizer = load_tokenizer(directory)
         self.max_seq_len = model_config(directory).max_seq_len
         self.card = model_card(self.cfg.served_name, str(self.cfg.model), directory, device)
-        self._generate_batch.set_max_batch_size(self.cfg.serve_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.runner = EngineRunner()
         self.metrics = EngineMetrics()
-        self._producers: set[asyncio.Future] = set()
+        self._driver: asyncio.Task | None = None
 
     def info(self) -> dict[str, Any]:
         """The model card plus which replica answered (a replaced replica gets a new id)."""
         return {**self.card, "replica": serve.get_replica_context().replica_id.unique_id}
 
     def check_health(self) -> None:
-        """Serve replaces the replica when this raises: an engine call that never returns."""
+        """Serve replaces the replica when this raises: an engine step that never returns."""
         busy = self.runner.busy_for()
         if busy > self.cfg.stuck_after_s:
-            raise RuntimeError(f"an engine call has been running for {busy:.0f}s (limit {self.cfg.stuck_after_s}s)")
+            raise RuntimeError(f"an engine step has been running for {busy:.0f}s (limit {self.cfg.stuck_after_s}s)")
 
-    def _check(self, prompt: str, params: SamplingParams) -> None:
+    def _check(self, prompt: str, params: SamplingParams) -> list[int]:
         """Context-length checks that need the tokenizer, so errors name the field before any work."""
-        n_prompt = len(self.tokenizer.encode(prompt))
-        if n_prompt == 0:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
             raise APIError(400, "prompt must encode to at least one token", "prompt", code="invalid_value")
-        if n_prompt >= self.max_seq_len:
+        if len(ids) >= self.max_seq_len:
             raise APIError(
-                400, f"prompt has {n_prompt} tokens; this model's context is {self.max_seq_len}", "prompt",
+                400, f"prompt has {len(ids)} tokens; this model's context is {self.max_seq_len}", "prompt",
                 code="context_length_exceeded",
             )
-        if n_prompt + params.max_new_tokens > self.max_seq_len:
+        if len(ids) + params.max_new_tokens > self.max_seq_len:
             raise APIError(
                 400,
-                f"prompt ({n_prompt} tokens) + max_tokens ({params.max_new_tokens}) exceeds this model's "
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds this model's "
                 f"context of {self.max_seq_len} tokens",
                 "max_tokens",
                 code="context_length_exceeded",
             )
+        return ids
 
     async def complete(self, prompt: str, params: SamplingParams) -> Generation:
-        """One choice; concurrent calls are batched into one engine call."""
-        self._check(prompt, params)
-        result = await self._generate_batch((prompt, params))
-        if isinstance(result, APIError):
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
-    async def _generate_batch(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
-        """Up to ``serve_batch_size`` rows: the engine decodes ``max_batch_size`` at a time and
-        refills a finished row from the rest, so a Serve batch larger than the engine's keeps
-        every engine row busy until the whole batch is done."""
-        return await self.runner.run(self._generate_rows, rows)
-
-    def _generate_rows(self, rows: list[tuple[str, SamplingParams]]) -> list[Generation | APIError]:
-        """Generate a batch (on the engine thread); if the engine raises, retry row by row so one
-        bad row fails alone."""
-        try:
-            generations = self.engine.generate([p for p, _ in rows], [s for _, s in rows])
-        except Exception as exc:  # noqa: BLE001 - a failing request must not take the replica down
-            if len(rows) > 1:
-                return [self._generate_rows([row])[0] for row in rows]
-            self.metrics.record_error(exc)
-            logger.warning("generation failed for one request", exc_info=True)
-            return [engine_error(exc)]
-        for generation, (_, params) in zip(generations, rows):
-            self.metrics.record(generation, params.speculative)
-        return list(generations)
+        """One choice, decoded in the engine's running batch with every other request."""
+        async with aclosing(self._events(prompt, params, stream=False)) as events:
+            async for event in events:
+                return event
+        raise RuntimeError("the engine ended a request without a result")
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str | Generation]:
-        """Text deltas as the engine accepts tokens, then the final Generation.
+        """Text deltas as the engine accepts tokens, then the final Generation."""
+        async with aclosing(self._events(prompt, params, stream=True)) as events:
+            async for event in events:
+                yield event
 
-        The engine's ``stream`` holds its single static cache until the sequence
-        ends, so the whole stream is one call on the engine thread, handing each
-        delta to the event loop as it is produced: the replica keeps accepting
-        requests meanwhile, which queue for the engine. When the client goes away
-        the engine's generator is closed at the next token (or skipped if still
-        queued), freeing the engine.
+    async def _events(self, prompt: str, params: SamplingParams, stream: bool) -> AsyncIterator[str | Generation]:
+        """Submit one request to the engine's scheduler and relay what its listener hears.
+
+        The listener runs on the engine thread and only hands events to this event
+        loop. When the caller goes away (client disconnect, timeout), the request is
+        cancelled and its row freed at the next step.
         """
-        self._check(prompt, params)
+        ids = self._check(prompt, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def produce() -> None:
-            if stop.is_set():  # the client left while this stream waited for the engine
-                return
-            iterator = self.engine.stream(prompt, params)
-            try:
-                for item in iterator:
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                    if stop.is_set():
-                        break
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-            except Exception as exc:  # noqa: BLE001 - a failing request must not take the replica down
-                self.metrics.record_error(exc)
-                logger.warning("streamed generation failed", exc_info=True)
-                loop.call_soon_threadsafe(queue.put_nowait, engine_error(exc))
-            finally:
-                iterator.close()
-
-        producer = asyncio.ensure_future(self.runner.run(produce))
-        self._producers.add(producer)  # keep the task alive after this generator is closed
-        producer.add_done_callback(self._producers.discard)
         try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, APIError):
-                    raise item
-                if isinstance(item, Generation):
-                    self.metrics.record(item, params.speculative)
-                yield item
+            request = self.engine.submit(ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), stream)
+        except ValueError as exc:
+            raise engine_error(exc) from None
+        self._drive()
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise engine_error(event)
+                if isinstance(event, Generation):
+                    self.metrics.record(event, params.speculative)
+                yield event
+                if isinstance(event, Generation):
+                    return
         finally:
-            stop.set()
+            request.cancel()
+
+    def _drive(self) -> None:
+        """Make sure one task is stepping the engine (on the engine thread) while it has work."""
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.ensure_future(self._step_while_busy())
+
+    async def _step_while_busy(self) -> None:
+        """One engine step per engine-thread call, so requests submitted between steps join the
+        running batch at the next one. Runs on the event loop, like every submit, so a request
+        submitted as this task ends finds it done and starts a new one."""
+        if self.cfg.batch_wait_timeout_s:  # let requests arriving together share the first prefill
+            await asyncio.sleep(self.cfg.batch_wait_timeout_s)
+        while self.engine.has_work():
+            try:
+                await self.runner.run(self.engine.step)
+            except Exception as exc:  # noqa: BLE001 - the step's requests were failed; keep serving
+                self.metrics.record_error(exc)
+                logger.warning("an engine step failed; its requests got the error", exc_info=True)
 
 
 # ----------------------------------------------------------------------------- ingress

@@ -1,10 +1,11 @@
-"""Run engine calls one at a time off the event loop, and notice when one hangs.
+"""Run engine steps one at a time off the event loop, and notice when one hangs.
 
-The engine owns preallocated caches and is not re-entrant, and on a CPU two
-concurrent forwards only fight over the same cores, so every call goes to one
-dedicated worker thread, in arrival order. Waiting calls hold no thread, the
-replica's event loop keeps accepting, batching and streaming meanwhile, and
-``busy_for`` feeds Serve's health check.
+On a CPU two concurrent forwards only fight over the same cores, and a GPU
+gains nothing from them either, so every engine call (one scheduling step of the
+running batch) goes to one dedicated worker thread, in order. The replica's event
+loop keeps accepting requests and relaying streamed text meanwhile; new requests
+join the batch at the next step. ``busy_for`` feeds Serve's health check: one
+step running for minutes means the engine is stuck.
 """
 
 from __future__ import annotations
