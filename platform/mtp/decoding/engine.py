@@ -298,21 +298,22 @@ class Engine:
         exception propagates to the caller.
         """
         with self._lock:
-            rows = self._select_rows()
-            if rows is None:
-                return False
-            admitted = self._admit(rows)
+            admitted: list[Request] = []
             try:
+                rows = self._select_rows()
+                if rows is None:
+                    return False
+                admitted = self._admit(rows)
                 if admitted:
                     self._prefill(rows, admitted)
                 elif rows.requests:  # (empty only if the waiting head was cancelled meanwhile)
                     self._step(rows)
+                for request in rows.requests:
+                    request.publish()
+                self._retire(rows)
             except BaseException as exc:
-                self._fail(rows, admitted, exc)
+                self._fail(admitted, exc)
                 raise
-            for request in rows.requests:
-                request.publish()
-            self._retire(rows)
             return True
 
     def has_work(self) -> bool:
@@ -399,12 +400,16 @@ class Engine:
                     break
         return admitted
 
-    def _fail(self, rows: _Rows, admitted: list[Request], exc: BaseException) -> None:
-        running = set(map(id, rows.requests))
-        for request in rows.requests + [r for r in admitted if id(r) not in running]:
+    def _fail(self, admitted: list[Request], exc: BaseException) -> None:
+        """Fail the running rows and those being admitted, and clear the rows for what waits."""
+        rows = self._active
+        running = rows.requests if rows is not None else []
+        ids = set(map(id, running))
+        for request in running + [r for r in admitted if id(r) not in ids]:
             request.fail(exc)
-        rows.requests.clear()
-        rows.host_lengths.clear()
+        if rows is not None:
+            rows.requests.clear()
+            rows.host_lengths.clear()
 
     def _retire(self, rows: _Rows) -> None:
         """Drop finished rows, moving the last row into each hole (keeps rows contiguous)."""
