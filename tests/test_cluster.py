@@ -26,6 +26,23 @@ def test_two_ranks_average_gradients_once_per_step(tmp_path):
     assert any(g.abs().sum() > 0 for g in reference.values())
 
 
+def test_bad_input_fails_before_any_worker_starts(ray_cluster, tmp_path):
+    cfg = tiny_config(tmp_path, **{"scaling.num_workers": 3})
+    with pytest.raises(PlacementError, match="num_workers=3 .* fits 2"):
+        check_placement(cfg.scaling)
+    with pytest.raises(PlacementError, match="GPU"):
+        check_placement(tiny_config(tmp_path, **{"scaling.use_gpu": True}).scaling)
+    started = time.time()
+    with pytest.raises(DataError, match="does not exist"):
+        run_job(tiny_config(tmp_path, **{"data.source": str(tmp_path / "nope")}), track=False)
+    with pytest.raises(TrackingError, match="unreachable"):
+        run_job(tiny_config(tmp_path, **{"tracking.tracking_uri": "http://127.0.0.1:9"}))
+    with pytest.raises(PlacementError):
+        run_job(cfg, track=False)
+    assert time.time() - started < 20
+
+
+
 def _train_worker_processes():
     """Ray Train worker processes started by this test session's Ray instance."""
     import psutil
@@ -43,8 +60,9 @@ def _train_worker_processes():
 class Killer(threading.Thread):
     """SIGKILLs one training worker as soon as ``trigger`` appears in the run's storage.
 
-    A checkpoint's folder appears before Ray has registered it, so the trigger is the
-    second checkpoint: by then the first one is registered (reports are barriers).
+    A checkpoint's folder appears before the Train controller registers it (it learns
+    of reports when it polls the workers), so the trigger is the controller's
+    checkpoint-manager snapshot, written once a checkpoint is registered.
     """
 
     def __init__(self, run_dir, trigger: str, timeout: float = 240):
@@ -55,7 +73,7 @@ class Killer(threading.Thread):
     def run(self):
         deadline = time.time() + self.timeout
         while time.time() < deadline and self.killed_pid is None:
-            if (self.run_dir / self.trigger).is_dir():
+            if (self.run_dir / self.trigger).exists():
                 workers = _train_worker_processes()
                 if workers:
                     workers[-1].kill()
@@ -76,11 +94,11 @@ def killed_job(ray_cluster, tmp_path_factory):
     """A 2-worker gloo job, one of whose workers is SIGKILLed mid-run (after one checkpoint)."""
     tmp = tmp_path_factory.mktemp("killed")
     cfg = tiny_config(tmp, **{
-        "train.max_steps": 40, "train.checkpoint_every": 10, "train.eval_every": 20,
+        "train.max_steps": 60, "train.checkpoint_every": 10, "train.eval_every": 20,
         "scaling.num_workers": 2, "scaling.max_failures": 1, "tracking.run_name": "killed",
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "tracking.registered_model": "killed-model",
     })
-    killer = Killer(tmp / "runs" / "killed", "checkpoint_000020")
+    killer = Killer(tmp / "runs" / "killed", "checkpoint_manager_snapshot.json")
     killer.start()
     result = run_job(cfg)
     killer.join(timeout=1)
@@ -95,14 +113,14 @@ def test_killed_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted
     assert killer.killed_pid is not None, "the run finished before a worker could be killed"
     client = MlflowClient(cfg.tracking.tracking_uri)
     logged = _last_value_per_step(client, result.run_id, "train/loss")
-    assert sorted(logged) == list(range(1, 41))
-    # killed when the 2nd checkpoint was being written: the restart resumes from the 1st (or 2nd), not from 0
+    assert sorted(logged) == list(range(1, 61))
+    # killed after a checkpoint was registered: the restart resumes from it, not from step 0
     assert all(len(logged[s]) == 1 for s in range(1, 11)), "steps before the checkpoint must not be redone"
 
     reference = {h["step"]: h["train/loss"] for h in run_ranks(train_history, 2, cfg.to_dict())[0]}
-    for step in range(11, 41):
+    for step in range(1, 61):
         assert logged[step][-1] == pytest.approx(reference[step], rel=1e-5), step
-    assert result.checkpoint.endswith("checkpoint_000040")
+    assert result.checkpoint.endswith("checkpoint_000060")
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
 
@@ -112,31 +130,15 @@ def test_resume_continues_a_finished_run_in_the_same_mlflow_run(killed_job, tmp_
 
     cfg, first, _ = killed_job
     longer = tiny_config(tmp_path, **{
-        "train.max_steps": 44, "train.checkpoint_every": 10, "train.eval_every": 20,
+        "train.max_steps": 64, "train.checkpoint_every": 10, "train.eval_every": 20,
         "tracking.tracking_uri": cfg.tracking.tracking_uri, "tracking.run_name": "resumed", "data.source": cfg.data.source,
         "data.cache_dir": cfg.data.cache_dir,
     })
     result = run_job(longer, resume=first.storage_dir)
     assert result.run_id == first.run_id
     client = MlflowClient(cfg.tracking.tracking_uri)
-    assert sorted(_last_value_per_step(client, result.run_id, "train/loss"))[-4:] == [41, 42, 43, 44]
-    assert client.get_run(result.run_id).data.tags.get("resume.train.max_steps") == "44"
-
-
-def test_bad_input_fails_before_any_worker_starts(ray_cluster, tmp_path):
-    cfg = tiny_config(tmp_path, **{"scaling.num_workers": 3})
-    with pytest.raises(PlacementError, match="num_workers=3 .* fits 2"):
-        check_placement(cfg.scaling)
-    with pytest.raises(PlacementError, match="GPU"):
-        check_placement(tiny_config(tmp_path, **{"scaling.use_gpu": True}).scaling)
-    started = time.time()
-    with pytest.raises(DataError, match="does not exist"):
-        run_job(tiny_config(tmp_path, **{"data.source": str(tmp_path / "nope")}), track=False)
-    with pytest.raises(TrackingError, match="unreachable"):
-        run_job(tiny_config(tmp_path, **{"tracking.tracking_uri": "http://127.0.0.1:9"}))
-    with pytest.raises(PlacementError):
-        run_job(cfg, track=False)
-    assert time.time() - started < 20
+    assert sorted(_last_value_per_step(client, result.run_id, "train/loss"))[-4:] == [61, 62, 63, 64]
+    assert client.get_run(result.run_id).data.tags.get("resume.train.max_steps") == "64"
 
 
 def test_fsdp_trains_like_ddp_and_resumes_from_sharded_checkpoints(tmp_path):

@@ -233,7 +233,6 @@ class Trainer:
         )
         self.step = 0
         self.step_start_position = self.sampler.position
-        self.restored_step = 0
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
         if cfg.train.compile:
@@ -250,7 +249,6 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "data_position": vars(self.sampler.position).copy(),
-            "tracking_run_id": self.cfg.tracking.run_id,
         }
 
     def restore(self, directory: Path) -> None:
@@ -259,13 +257,15 @@ class Trainer:
             raise FileNotFoundError(f"{str(directory)!r} has no resume state (it is an inference-only checkpoint)")
         if self.sharded:
             load_sharded(self.model, self.optimizer, directory / SHARDS)
+        elif state["optimizer"] is None:
+            raise ConfigError(f"{str(directory)!r} holds a sharded optimizer state: resume it with scaling.strategy=fsdp")
         else:
             self.model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(self.device)))
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.sampler.seek(DataPosition(**state["data_position"]))
-        self.step = self.restored_step = int(state["step"])
+        self.step = int(state["step"])
 
     def save(self, metrics: dict[str, float]) -> None:
         def write(directory: Path) -> None:
