@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
 import yaml
 
 from mtp.config import JobConfig, TrackingConfig
@@ -142,7 +144,6 @@ class MLflowCallback:
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
