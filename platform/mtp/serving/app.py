@@ -1,9 +1,9 @@
 """The Ray Serve application: ``ModelServer`` replicas behind an OpenAI-style ``Ingress``.
 
-``ModelServer`` holds one engine, stepped one step at a time on one engine
-thread while it has work. Every request, streamed or not, is submitted to the
-engine's scheduler and joins its running batch as a row frees (continuous
-batching), so a long stream does not hold up other requests. ``Ingress`` owns
+``ModelServer`` holds one engine, stepped on one engine thread while it has
+work. Every request, streamed or not, is submitted to the engine's scheduler
+and joins its running batch as a row frees (continuous batching), so a long
+stream does not hold up other requests. ``Ingress`` owns
 HTTP: auth, body limits, validation, fan-out of prompts x n, timeouts and error
 bodies. ``serve run serve/config.yaml`` uses ``build_app``.
 """
@@ -174,14 +174,14 @@ class ModelServer:
             self._driver = asyncio.ensure_future(self._step_while_busy())
 
     async def _step_while_busy(self) -> None:
-        """One engine step per engine-thread call, so requests submitted between steps join the
-        running batch at the next one. Runs on the event loop, like every submit, so a request
-        submitted as this task ends finds it done and starts a new one."""
+        """Step the engine on its thread until it is idle. The idle check that ends this task
+        runs on the event loop, like every submit, so a request submitted as the engine
+        thread stops is seen here, or finds this task done and starts a new one."""
         if self.cfg.batch_wait_timeout_s:  # let requests arriving together share the first prefill
             await asyncio.sleep(self.cfg.batch_wait_timeout_s)
         while self.engine.has_work():
             try:
-                await self.runner.run(self.engine.step)
+                await self.runner.run_until_idle(self.engine.step)
             except Exception as exc:  # noqa: BLE001 - the step's requests were failed; keep serving
                 self.metrics.record_error(exc)
                 logger.warning("an engine step failed; its requests got the error", exc_info=True)
