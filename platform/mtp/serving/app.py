@@ -3,9 +3,9 @@
 ``ModelServer`` holds one engine, stepped on one engine thread while it has
 work. Every request, streamed or not, is submitted to the engine's scheduler
 and joins its running batch as a row frees (continuous batching), so a long
-stream does not hold up other requests. ``Ingress`` owns
-HTTP: auth, body limits, validation, fan-out of prompts x n, timeouts and error
-bodies. ``serve run serve/config.yaml`` uses ``build_app``.
+stream does not hold up other requests. ``Ingress`` owns HTTP: auth, body
+limits, validation, fan-out of prompts x n, timeouts and error bodies.
+``serve run serve/config.yaml`` uses ``build_app``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
