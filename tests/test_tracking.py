@@ -12,8 +12,16 @@ import yaml
 
 from _jobs import free_port, tiny_config
 from mtp.checkpoint import load_model
-from mtp.cluster.job import run_job
-from mtp.tracking import TrackingError, check_tracking, resolve_checkpoint
+from mtp.tracking import (
+    MLflowCallback,
+    TrackingError,
+    check_tracking,
+    finish_run,
+    resolve_checkpoint,
+    start_run,
+    tracking_uri,
+)
+from mtp.train import train
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +60,11 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_job_logs_params_metrics_artifacts_and_registers_the_model(ray_cluster, mlflow_server, tmp_path, monkeypatch):
+def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server, tmp_path, monkeypatch):
+    """The job's tracking sequence (driver opens, rank 0 logs, driver finishes), in one process.
+
+    The same sequence under Ray Train, against a sqlite store, is in test_cluster.
+    """
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -60,13 +72,19 @@ def test_job_logs_params_metrics_artifacts_and_registers_the_model(ray_cluster, 
     config_file.write_text(yaml.safe_dump({"train": {"max_steps": 6, "eval_every": 3}}))
     cfg = tiny_config(tmp_path, **{"train.max_steps": 6, "train.eval_every": 3, "tracking.registered_model": "mtp-test",
                                    "tracking.run_name": "tracked"})
-    result = run_job(cfg, config_file=config_file)
+    check_tracking(tracking_uri(cfg.tracking))
+    cfg.tracking.run_id = start_run(cfg, config_file)
+    callback = MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking))
+    try:
+        trained = train(cfg, callbacks=[callback])
+    finally:
+        callback.close()
+    finished = finish_run(cfg, cfg.tracking.run_id, trained.checkpoint)
 
     client = MlflowClient(mlflow_server)
-    run = client.get_run(result.run_id)
+    run = client.get_run(finished.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
     expected = {k: "" if v is None else str(v) for k, v in cfg.flat().items() if k != "tracking.run_id"}
-    expected["tracking.tracking_uri"] = mlflow_server
     assert run.data.params == expected
     for key in ("train/loss_head_0", "train/loss_head_1", "train/loss", "perf/tokens_per_s", "train/lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 7)), key
@@ -78,7 +96,7 @@ def test_job_logs_params_metrics_artifacts_and_registers_the_model(ray_cluster, 
     assert "config/config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert "config/source/job.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "config/source")}
 
-    assert result.tracking.model_uri == "models:/mtp-test/1"
+    assert finished.model_uri == "models:/mtp-test/1"
     version = client.get_model_version("mtp-test", "1")
     assert version.tags["n_future"] == "2" and version.tags["size"].endswith("M") and version.run_id == run.info.run_id
     local = resolve_checkpoint("models:/mtp-test/1", cache_dir=tmp_path / "models")

@@ -30,7 +30,7 @@ class JobResult:
     checkpoint: str | None  # the final checkpoint in Ray's storage (a local path on one machine)
     run_id: str | None
     tracking: FinishedRun | None
-    storage_dir: Path  # Ray Train's run directory: checkpoints and attempt logs
+    storage_dir: str  # Ray Train's run directory (a path, or a URI such as s3://...)
 
 
 def find_checkpoint(path_or_uri: str | Path) -> Path:
@@ -74,15 +74,17 @@ def run_job(
     else:
         cfg.tracking.run_id = None
 
-    storage = Path(cfg.train.output_dir).expanduser().resolve()
+    storage = cfg.train.output_dir  # Ray Train storage: shared by all nodes on a multi-node cluster
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
     trainer = build_trainer(cfg, storage, resume_dir)
-    storage_dir = storage / cfg.tracking.run_name
+    storage_dir = f"{storage.rstrip('/')}/{cfg.tracking.run_name}"
     try:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
     except Exception as exc:
-        last = newest_checkpoint(storage_dir)
+        last = newest_checkpoint(Path(storage_dir)) if "://" not in storage_dir else None
         if track:
             finish_run(cfg, cfg.tracking.run_id, None, failed=True)
         raise JobError(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -41,11 +43,27 @@ def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
     return {k: v for k, v in resources.items() if v > 0}
 
 
-def check_placement(scaling: ScalingConfig) -> None:
+def _alive_nodes(timeout_s: float) -> list[dict] | None:
+    """``ray.nodes()`` (alive ones), or None if the driver's GCS state accessor does not answer.
+
+    The accessor call was seen blocking forever in a long-lived driver after a worker
+    had been SIGKILLed; a job must not hang on a pre-flight check.
+    """
+    found: list[list[dict]] = []
+    thread = threading.Thread(target=lambda: found.append(ray.nodes()), daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return [n for n in found[0] if n.get("Alive")] if found else None
+
+
+def check_placement(scaling: ScalingConfig, timeout_s: float = 30.0) -> None:
     """Fail before any work when the live nodes cannot hold ``num_workers`` workers at once."""
     need = worker_resources(scaling)
+    nodes = _alive_nodes(timeout_s)
+    if nodes is None:
+        print(f"warning: Ray did not list its nodes within {timeout_s:g} s; skipping the placement check", file=sys.stderr)
+        return
     capacity = 0
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
     for node in nodes:
         have = node["Resources"]
         capacity += min((math.floor(have.get(k, 0) / v + 1e-9) for k, v in need.items()), default=scaling.num_workers)
