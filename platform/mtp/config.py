@@ -342,6 +342,22 @@ def flatten_mapping(data: dict[str, Any], where: str = "") -> dict[str, Any]:
     return flat
 
 
+def read_yaml_mapping(
+    path: str | Path, what: str = "config file", error: type[Exception] = ConfigError
+) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a missing, invalid or non-mapping file raises ``error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {str(path)!r} must hold a mapping")
+    return data
+
+
 def build_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -353,16 +369,7 @@ def build_config(
     """
     flat: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        flat.update(flatten_mapping(data, where=f"{path}: "))
+        flat.update(flatten_mapping(read_yaml_mapping(path), where=f"{path}: "))
     flat.update(overrides or {})
 
     cfg = JobConfig()

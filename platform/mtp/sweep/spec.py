@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from mtp.config import ConfigError, JobConfig, apply_overrides, build_config, flatten_mapping
+from mtp.config import ConfigError, JobConfig, apply_overrides, build_config, flatten_mapping, read_yaml_mapping
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 MAX_PROBED_CONFIGS = 4096  # beyond this, each dimension is validated on its own
@@ -213,15 +212,7 @@ _TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)}
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """Read, parse and validate a sweep file (``overrides`` replace top-level keys)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"sweep file {str(path)!r} must hold a mapping")
-    data = {**data, **(overrides or {})}
+    data = {**read_yaml_mapping(path, "sweep file", SweepError), **(overrides or {})}
     data.setdefault("name", path.stem)
     base = data.get("base_config")
     if base is not None and not Path(base).is_absolute() and not Path(base).is_file():
