@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from mtp.config import ConfigError, JobConfig, apply_overrides, build_config, flatten_mapping, read_yaml_mapping
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
