@@ -1,13 +1,19 @@
 """Distributed training: gradient sync, a 2-worker Ray Train job that survives a SIGKILL, resume, bad input."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 
 from _jobs import run_ranks, step_gradients, tiny_config, train_history
-from mtp.cluster.job import run_job
+from conftest import REPO, SOURCE_ROOT
+from mtp.cluster.job import newest_checkpoint, run_job
 from mtp.cluster.trainer import PlacementError, check_placement
 from mtp.data import DataError
 from mtp.tracking import TrackingError
@@ -44,7 +50,7 @@ def test_bad_input_fails_before_any_worker_starts(ray_cluster, tmp_path):
 
 
 def _train_worker_processes():
-    """Ray Train worker processes started by this test session's Ray instance."""
+    """Ray Train worker processes descending from this test process (the job and its Ray)."""
     import psutil
 
     found = []
@@ -89,20 +95,53 @@ def _last_value_per_step(client, run_id, key):
     return values
 
 
+@dataclass
+class KilledJob:
+    run_id: str
+    checkpoint: str
+    storage_dir: str
+
+
 @pytest.fixture(scope="module")
 def killed_job(ray_cluster, tmp_path_factory):
-    """A 2-worker gloo job, one of whose workers is SIGKILLed mid-run (after one checkpoint)."""
+    """A 2-worker gloo job, one of whose workers is SIGKILLed mid-run (after one checkpoint).
+
+    The job runs as users run it, ``python jobs/train.py --config ...``, in its own
+    process with its own local Ray: after a worker is SIGKILLed, that driver's GCS state
+    accessor was seen to block forever, and it must not be the test session's driver.
+    """
+    from mlflow import MlflowClient
+
     tmp = tmp_path_factory.mktemp("killed")
     cfg = tiny_config(tmp, **{
         "train.max_steps": 60, "train.checkpoint_every": 10, "train.eval_every": 20,
         "scaling.num_workers": 2, "scaling.max_failures": 1, "tracking.run_name": "killed",
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "tracking.registered_model": "killed-model",
     })
-    killer = Killer(tmp / "runs" / "killed", "checkpoint_manager_snapshot.json")
+    config_file = tmp / "killed.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    run_dir = tmp / "runs" / "killed"
+    killer = Killer(run_dir, "checkpoint_manager_snapshot.json")
     killer.start()
-    result = run_job(cfg)
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(SOURCE_ROOT)}
+    job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(config_file)],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in job.stdout:  # the job reports its final checkpoint, then Ray shuts down
+        output.append(line)
+        if line.startswith("final checkpoint:"):
+            break
+    try:
+        job.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        job.kill()  # the result is complete; only Ray's own shutdown is slow
     killer.join(timeout=1)
-    return cfg, result, killer
+    assert any(line.startswith("final checkpoint:") for line in output), "".join(output[-40:])
+    (run,) = MlflowClient(cfg.tracking.tracking_uri).search_runs(
+        [MlflowClient(cfg.tracking.tracking_uri).get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string="attributes.run_name = 'killed'",
+    )
+    return cfg, KilledJob(run.info.run_id, str(newest_checkpoint(run_dir)), str(run_dir)), killer
 
 
 @pytest.mark.timeout(300)
