@@ -22,8 +22,14 @@ setup: $(BIN)/.installed
 train: setup
 	$(BIN)/python jobs/train.py $(ARGS)
 
+# Ray test modules run one pytest process each (each with its one session-scoped local
+# Ray): in a single process the driver's GCS state accessor was seen to block forever
+# (`ray.cluster_resources()`) after earlier modules, in CI only; see the closing note.
+RAY_TEST_MODULES := tests/test_cluster.py tests/test_evaluation.py tests/test_serve.py tests/test_tune.py
+
 test: setup
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(addprefix --ignore=,$(RAY_TEST_MODULES)) $(ARGS)
+	for module in $(RAY_TEST_MODULES); do $(BIN)/python -m pytest $$module $(ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db runs

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,17 +149,6 @@ class _Encode:
         return {"ids": [self.tokenizer.encode(text) + [eos] for text in batch["text"]]}
 
 
-def _fork_safe_num_proc(num_proc: int) -> int:
-    """``num_proc``, or 1 in a process connected to Ray.
-
-    ``datasets`` forks its worker pool; forking a process that holds Ray's gRPC/GCS
-    client threads can leave the parent's later Ray calls hanging (seen here: the
-    test session's ``ray.cluster_resources()`` blocked forever after a forked map).
-    """
-    ray = sys.modules.get("ray")
-    return 1 if ray is not None and ray.is_initialized() else num_proc
-
-
 def _token_stream(docs, tokenizer: Tokenizer, num_proc: int) -> np.ndarray:
     if len(docs) == 0:
         return np.zeros(0, dtype=np.int32)
@@ -168,7 +156,7 @@ def _token_stream(docs, tokenizer: Tokenizer, num_proc: int) -> np.ndarray:
         _Encode(tokenizer),
         batched=True,
         batch_size=64,
-        num_proc=min(_fork_safe_num_proc(num_proc), len(docs)),
+        num_proc=min(num_proc, len(docs)),
         remove_columns=docs.column_names,
         desc="tokenizing",
     )
