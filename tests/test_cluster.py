@@ -1,6 +1,7 @@
 """Distributed training: gradient sync, a 2-worker Ray Train job that survives a SIGKILL, resume, bad input."""
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -118,6 +119,8 @@ def killed_job(ray_cluster, tmp_path_factory):
         "scaling.num_workers": 2, "scaling.max_failures": 1, "tracking.run_name": "killed",
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "tracking.registered_model": "killed-model",
     })
+    # the uninterrupted reference first, so nothing the killed job leaves behind can disturb it
+    reference = {h["step"]: h["train/loss"] for h in run_ranks(train_history, 2, cfg.to_dict())[0]}
     config_file = tmp / "killed.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     run_dir = tmp / "runs" / "killed"
@@ -125,7 +128,7 @@ def killed_job(ray_cluster, tmp_path_factory):
     killer.start()
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(SOURCE_ROOT)}
     job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(config_file)],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = []
     for line in job.stdout:  # the job reports its final checkpoint, then Ray shuts down
         output.append(line)
@@ -134,21 +137,21 @@ def killed_job(ray_cluster, tmp_path_factory):
     try:
         job.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        job.kill()  # the result is complete; only Ray's own shutdown is slow
+        os.killpg(job.pid, signal.SIGKILL)  # the result is complete; only Ray's own shutdown is slow
     killer.join(timeout=1)
     assert any(line.startswith("final checkpoint:") for line in output), "".join(output[-40:])
     (run,) = MlflowClient(cfg.tracking.tracking_uri).search_runs(
         [MlflowClient(cfg.tracking.tracking_uri).get_experiment_by_name(cfg.tracking.experiment).experiment_id],
         filter_string="attributes.run_name = 'killed'",
     )
-    return cfg, KilledJob(run.info.run_id, str(newest_checkpoint(run_dir)), str(run_dir)), killer
+    return cfg, KilledJob(run.info.run_id, str(newest_checkpoint(run_dir)), str(run_dir)), killer, reference
 
 
 @pytest.mark.timeout(300)
 def test_killed_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted_run(killed_job):
     from mlflow import MlflowClient
 
-    cfg, result, killer = killed_job
+    cfg, result, killer, reference = killed_job
     assert killer.killed_pid is not None, "the run finished before a worker could be killed"
     client = MlflowClient(cfg.tracking.tracking_uri)
     logged = _last_value_per_step(client, result.run_id, "train/loss")
@@ -156,7 +159,6 @@ def test_killed_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted
     # killed after a checkpoint was registered: the restart resumes from it, not from step 0
     assert all(len(logged[s]) == 1 for s in range(1, 11)), "steps before the checkpoint must not be redone"
 
-    reference = {h["step"]: h["train/loss"] for h in run_ranks(train_history, 2, cfg.to_dict())[0]}
     for step in range(1, 61):
         assert logged[step][-1] == pytest.approx(reference[step], rel=1e-5), step
     assert result.checkpoint.endswith("checkpoint_000060")
@@ -167,7 +169,7 @@ def test_killed_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted
 def test_resume_continues_a_finished_run_in_the_same_mlflow_run(killed_job, tmp_path):
     from mlflow import MlflowClient
 
-    cfg, first, _ = killed_job
+    cfg, first, _, _ = killed_job
     longer = tiny_config(tmp_path, **{
         "train.max_steps": 64, "train.checkpoint_every": 10, "train.eval_every": 20,
         "tracking.tracking_uri": cfg.tracking.tracking_uri, "tracking.run_name": "resumed", "data.source": cfg.data.source,
