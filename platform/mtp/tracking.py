@@ -75,7 +75,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _experiment_id(client, name: str, uri: str) -> str:
+def experiment_id(client, name: str, uri: str) -> str:
     """Get or create the experiment, on the driver, with artifacts beside a sqlite store."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -111,7 +111,7 @@ def start_run(cfg: JobConfig, config_file: str | Path | None = None) -> str:
     from mlflow.entities import Param
 
     tags = {"n_future": str(cfg.model.n_future), "preset": cfg.train.preset, "size": model_size(cfg)}
-    run = client.create_run(_experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name, tags=tags)
+    run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name, tags=tags)
     run_id = run.info.run_id
     items = [Param(k, v[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):

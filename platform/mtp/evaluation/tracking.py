@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.evaluation.scoring import EvaluationResult, result_rows
-from mtp.tracking import _experiment_id as experiment_for
+from mtp.tracking import experiment_id as experiment_for
 
 
 @dataclass

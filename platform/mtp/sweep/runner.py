@@ -24,7 +24,7 @@ from mtp.sweep.resources import (
 from mtp.sweep.spec import SweepError, SweepSpec
 from mtp.sweep.summary import TrialRow
 from mtp.sweep.trial import TrialContext, run_trial
-from mtp.tracking import _experiment_id as experiment_for
+from mtp.tracking import experiment_id as experiment_for
 from mtp.tracking import check_tracking
 from mtp.tracking import tracking_uri as resolve_tracking_uri
 
