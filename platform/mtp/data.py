@@ -3,7 +3,9 @@
 Documents come from HF ``datasets`` (``load_corpus``): the embedded ``stdlib`` corpus
 (the running interpreter's standard-library sources, so a fresh machine trains on
 real code without a download), a local folder of source files, a local
-json/jsonl/parquet/txt file, or a hub dataset with a text column.
+json/jsonl/parquet/txt file, or a hub dataset with a text column. Where ``datasets``
+is not installed (a bare GPU box), folder sources, the stdlib included, are read and
+tokenized in plain Python instead, into the same blocks.
 
 ``prepare_data`` splits documents into train/validation by a seeded shuffle (a
 document never straddles the split), tokenizes them with ``Dataset.map(num_proc=...)``
@@ -94,17 +96,36 @@ def _folder_files(folder: Path, file_glob: str) -> list[Path]:
     return sorted(p for p in folder.glob(file_glob) if p.is_file() and "site-packages" not in p.parts)
 
 
+def has_datasets() -> bool:
+    """Whether HF ``datasets`` imports; without it only folder sources load (``folder_texts``)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def folder_texts(cfg: DataConfig) -> list[str]:
+    """The documents of a folder source (the stdlib included), in sorted path order."""
+    source = resolve_source(cfg.source)
+    if source.kind != "folder":
+        raise DataError(
+            f"data.source={cfg.source!r} needs HF datasets, which is not installed; "
+            "only folder sources (the stdlib default included) load without it"
+        )
+    files = _folder_files(Path(source.location), cfg.file_glob)
+    if not files:
+        raise DataError(f"data.source={cfg.source!r} holds no files matching data.file_glob={cfg.file_glob!r}")
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
 def load_corpus(cfg: DataConfig):
     """The documents as a ``datasets.Dataset`` with one ``text`` column."""
     import datasets
 
     source = resolve_source(cfg.source)
     if source.kind == "folder":
-        files = _folder_files(Path(source.location), cfg.file_glob)
-        if not files:
-            raise DataError(f"data.source={cfg.source!r} holds no files matching data.file_glob={cfg.file_glob!r}")
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-        return datasets.Dataset.from_dict({"text": texts})
+        return datasets.Dataset.from_dict({"text": folder_texts(cfg)})
     try:
         if source.kind == "file":
             builder = LOCAL_FORMATS[Path(source.location).suffix]
@@ -150,8 +171,12 @@ class _Encode:
 
 
 def _token_stream(docs, tokenizer: Tokenizer, num_proc: int) -> np.ndarray:
+    """Every document's ids and one eos, concatenated; a plain list is encoded in this process."""
     if len(docs) == 0:
         return np.zeros(0, dtype=np.int32)
+    if isinstance(docs, list):
+        encode = _Encode(tokenizer)
+        return np.concatenate([np.asarray(ids, dtype=np.int32) for ids in encode({"text": docs})["ids"]])
     encoded = docs.map(
         _Encode(tokenizer),
         batched=True,
@@ -237,19 +262,34 @@ def prepare_data(cfg: DataConfig, seq_len: int) -> PackedData:
     return _load(directory)
 
 
+def _shuffled_documents(cfg: DataConfig):
+    """The corpus in a seeded order: a ``datasets.Dataset``, or without datasets a list of texts
+    in the same order (``Dataset.shuffle(seed)`` is ``default_rng(seed).permutation``)."""
+    if has_datasets():
+        return load_corpus(cfg).shuffle(seed=cfg.seed).flatten_indices()
+    texts = folder_texts(cfg)
+    return [texts[i] for i in np.random.default_rng(cfg.seed).permutation(len(texts))]
+
+
+def _select(docs, start: int, stop: int):
+    if isinstance(docs, list):
+        return docs[start:stop]
+    return docs.select(range(start, stop) if stop > start else [])  # an empty tail range trips datasets
+
+
 def _build(cfg: DataConfig, block_len: int, directory: Path) -> None:
-    docs = load_corpus(cfg).shuffle(seed=cfg.seed).flatten_indices()
+    docs = _shuffled_documents(cfg)
     if cfg.max_documents is not None:
-        docs = docs.select(range(min(cfg.max_documents, len(docs))))
+        docs = _select(docs, 0, min(cfg.max_documents, len(docs)))
     if len(docs) == 0:
         raise DataError(f"data.source={cfg.source!r} holds no documents")
     n_val = int(round(len(docs) * cfg.val_fraction))
     if cfg.val_fraction > 0:
         n_val = min(max(n_val, 1), len(docs) - 1)
     split = len(docs) - n_val
-    train_docs = docs.select(range(split))
-    val_docs = docs.select(range(split, len(docs)) if n_val else [])  # an empty tail range trips datasets
-    tokenizer = build_tokenizer(cfg, train_docs["text"])
+    train_docs = _select(docs, 0, split)
+    val_docs = _select(docs, split, len(docs))
+    tokenizer = build_tokenizer(cfg, train_docs if isinstance(train_docs, list) else train_docs["text"])
     train = pack(_token_stream(train_docs, tokenizer, cfg.num_proc), block_len)
     val = pack(_token_stream(val_docs, tokenizer, cfg.num_proc), block_len, pad_id=tokenizer.pad_id)
     if len(train) == 0:
