@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from scipy import stats as scipy_stats
 
 from mtp.config import ModelConfig
-from mtp.decoding import DraftTree, Engine, Generation, SamplingParams
+from mtp.decoding import DraftTree, Engine, Generation, SamplingParams, reference
 from mtp.decoding.packed import PackedModel, StepLayout
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
+STORED_HISTOGRAMS = Path(__file__).parent / "data" / "acceptance_histograms.json"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -131,6 +135,58 @@ def test_speculative_greedy_equals_vanilla_greedy(n_future, tree, agreeing):
     if agreeing:  # every accepted length occurs, up to all drafts
         assert max(len(s.stats.accepted_histogram) for s in spec) == n_future
         assert sum(s.stats.accepted_histogram[0] for s in spec) > 0
+
+
+# ------------------------------------------------------------- against the spec
+
+
+@pytest.mark.parametrize("n_future,tree", [(4, None), (4, (3, 2, 1)), (4, (2, 2)), (2, (4,))])
+def test_engine_matches_reference_step_for_step(n_future, tree):
+    """The batched engine and ``reference.greedy`` agree on every token and on every step's
+    accepted-draft count: an engine that under-accepts drafts keeps the output but not the histogram."""
+    model = _successor_model(n_future, right=0.3, seed=1)
+    prompts = _prompts(6, seed=11, max_len=20, vocab=16)
+    widths = tree or (1,) * (n_future - 1)
+    engine = Engine(model, TOKENIZER, max_batch_size=3, tree=tree).generate_ids(prompts, SamplingParams(max_new_tokens=40))
+    for i, (prompt, g) in enumerate(zip(prompts, engine)):
+        spec = reference.greedy(model, prompt, 40, widths, TOKENIZER.eos_id)
+        assert g.tokens == spec.tokens, f"prompt {i}: tokens differ from the reference"
+        assert g.stats.accepted_histogram == spec.accepted_histogram, f"prompt {i}: steps differ from the reference"
+    accepted = [k for g in engine for k, n in enumerate(g.stats.accepted_histogram) if n]
+    assert len(set(accepted)) >= 2, "the model must accept drafts of several lengths for this test to see anything"
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_engine_sampling_matches_reference(speculative):
+    """Seeded sampling at T=0.8: the engine draws its uniforms in the reference's order, so the
+    batched rows reproduce ``reference.sample`` token for token and step for step."""
+    model = _model(n_future=3, seed=4, init_std=0.3, vocab=16)
+    prompts = _prompts(6, seed=12, max_len=20, vocab=16)
+    params = [SamplingParams(max_new_tokens=30, temperature=0.8, seed=100 + i, speculative=speculative) for i in range(6)]
+    engine = Engine(model, TOKENIZER, max_batch_size=3).generate_ids(prompts, params)
+    for i, (prompt, g) in enumerate(zip(prompts, engine)):
+        spec = reference.sample(model, prompt, 30, 0.8, 100 + i, speculative, TOKENIZER.eos_id)
+        assert (g.tokens, g.stats.accepted_histogram) == (spec.tokens, spec.accepted_histogram), f"prompt {i}"
+    if speculative:
+        assert sum(sum(g.stats.accepted_histogram[1:]) for g in engine) > 0 and sum(g.stats.accepted_histogram[0] for g in engine) > 0
+
+
+def _stored_histograms() -> dict[str, list[list[int]]]:
+    """Per-prompt accepted-draft histograms of a fixed constructed model, by decoding kind."""
+    model = _successor_model(4, right=0.3, seed=1)
+    prompts = _prompts(4, seed=11, max_len=20, vocab=16)
+    kinds = {"chain": (SamplingParams(max_new_tokens=48), None), "tree(3,2,1)": (SamplingParams(max_new_tokens=48), (3, 2, 1)),
+             "sampled(T=0.8)": (SamplingParams(max_new_tokens=48, temperature=0.8, seed=7), None)}
+    return {name: [g.stats.accepted_histogram for g in Engine(model, TOKENIZER, max_batch_size=4, tree=tree).generate_ids(prompts, params)]
+            for name, (params, tree) in kinds.items()}
+
+
+def test_acceptance_histograms_match_the_stored_ones():
+    """Pinned like a loss curve. After a deliberate change: ``MTP_UPDATE_STORED=1 pytest tests/test_decoding.py -k stored``."""
+    measured = _stored_histograms()
+    if os.environ.get("MTP_UPDATE_STORED"):
+        STORED_HISTOGRAMS.write_text(json.dumps(measured, indent=1) + "\n")
+    assert measured == json.loads(STORED_HISTOGRAMS.read_text())
 
 
 @pytest.mark.parametrize("tree", [None, (3, 2, 1)])

@@ -6,8 +6,11 @@ and the same unembedding. Head ``i`` predicts token ``t + i + 1`` from position
 ``t``, so head 0 is the ordinary next-token model.
 
 The pieces are exposed separately (``trunk``, ``head``, ``logits``) because the
-memory-efficient loss (``mtp.loss``) and the speculative decoder (``mtp.decoding``)
-schedule them differently from the plain ``forward``.
+memory-efficient loss (``mtp.loss``) and the reference speculative decoder
+(``mtp.decoding.reference``) schedule them differently from the plain ``forward``.
+That decoder also passes explicit rotary ``positions``, an attention ``mask`` and a
+per-layer ``LayerCache``; the fast engine (``mtp.decoding.Engine``) instead repacks
+these weights into its own inference layers (``mtp.decoding.packed``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from mtp.config import ModelConfig
 
 
 class LayerCache(Protocol):
-    """Per-layer key/value store used during decoding (see ``mtp.decoding``)."""
+    """Per-layer key/value store used during decoding (``mtp.decoding.reference.KVCache``)."""
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v ``[B, kv_heads, T, head_dim]`` for the current positions; return all keys/values."""
@@ -49,9 +52,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of ``x [B, H, T, D]``; cos/sin are ``[T, D/2]`` or ``[B, T, D/2]``."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
+    """Rotate pairs of channels of ``x [B, H, T, D]``; cos/sin are ``[T, D/2]``."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return rotated.type_as(x)
@@ -139,7 +140,7 @@ class MTPTransformer(nn.Module):
                 nn.init.normal_(p, std=self.cfg.init_std)
 
     def rope(self, positions: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for ``positions`` (``[T]`` or per-row ``[B, T]``), or for 0..T-1."""
+        """cos/sin for ``positions [T]``, or for 0..T-1."""
         if positions is None:
             return self.rope_cos[:T], self.rope_sin[:T]
         return self.rope_cos[positions], self.rope_sin[positions]
@@ -151,7 +152,12 @@ class MTPTransformer(nn.Module):
         mask: torch.Tensor | None = None,
         caches: Sequence[LayerCache] | None = None,
     ) -> torch.Tensor:
-        """Embed ``tokens [B, T]`` and run the shared trunk; returns ``[B, T, dim]``."""
+        """Embed ``tokens [B, T]`` and run the shared trunk; returns ``[B, T, dim]``.
+
+        Without ``caches`` attention is causal over ``tokens``; with them, each layer
+        appends its keys/values to its cache and ``mask [T, S]`` says which of the
+        ``S`` cached positions each token sees (True = attend).
+        """
         cos, sin = self.rope(positions, tokens.shape[1])
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.trunk_layers):

@@ -1,11 +1,15 @@
 """Inference for MTP models: static KV caches, vanilla and self-speculative decoding.
 
-``Engine`` is the entry point (``mtp.decoding.engine``); the request/result types
-(``mtp.decoding.api``) are what evaluation and Serve code against.
+``reference`` is the specification: a batch-1 self-speculative decoder on the model's
+own ``trunk``/``head``/``logits``, short enough to read in one sitting. ``Engine``
+(``mtp.decoding.engine``) is the fast path, tested against it token for token and
+step for step; the request/result types (``mtp.decoding.api``) are what evaluation
+and Serve code against.
 """
 
+from mtp.decoding import reference
 from mtp.decoding.api import Generation, GenerationStats, SamplingParams
 from mtp.decoding.engine import Engine
 from mtp.decoding.tree import DraftTree
 
-__all__ = ["DraftTree", "Engine", "Generation", "GenerationStats", "SamplingParams"]
+__all__ = ["DraftTree", "Engine", "Generation", "GenerationStats", "SamplingParams", "reference"]

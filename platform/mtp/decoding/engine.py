@@ -1,5 +1,18 @@
 """The decoding engine: continuous batching over a static KV cache, plain or self-speculative.
 
+It computes what ``mtp.decoding.reference`` specifies (the tests hold it to that
+token for token and step for step) and adds what makes it fast and servable:
+
+* packed weights (``mtp.decoding.packed``): fused projections, all heads as one
+  batched layer, so a step costs few kernel calls;
+* a preallocated static cache, written at explicit slots: rolling back is
+  resetting a length, not cutting tensors;
+* one forward verifies a whole draft tree (tree attention mask), where the
+  reference runs one chain per path;
+* many requests in one batch, each row at its own position, joining and leaving
+  between steps (continuous batching), with per-row sampling settings and seeds;
+* static step shapes: a compiled step (``torch.compile``) or a CUDA graph per step kind.
+
 Requests run in rows of a fixed-size batch. A row is admitted with a prefill
 (which also yields its first token and the heads' first drafts), then advances one
 verification forward per step with its own position and its own number of
@@ -65,7 +78,7 @@ class _Mode:
 
     @property
     def drafts(self) -> int:
-        return int(self.tree.depth.max()) if self.tree is not None else 0
+        return len(self.tree.tree.widths) if self.tree is not None else 0
 
 
 @dataclass(eq=False)
