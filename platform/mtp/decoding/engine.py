@@ -11,7 +11,7 @@ token for token and step for step) and adds what makes it fast and servable:
   reference runs one chain per path;
 * many requests in one batch, each row at its own position, joining and leaving
   between steps (continuous batching), with per-row sampling settings and seeds;
-* static step shapes: a compiled step (``torch.compile``) or a CUDA graph per step kind.
+* static step shapes, so a step can be replayed as a CUDA graph.
 
 Requests run in rows of a fixed-size batch. A row is admitted with a prefill
 (which also yields its first token and the heads' first drafts), then advances one
