@@ -11,22 +11,21 @@ from mtp.config import ConfigError
 from mtp.train import TrainingError, lr_factor, train
 
 
-def test_training_reduces_loss_and_writes_a_loadable_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, **{"train.max_steps": 30, "train.eval_every": 30, "train.lr": 1e-2,
-                                   "train.log_every": 10, "train.checkpoint_every": 30})
+def test_training_logs_and_writes_a_loadable_checkpoint(tmp_path):
+    """What a run leaves behind; its numerics are pinned by test_loss_trace.py."""
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 6, "train.eval_every": 6, "train.log_every": 3,
+                                   "train.checkpoint_every": 6})
     result = train(cfg)
-    first, last = result.history[0], result.history[-1]
-    assert last["train/loss"] < 0.7 * first["train/loss"]
-    assert last["val/loss"] < math.log(260) - 1.5
-    assert 0 < last["val/bpb"] < 8
-    for key in ("train/loss_head_0", "train/loss_head_1", "val/loss_head_1", "perf/tokens_per_s",
-                "perf/peak_memory_bytes", "train/lr"):
-        assert key in last
-    assert result.checkpoint == tmp_path / "runs" / "tiny" / "checkpoints" / "step_000030"
+    last = result.history[-1]
+    assert [h["step"] for h in result.history] == [3, 6]
+    for key in ("train/loss_head_0", "train/loss_head_1", "val/loss_head_1", "val/bpb", "perf/tokens_per_s",
+                "perf/peak_memory_bytes", "train/lr", "train/grad_norm"):
+        assert math.isfinite(last[key]), key
+    assert result.checkpoint == tmp_path / "runs" / "tiny" / "checkpoints" / "step_000006"
     model, _, config = load_model(result.checkpoint)
     assert config["model"]["n_future"] == 2 and model.cfg.n_future == 2
     state = load_train_state(result.checkpoint)
-    assert state["step"] == 30 and state["data_position"]["offset"] > 0
+    assert state["step"] == 6 and state["data_position"]["offset"] > 0
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
