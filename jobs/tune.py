@@ -19,7 +19,7 @@ from pathlib import Path
 SOURCE_ROOT = Path(__file__).resolve().parents[1] / "platform"
 sys.path.insert(0, str(SOURCE_ROOT))
 
-from mtp.cluster.trainer import connect  # noqa: E402
+from mtp.cluster.ray_env import connect  # noqa: E402
 from mtp.data import DataError  # noqa: E402
 from mtp.sweep import SweepError, load_spec, run_sweep  # noqa: E402
 from mtp.sweep.summary import format_table  # noqa: E402

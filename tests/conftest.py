@@ -19,19 +19,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray instance shared by every Ray test (starting one costs ~7 s)."""
+    """A local Ray instance shared by every Ray test (starting one costs ~7 s), joined as jobs join Ray."""
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         yield ray
         return
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=512 * 1024**2,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(SOURCE_ROOT), "RAY_AUTH_MODE": "disabled"}},
-    )
+    from mtp.cluster.ray_env import connect
+
+    connect("local", num_cpus=2, object_store_memory=512 * 1024**2, log_to_driver=False)
     try:
         yield ray
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mtp.cluster import ray_env
 from mtp.evaluation import (
     BenchmarkError, Program, RunnerConfig, load_benchmark, open_scorer, parse_samples, score, score_samples,
 )
@@ -70,7 +71,7 @@ def test_a_killed_worker_is_replaced_and_no_result_is_lost(ray_cluster):
 
 
 def test_more_workers_than_cluster_cpus_is_refused(ray_cluster):
-    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    cpus = int(ray_env.resources()["CPU"])
     with pytest.raises(ValueError, match=f"workers={cpus + 1} exceeds the cluster's {cpus} CPUs"):
         open_scorer(RunnerConfig(workers=cpus + 1))
 
@@ -203,3 +204,18 @@ def test_evaluate_model_generates_scores_and_links_the_training_run(tmp_path, ml
     assert {"eval_mbpp/T0.8/pass_at_1", "eval_mbpp/T0.8/pass_at_2"} <= set(run.data.metrics)
     assert run.data.params["generation.n_samples"] == "2"
     assert run.data.params["generation.stop"] == str(("[DONE]", "\nassert"))
+
+
+def test_evaluate_model_on_the_default_ray_backend(tmp_path):
+    """As users run it: no --backend, so generation and scoring go to a Ray the job starts itself."""
+    _tiny_checkpoint(tmp_path / "ck")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model", str(tmp_path / "ck"), "--benchmark",
+         str(DATA / "eval_mbpp.jsonl"), "--max-new-tokens", "4", "--k", "1", "--workers", "1", "--no-mlflow",
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "RAY_ADDRESS": "local"},  # its own local Ray, not one running on this machine
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "generated 4 samples for eval_mbpp at T=0" in done.stdout
+    assert len((tmp_path / "out" / "eval_mbpp_T0_results.jsonl").read_text().splitlines()) == 4

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mtp.cluster import ray_env
 from mtp.config import JobConfig
 from mtp.sweep.resources import TrialDemand, check_feasible, fitting_concurrency
 from mtp.sweep.spec import SweepError, load_spec, parse_spec
@@ -338,7 +339,7 @@ def test_impossible_resources_fail_before_any_trial_or_run(ray_cluster, mlflow_u
 
     from mtp.sweep import run_sweep
 
-    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    cpus = int(ray_env.resources()["CPU"])
     spec = parse_spec(sweep(config={**TINY_TRAIN, "scaling": {"num_workers": cpus + 1}}))
     with pytest.raises(SweepError, match=f"needs CPU={cpus + 1}"):
         run_sweep(spec, storage_path=str(tmp_path / "sweeps"))

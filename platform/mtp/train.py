@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from mtp.checkpoint import WEIGHTS, load_train_state, save_checkpoint
 from mtp.config import ConfigError, JobConfig, TrainConfig
 from mtp.data import BlockSampler, DataPosition, PackedData, prepare_data, val_indices
+from mtp.device import resolve_device
 from mtp.loss import evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
 from mtp.model import MTPTransformer, training_flops_per_token
 from mtp.parallel import (
@@ -115,16 +116,6 @@ class LocalCheckpoints:
 
 
 # ------------------------------------------------------------------ building blocks
-
-
-def pick_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device='cuda' but no CUDA device is visible")
-        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
-    return torch.device(name)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -211,7 +202,10 @@ class Trainer:
     def __init__(self, cfg: JobConfig, data: PackedData, store: CheckpointStore, callbacks: Sequence[TrainCallback]):
         self.cfg, self.data, self.store, self.callbacks = cfg, data, store, list(callbacks)
         self.info = dist_info()
-        self.device = pick_device(cfg.train.device, self.info)
+        try:
+            self.device = resolve_device(cfg.train.device, self.info.local_rank)
+        except ValueError as exc:
+            raise ConfigError(f"train.device: {exc}") from None
         self.amp = autocast_dtype(cfg.train, self.device)
         if cfg.model.vocab_size < data.tokenizer.vocab_size:
             raise ConfigError(

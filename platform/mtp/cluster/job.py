@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtp.checkpoint import CONFIG, local_checkpoint_dir, read_config
-from mtp.cluster.trainer import build_trainer, check_placement, connect
+from mtp.cluster.ray_env import connect
+from mtp.cluster.trainer import build_trainer, check_placement
 from mtp.config import JobConfig
 from mtp.data import prepare_data
 from mtp.tracking import FinishedRun, check_tracking, finish_run, start_run, tracking_uri

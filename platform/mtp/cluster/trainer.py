@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -15,6 +13,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from mtp.cluster import ray_env
 from mtp.config import JobConfig, ScalingConfig, from_dict
 from mtp.parallel import DistInfo, dist_info
 from mtp.tracking import MLflowCallback, tracking_uri
@@ -25,17 +24,6 @@ class PlacementError(RuntimeError):
     """The cluster cannot place the requested workers."""
 
 
-def package_runtime_env() -> dict[str, Any]:
-    """A runtime_env that ships the ``mtp`` package to every worker (and the Train controller)."""
-    return {"py_modules": [str(Path(__file__).resolve().parents[1])]}  # .../mtp
-
-
-def connect(address: str | None = None) -> None:
-    """Join the cluster this job was submitted to (or start a local one), carrying ``mtp``."""
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=package_runtime_env())
-
-
 def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -43,32 +31,20 @@ def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
     return {k: v for k, v in resources.items() if v > 0}
 
 
-def _alive_nodes(timeout_s: float) -> list[dict] | None:
-    """``ray.nodes()`` (alive ones), or None if the driver's GCS state accessor does not answer.
-
-    The accessor call was seen blocking forever in a long-lived driver after a worker
-    had been SIGKILLed; a job must not hang on a pre-flight check.
-    """
-    found: list[list[dict]] = []
-    thread = threading.Thread(target=lambda: found.append(ray.nodes()), daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return [n for n in found[0] if n.get("Alive")] if found else None
-
-
 def check_placement(scaling: ScalingConfig, timeout_s: float = 30.0) -> None:
     """Fail before any work when the live nodes cannot hold ``num_workers`` workers at once."""
     need = worker_resources(scaling)
-    nodes = _alive_nodes(timeout_s)
-    if nodes is None:
-        print(f"warning: Ray did not list its nodes within {timeout_s:g} s; skipping the placement check", file=sys.stderr)
+    try:
+        nodes = ray_env.nodes(timeout_s)
+    except ray_env.ClusterQueryError as exc:  # a pre-flight check must not stop (or hang) a job
+        print(f"warning: skipping the placement check: {exc}", file=sys.stderr)
         return
     capacity = 0
     for node in nodes:
-        have = node["Resources"]
+        have = node.resources
         capacity += min((math.floor(have.get(k, 0) / v + 1e-9) for k, v in need.items()), default=scaling.num_workers)
     if capacity < scaling.num_workers:
-        totals = ", ".join(f"{k}={sum(n['Resources'].get(k, 0) for n in nodes):g}" for k in need)
+        totals = ", ".join(f"{k}={sum(n.resources.get(k, 0) for n in nodes):g}" for k in need)
         raise PlacementError(
             f"scaling.num_workers={scaling.num_workers} with {need} per worker cannot be placed: "
             f"the cluster ({len(nodes)} node(s), {totals}) fits {capacity} such worker(s)"

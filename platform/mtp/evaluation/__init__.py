@@ -2,7 +2,7 @@
 
 from mtp.evaluation.benchmarks import Benchmark, BenchmarkError, Problem, load_benchmark
 from mtp.evaluation.passk import mean_pass_at_k, pass_at_k
-from mtp.evaluation.runner import Program, RunnerConfig, Scorer, open_scorer, score
+from mtp.evaluation.sandbox_pool import Program, RunnerConfig, Scorer, open_scorer, score
 from mtp.evaluation.scoring import DEFAULT_LIMITS, EvaluationResult, SampleResult, parse_samples, score_samples
 
 __all__ = [

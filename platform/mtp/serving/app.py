@@ -29,8 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtp.checkpoint import local_checkpoint_dir, model_config
 from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.device import resolve_device
 from mtp.serving.card import model_card
 from mtp.serving.config import API_KEY_ENV, ServeConfig, serve_config
+from mtp.serving.engine_thread import EngineRunner
 from mtp.serving.metrics import EngineMetrics, IngressMetrics
 from mtp.serving.protocol import (
     SSE_DONE,
@@ -44,7 +46,6 @@ from mtp.serving.protocol import (
     sse,
     stream_choice,
 )
-from mtp.serving.runner import EngineRunner
 from mtp.tokenizer import load_tokenizer
 
 logger = logging.getLogger("ray.serve")
@@ -55,9 +56,7 @@ HEALTH_TIMEOUT_S = 10.0
 
 def placement(cfg: ServeConfig) -> tuple[str, torch.dtype]:
     """Resolve ``auto``: a replica given a GPU serves from it in bf16; a CPU replica in fp32."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(cfg.device))
     if cfg.dtype != "auto":
         return device, TORCH_DTYPES[cfg.dtype]
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -5,7 +5,7 @@ Ray cluster and leaves one MLflow parent run with a child run per trial, a summa
 table, a metric-vs-n_future plot and a ``best_trial`` tag.
 """
 
-from mtp.sweep.runner import SweepResult, run_sweep
+from mtp.sweep.driver import SweepResult, run_sweep
 from mtp.sweep.spec import SweepError, SweepSpec, load_spec
 
 __all__ = ["SweepError", "SweepResult", "SweepSpec", "load_spec", "run_sweep"]

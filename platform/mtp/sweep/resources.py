@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mtp.cluster import ray_env
 from mtp.cluster.trainer import worker_resources
 from mtp.config import JobConfig
 from mtp.sweep.spec import SweepError, SweepSpec
@@ -87,10 +88,8 @@ def fitting_concurrency(demands: list[TrialDemand], cluster: dict[str, float]) -
 
 def cluster_view() -> tuple[dict[str, float], list[dict[str, float]]]:
     """Total resources and each alive node's resources, from the connected Ray cluster."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return dict(ray.cluster_resources()), nodes
+    nodes = [node.resources for node in ray_env.nodes()]
+    return ray_env.resources(), nodes
 
 
 def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:

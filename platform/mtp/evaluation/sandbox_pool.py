@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from mtp.sandbox import Limits, Sandbox, SandboxConfig, SandboxUnavailable, Verdict
-from mtp.sandbox.sandbox import SOURCE_ROOT
 
 
 @dataclass(frozen=True)
@@ -72,18 +71,6 @@ class SandboxWorker:
         return True
 
 
-def ensure_ray() -> None:
-    """Join the cluster (RAY_ADDRESS or a local ``ray start``), else start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:  # a fresh local instance: its workers must import mtp from this checkout
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": SOURCE_ROOT}}, include_dashboard=False)
-
-
 class LocalScorer:
     """Sandboxes in this process, driven by a thread each."""
 
@@ -127,12 +114,14 @@ class RayScorer:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        ensure_ray()
+        from mtp.cluster import ray_env
+
+        ray_env.connect()
         self.config = config
-        cpus = int(ray.cluster_resources().get("CPU", 0))
+        cpus = int(ray_env.resources().get("CPU", 0))
         if config.workers and config.workers > cpus:
             raise ValueError(f"RunnerConfig.workers={config.workers} exceeds the cluster's {cpus} CPUs (one per worker)")
-        free_cpus = int(ray.available_resources().get("CPU", 0)) or 1
+        free_cpus = int(ray_env.resources(available=True).get("CPU", 0)) or 1
         self._class = ray.remote(num_cpus=1, max_restarts=0, max_concurrency=1)(SandboxWorker)
         self.actors = [self._spawn() for _ in range(config.workers or free_cpus)]
         self.generation = [0] * len(self.actors)  # bumped when an actor is replaced

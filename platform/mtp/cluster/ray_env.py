@@ -1,0 +1,107 @@
+"""The one module that connects to Ray and asks the cluster what it has.
+
+Training, evaluation, sweeps, Serve helpers and the benchmarks all join Ray through
+``connect()``, so ``mtp`` reaches every worker the same way (``runtime_env``
+``py_modules``, which also works on nodes that have no copy of this checkout), and
+they read the cluster through ``nodes()`` and ``resources()``, which never block a
+job for longer than their timeout.
+
+Why not ``ray.nodes()`` / ``ray.cluster_resources()``: both go through the driver's
+``GlobalStateAccessor``, a second GCS connection with its own io thread and no
+deadline. In a long-lived driver it was seen to wait forever for a reply
+(``GlobalStateAccessor::GetAllTotalResources`` in gdb, io thread idle in epoll) while
+a second driver on the same cluster got its answer in milliseconds. Ray Serve moved
+off that accessor for the same reasons (ray-project/ray ``serve/_private/
+cluster_node_info_cache.py``: "rather than the legacy GlobalStateAccessor path (which
+opens a second connection...)"), and ray-project/ray#58182 fixed a race in its lazy
+initialisation. The queries here use the connection the driver already runs on
+(``global_worker.gcs_client``, as Serve does) with a deadline on every call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MTP_PACKAGE = Path(__file__).resolve().parents[1]  # .../mtp, shipped to every worker
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class ClusterQueryError(RuntimeError):
+    """Ray's control store did not answer a cluster query (in time, or at all)."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One alive node: its id, address and total resources (``{"CPU": 8.0, "GPU": 1.0, ...}``)."""
+
+    node_id: str
+    address: str
+    resources: dict[str, float]
+
+
+def runtime_env() -> dict[str, Any]:
+    """How ``mtp`` reaches workers, Train controllers and Serve replicas: as a ``py_modules`` upload."""
+    return {"py_modules": [str(MTP_PACKAGE)]}
+
+
+def connect(address: str | None = None, **local_options: Any) -> None:
+    """Join a Ray cluster once per process, carrying ``mtp`` to its workers.
+
+    ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets for the job it
+    starts) names the cluster; without either, a cluster already running on this
+    machine (``ray start``) is joined, else a local instance is started. ``"local"``
+    always starts a fresh local instance; ``local_options`` (``num_cpus``,
+    ``object_store_memory``, ...) size it. A local instance has no dashboard unless
+    asked (it halves the start-up time).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    options: dict[str, Any] = {"include_dashboard": False, **local_options}
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env(), **options)
+
+
+def nodes(timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Node]:
+    """The alive nodes of the connected cluster, sorted by id."""
+    from ray.core.generated import gcs_pb2
+
+    found = _query("get_all_node_info", timeout_s)
+    return sorted(
+        (Node(node_id.hex(), info.node_manager_address, dict(info.resources_total))
+         for node_id, info in found.items() if info.state == gcs_pb2.GcsNodeInfo.ALIVE),
+        key=lambda node: node.node_id,
+    )
+
+
+def resources(available: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, float]:
+    """Total resources of the alive nodes, or what is free on them now (``available=True``)."""
+    if not available:
+        totals: dict[str, float] = {}
+        for node in nodes(timeout_s):
+            for name, amount in node.resources.items():
+                totals[name] = totals.get(name, 0.0) + amount
+        return totals
+    alive = {node.node_id for node in nodes(timeout_s)}
+    free: dict[str, float] = {}
+    for usage in _query("get_all_resource_usage", timeout_s).resource_usage_data.batch:
+        if usage.node_id.hex() in alive:
+            for name, amount in usage.resources_available.items():
+                free[name] = free.get(name, 0.0) + amount
+    return free
+
+
+def _query(method: str, timeout_s: float) -> Any:
+    """Call ``method`` on the driver's own GCS client, with a deadline."""
+    import ray
+
+    if not ray.is_initialized():
+        raise ClusterQueryError("not connected to Ray: call mtp.cluster.ray_env.connect() first")
+    client = ray._private.worker.global_worker.gcs_client
+    try:
+        return getattr(client, method)(timeout=timeout_s)
+    except Exception as exc:  # the binding raises its own (unexported) RPC error types
+        raise ClusterQueryError(f"Ray's GCS did not answer {method} within {timeout_s:g} s: {exc}") from exc

@@ -1,0 +1,68 @@
+"""``mtp`` is a regular package: installable, versioned, and light to import."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SOURCE_ROOT
+
+HEAVY = ("torch", "ray", "mlflow", "datasets")
+PROBE = ("import sys, mtp; print(mtp.__version__); print(mtp.__file__); "
+         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+
+
+def _probe(pythonpath: str, cwd) -> list[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": pythonpath}
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines() + [""] * (3 - len(done.stdout.splitlines()))
+
+
+def test_import_from_source_is_light(tmp_path):
+    version, path, heavy = _probe(str(SOURCE_ROOT), tmp_path)
+    assert path == str(SOURCE_ROOT / "mtp" / "__init__.py")
+    assert heavy == "", f"`import mtp` pulled in {heavy}"
+    assert version
+
+
+def test_version_from_an_installed_checkout(tmp_path):
+    """Build and install the project (no dependencies) into a folder; import it from there."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(SOURCE_ROOT / "mtp", source / "platform" / "mtp", ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "site"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if pip.returncode != 0 and "No module named" in pip.stderr:
+        pytest.skip(f"cannot build here: {pip.stderr.strip().splitlines()[-1]}")
+    assert pip.returncode == 0, pip.stderr
+    version, path, heavy = _probe(str(target), tmp_path)
+    assert path == str(target / "mtp" / "__init__.py")
+    assert version == _declared_version()
+    assert heavy == ""
+
+
+def test_public_api_resolves_lazily():
+    import mtp
+
+    assert set(mtp.__all__) <= set(dir(mtp))
+    for name in mtp.__all__:
+        assert getattr(mtp, name) is not None, name
+    assert mtp.build_config is __import__("mtp.config", fromlist=["build_config"]).build_config
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mtp.nope  # noqa: B018
+
+
+def _declared_version() -> str:
+    found = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert found, "pyproject.toml declares no version"
+    return found.group(1)
