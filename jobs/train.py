@@ -4,6 +4,7 @@
     python jobs/train.py --max-steps 500 --set train.lr=1e-3
     python jobs/train.py --preset 0.3B --num-workers 8 --use-gpu --set train.batch_size=16
     python jobs/train.py --resume runs/<run-name>         # continue a finished or interrupted run
+    python jobs/train.py --init-from models:/mtp-model/3 --n-future 1   # n -> n' finetuning (paper §3.6)
     ray job submit --working-dir . -- python jobs/train.py --num-workers 16 --use-gpu ...
 
 Precedence: built-in defaults < preset < --config file < flags < --set overrides.
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), help="data parallel (ddp) or sharded (fsdp)")
     parser.add_argument("--max-failures", type=int, help="restarts from the last checkpoint after a worker failure")
     parser.add_argument("--resume", help="checkpoint dir, Ray run dir or models:/ URI to continue from")
+    parser.add_argument("--init-from", metavar="CHECKPOINT_OR_MODEL_URI",
+                        help="start from another run's weights (trunk and shared heads kept, extra heads dropped, "
+                             "new heads initialised; fresh optimizer), e.g. to finetune an n=4 model with n_future=1")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config field, e.g. --set train.lr=1e-3 (repeatable)")
@@ -55,6 +59,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
         "scaling.use_gpu": args.use_gpu,
         "scaling.strategy": args.strategy,
         "scaling.max_failures": args.max_failures,
+        "train.init_from": args.init_from,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     for item in args.overrides:

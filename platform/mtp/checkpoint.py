@@ -114,3 +114,44 @@ def load_train_state(directory: str | Path, map_location: str | torch.device = "
     """The resume state, or None for an inference-only checkpoint."""
     path = Path(directory) / TRAIN_STATE
     return torch.load(path, map_location=map_location, weights_only=False) if path.is_file() else None
+
+
+# ------------------------------------------------------------------- n -> n' transfer
+
+# Model settings that must agree for a trunk to be reused (n_future may differ; the trunk depth is
+# compared as ``n_trunk_layers``, since ``param_matched`` ties it to n_future).
+_TRUNK_FIELDS = ("vocab_size", "dim", "n_heads", "kv_heads", "hidden_dim", "n_trunk_layers", "rope_theta", "norm_eps")
+
+
+def transfer_weights(model: MTPTransformer, source: str | Path) -> dict[str, list[int]]:
+    """Initialise ``model`` from another checkpoint whose ``n_future`` may differ (paper §3.6).
+
+    The embedding, trunk, shared norm and unembedding are copied; heads that exist in
+    both are copied; heads beyond the new ``n_future`` are dropped; heads the source
+    lacks keep ``model``'s fresh initialisation. Returns which heads were kept,
+    dropped and newly initialised. A trunk of another shape raises ValueError naming
+    the setting.
+    """
+    directory = local_checkpoint_dir(source)
+    src_cfg = model_config(directory)
+    mismatched = [f"{name}: {getattr(src_cfg, name)} in the source, {getattr(model.cfg, name)} here"
+                  for name in _TRUNK_FIELDS if getattr(src_cfg, name) != getattr(model.cfg, name)]
+    if mismatched:
+        raise ValueError(f"cannot initialise from {str(source)!r}: its trunk differs ({'; '.join(mismatched)})")
+    state = load_file(str(directory / WEIGHTS), device="cpu")
+    n_src, n_dst = src_cfg.n_future, model.cfg.n_future
+    kept = list(range(min(n_src, n_dst)))
+    target = model.state_dict()
+    mapped = {k: v for k, v in state.items() if not k.startswith("heads.") or int(k.split(".")[1]) < n_dst}
+    unknown = set(mapped) - set(target)
+    if unknown:
+        raise ValueError(f"cannot initialise from {str(source)!r}: unexpected weights {sorted(unknown)[:5]}")
+    with torch.no_grad():
+        for key, value in mapped.items():
+            target[key].copy_(value)
+    return {"kept_heads": kept, "dropped_heads": list(range(n_dst, n_src)), "new_heads": list(range(n_src, n_dst))}
+
+
+def source_run_id(source: str | Path) -> str | None:
+    """The MLflow run that trained a checkpoint (recorded in its config), if any."""
+    return read_config(local_checkpoint_dir(source)).get("tracking", {}).get("run_id")

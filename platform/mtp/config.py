@@ -165,6 +165,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     seed: int = 0
+    init_from: str | None = None  # checkpoint or MLflow URI: start from its weights (n_future may differ)
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8

@@ -111,6 +111,11 @@ def start_run(cfg: JobConfig, config_file: str | Path | None = None) -> str:
     from mlflow.entities import Param
 
     tags = {"n_future": str(cfg.model.n_future), "preset": cfg.train.preset, "size": model_size(cfg)}
+    if cfg.train.init_from:  # lineage of an n -> n' finetune: the run whose weights it starts from
+        from mtp.checkpoint import source_run_id
+
+        tags["init_from"] = cfg.train.init_from
+        tags["init_from_run_id"] = source_run_id(cfg.train.init_from) or ""
     run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name, tags=tags)
     run_id = run.info.run_id
     items = [Param(k, v[:6000]) for k, v in params.items()]

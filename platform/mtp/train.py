@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from mtp.checkpoint import WEIGHTS, load_train_state, save_checkpoint
+from mtp.checkpoint import WEIGHTS, load_train_state, save_checkpoint, transfer_weights
 from mtp.config import ConfigError, JobConfig, TrainConfig
 from mtp.data import BlockSampler, DataPosition, PackedData, prepare_data, val_indices
 from mtp.device import resolve_device
@@ -213,7 +213,11 @@ class Trainer:
                 f"{data.tokenizer.vocab_size} ids (data.tokenizer={cfg.data.tokenizer!r}); set model.vocab_size"
             )
         seed_everything(cfg.train.seed)
-        self.model = MTPTransformer(cfg.model).to(self.device)
+        self.model = MTPTransformer(cfg.model)
+        if cfg.train.init_from:  # every rank loads the same weights; a fresh optimizer follows
+            heads = transfer_weights(self.model, cfg.train.init_from)
+            self._print(f"initialised from {cfg.train.init_from}: {heads}")
+        self.model = self.model.to(self.device)
         broadcast_parameters(self.model)
         self.sharded = cfg.scaling.strategy == "fsdp" and self.info.world_size > 1
         if self.sharded:

@@ -1,0 +1,138 @@
+"""Tasks by name: a generator for training text and held-out evaluation sets, cached as a corpus file.
+
+A sweep file's ``task:`` section builds a ``TaskSpec``::
+
+    task:
+      name: polynomial                  # polynomial, stargraph, induction
+      params: {max_ops: 5}              # the generator's settings (see TASKS)
+      train_problems: 100000            # documents in the training corpus
+      test_problems: 500                # per evaluation set
+
+The corpus (one JSON line per training problem) is written once, under
+``$MTP_CACHE_DIR/tasks``, named by a hash of everything that changes it, and
+``data.source`` points to it; the evaluation sets are regenerated on demand (same
+seed, same problems).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mtp.experiments import induction, polynomial, stargraph, splits
+from mtp.experiments.polynomial import Problem
+
+Sampler = Callable[..., Problem]
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """How a task draws its training problems and each of its evaluation sets."""
+
+    defaults: dict[str, Any]
+    train: Callable[..., Callable]  # params -> sampler
+    evals: dict[str, Callable[..., Callable]]  # eval set name -> (params -> sampler)
+
+
+TASKS: dict[str, TaskDef] = {
+    "polynomial": TaskDef(
+        defaults={"min_ops": 1, "max_ops": 5, "ood_min_ops": 6, "ood_max_ops": 10},
+        train=lambda p: polynomial.sampler(p["min_ops"], p["max_ops"]),
+        evals={
+            "in_domain": lambda p: polynomial.sampler(p["min_ops"], p["max_ops"]),
+            "out_of_domain": lambda p: polynomial.sampler(p["ood_min_ops"], p["ood_max_ops"]),
+        },
+    ),
+    "stargraph": TaskDef(
+        defaults={"degree": 2, "arm_length": 5},
+        train=lambda p: stargraph.sampler(p["degree"], p["arm_length"]),
+        evals={"in_domain": lambda p: stargraph.sampler(p["degree"], p["arm_length"])},
+    ),
+    "induction": TaskDef(
+        defaults={"n_names": 3, "n_sentences": 4},
+        train=lambda p: induction.sampler(p["n_names"], p["n_sentences"]),
+        evals={"in_domain": lambda p: induction.sampler(p["n_names"], p["n_sentences"])},
+    ),
+}
+
+
+class TaskError(ValueError):
+    """A task section names an unknown task or a bad setting."""
+
+
+def problem_key(problem: Problem) -> str:
+    """What decides a problem's split: its full training text."""
+    return problem.text
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One synthetic task: generator settings, corpus size, evaluation sets."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    train_problems: int = 100_000
+    test_problems: int = 500
+    seed: int = 0
+    eval_batch_size: int = 64
+
+    @classmethod
+    def parse(cls, raw: Any) -> "TaskSpec":
+        if not isinstance(raw, dict):
+            raise TaskError(f"task must be a mapping, got {raw!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(raw) - known
+        if unknown:
+            raise TaskError(f"unknown task key(s) {sorted(unknown)}; known: {sorted(known)}")
+        if raw.get("name") not in TASKS:
+            raise TaskError(f"task.name={raw.get('name')!r} must be one of {', '.join(TASKS)}")
+        definition = TASKS[raw["name"]]
+        params = raw.get("params") or {}
+        bad = set(params) - set(definition.defaults)
+        if bad:
+            raise TaskError(f"task.params {sorted(bad)} unknown for {raw['name']}; known: {sorted(definition.defaults)}")
+        spec = cls(**{**raw, "params": {**definition.defaults, **params}})
+        for name in ("train_problems", "test_problems", "eval_batch_size"):
+            value = getattr(spec, name)
+            if not isinstance(value, int) or value < 1:
+                raise TaskError(f"task.{name}={value!r} must be a positive integer")
+        try:
+            definition.train(spec.params)  # samplers check their settings when built
+        except ValueError as exc:
+            raise TaskError(f"task.params: {exc}") from None
+        return spec
+
+    @property
+    def definition(self) -> TaskDef:
+        return TASKS[self.name]
+
+    def problems(self, split: str, count: int, eval_set: str | None = None) -> list[Problem]:
+        """``count`` distinct problems of ``split``; ``eval_set`` picks an evaluation distribution."""
+        make = self.definition.evals[eval_set] if eval_set else self.definition.train
+        return list(splits.draw(make(self.params), problem_key, split, self.seed, count, stream=eval_set or ""))
+
+    def eval_sets(self) -> dict[str, list[Problem]]:
+        """Held-out test problems per evaluation set (never in any training corpus)."""
+        return {name: self.problems("test", self.test_problems, name) for name in self.definition.evals}
+
+    def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
+        root = Path(cache_dir) if cache_dir else Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp"))
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return root / "tasks" / f"{self.name}-{digest}.jsonl"
+
+    def write_corpus(self, cache_dir: str | Path | None = None) -> Path:
+        """The training corpus (train split only), written once and reused; returns its path."""
+        path = self.corpus_path(cache_dir)
+        if path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with tmp.open("w") as fh:
+            for problem in self.problems("train", self.train_problems):
+                fh.write(json.dumps({"text": problem.text}) + "\n")
+        os.replace(tmp, path)
+        return path

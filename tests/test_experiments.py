@@ -1,0 +1,157 @@
+"""Reproduction tasks: generators are deterministic, splits disjoint, answers correct; engine scoring."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from numpy.polynomial import Polynomial
+
+from mtp.config import model_preset
+from mtp.decoding import Engine
+from mtp.experiments import polynomial, splits, stargraph
+from mtp.experiments.scoring import score
+from mtp.experiments.tasks import TASKS, TaskError, TaskSpec, problem_key
+from mtp.model import MTPTransformer
+from mtp.tokenizer import ByteTokenizer
+
+
+def numpy_evaluate(expression: str) -> list[int]:
+    """Independent reference: numpy polynomials, reduced mod 7 and mod X^5 after every operation."""
+    def reduce(p: Polynomial) -> Polynomial:
+        coef = np.round(p.coef[:5]).astype(np.int64) % 7
+        return Polynomial(coef.astype(float))
+
+    def parse(i: int) -> tuple[Polynomial, int]:
+        s = expression[i]
+        if s == "x":
+            return Polynomial([0.0, 1.0]), i + 1
+        if s.isdigit():
+            return Polynomial([float(s)]), i + 1
+        if s == "~":
+            p, j = parse(i + 1)
+            return reduce(-p), j
+        p, j = parse(i + 1)
+        q, k = parse(j)
+        if s == "+":
+            return reduce(p + q), k
+        if s == "*":
+            return reduce(p * q), k
+        return reduce(p(q)), k  # composition: numpy substitutes q into p
+
+    value, end = parse(0)
+    assert end == len(expression)
+    return [int(c) for c in np.pad(value.coef, (0, 5))[:5]]
+
+
+def spec(name: str, **kw) -> TaskSpec:
+    return TaskSpec.parse({"name": name, "train_problems": 300, "test_problems": 100, **kw})
+
+
+def test_polynomial_answers_match_numpy():
+    rng = __import__("random").Random(7)
+    for _ in range(400):
+        expression = polynomial.random_expression(rng, rng.randint(0, 10))
+        assert [int(c) for c in polynomial.problem(expression).answer] == numpy_evaluate(expression), expression
+
+
+def test_polynomial_known_values():
+    assert polynomial.problem("*+x3~x").answer == "04600"  # (X+3)(-X) = 4X + 6X^2 mod 7
+    assert polynomial.problem("o*xxx").answer == "00100"   # (X^2)(X)
+    assert polynomial.problem("o*xx*xx").answer == "00001"  # (X^2)^2 = X^4
+    with pytest.raises(ValueError, match="trailing"):
+        polynomial.evaluate("xx")
+
+
+def test_polynomial_operation_counts():
+    t = spec("polynomial")
+    count = lambda p: sum(c in "~+*o" for c in p.prompt)
+    sets = t.eval_sets()
+    assert all(1 <= count(p) <= 5 for p in sets["in_domain"])
+    assert all(6 <= count(p) <= 10 for p in sets["out_of_domain"])
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_generators_are_deterministic(name):
+    a, b = spec(name), spec(name)
+    assert [p.text for p in a.problems("train", 200)] == [p.text for p in b.problems("train", 200)]
+    assert a.eval_sets() == b.eval_sets()
+    other = spec(name, seed=1)
+    assert [p.text for p in other.problems("train", 200)] != [p.text for p in a.problems("train", 200)]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_disjoint(name):
+    t = spec(name)
+    keys = {s: {problem_key(p) for p in t.problems(s, 300)} for s in splits.SPLITS}
+    for eval_set in t.definition.evals:
+        keys["test"] |= {problem_key(p) for p in t.problems("test", 100, eval_set)}
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    for split, members in keys.items():
+        assert all(splits.split_of(k) == split for k in members)
+    # a different seed draws other problems, never another split's
+    assert all(splits.split_of(problem_key(p)) == "train" for p in spec(name, seed=5).problems("train", 300))
+
+
+def test_stargraph_paths_are_correct():
+    t = spec("stargraph", params={"degree": 3, "arm_length": 4})
+    for p in t.problems("train", 200):
+        edges = p.prompt.split("|")[0].split(",")
+        assert len(edges) == 12 and len(set("".join(edges))) == 13
+        assert stargraph.solve(p.prompt) == p.answer
+        assert p.answer[0] == p.prompt[-3] and p.answer[-1] == p.prompt[-2]
+
+
+def test_induction_answer_is_the_earlier_names_second_byte():
+    t = spec("induction")
+    for p in t.problems("train", 200):
+        first = p.prompt[-1]
+        earlier = re.findall(rf"{first}([a-z])", p.prompt[:-1])
+        assert earlier and set(earlier) == {p.answer}
+        assert p.text.startswith(p.prompt + p.answer)
+
+
+def test_task_spec_errors_name_the_key():
+    with pytest.raises(TaskError, match="task.name"):
+        TaskSpec.parse({"name": "chess"})
+    with pytest.raises(TaskError, match="depth"):
+        TaskSpec.parse({"name": "stargraph", "params": {"depth": 3}})
+    with pytest.raises(TaskError, match="node labels"):
+        TaskSpec.parse({"name": "stargraph", "params": {"degree": 20, "arm_length": 5}})
+    with pytest.raises(TaskError, match="train_problems"):
+        TaskSpec.parse({"name": "polynomial", "train_problems": 0})
+
+
+def test_corpus_holds_train_problems_once(tmp_path):
+    t = spec("polynomial")
+    path = t.write_corpus(tmp_path)
+    lines = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert len(lines) == 300 == len(set(lines))
+    assert all(splits.split_of(text) == "train" for text in lines)
+    mtime = path.stat().st_mtime_ns
+    assert t.write_corpus(tmp_path) == path and path.stat().st_mtime_ns == mtime  # cached
+    assert spec("polynomial", train_problems=301).corpus_path(tmp_path) != path
+
+
+@torch.no_grad()
+def test_engine_scoring_matches_plain_greedy_decoding():
+    """Batched engine answers equal a token-by-token argmax loop over the model's forward."""
+    torch.manual_seed(0)
+    model = MTPTransformer(model_preset("debug", n_future=2)).eval()
+    tok = ByteTokenizer()
+    problems = spec("polynomial").problems("test", 12, "in_domain")
+    exact, correct, total = 0, 0, 0
+    for p in problems:
+        ids = [tok.eos_id, *tok.encode(p.prompt)]
+        answer = tok.encode(p.answer)
+        for _ in answer:
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        got = ids[-len(answer):]
+        exact += got == answer
+        correct += sum(a == b for a, b in zip(answer, got))
+        total += len(answer)
+    result = score(Engine(model, tok, max_batch_size=5), problems)
+    assert result == {"exact_match": exact / len(problems), "token_accuracy": correct / total}
