@@ -8,16 +8,27 @@
   examples, ending in ``[BEGIN]``; the model writes the whole function and stops at
   ``[DONE]``; the program is completion + setup code + the asserts.
 * Any JSONL in either shape (detected from its keys).
+
+Each problem also says how the trusted oracle splits it (``oracle_program``): the
+completion's side (HumanEval: prompt + completion), the benchmark's side (the prompt's
+helpers, the tests) and the names the tests call. A problem whose tests use the
+completion's names other than by calling them with plain data (a class, a module, a
+function passed around) carries ``in_process_reason`` and runs in-process, reported.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import gzip
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mtp.sandbox import OracleProgram
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # Chen et al. 2021
 MBPP_STOP = ["[DONE]"]
@@ -38,9 +49,19 @@ class Problem:
     code_prefix: str  # what precedes the completion in the program (HumanEval: the prompt)
     tests: str  # what follows it: the tests and the call that runs them
     canonical_solution: str | None = None  # a completion known to pass, when the data has one
+    test_prefix: str = ""  # trusted oracle: benchmark code run before the tests (HumanEval: the prompt)
+    candidate_names: tuple[str, ...] = ()  # trusted oracle: what the tests call in the completion
+    in_process_reason: str = ""  # why the tests cannot be proxied; empty when they can
 
     def program(self, completion: str) -> str:
         return f"{self.code_prefix}{completion}\n{self.tests}\n"
+
+    def oracle_program(self, completion: str) -> OracleProgram | None:
+        """The trusted-oracle split of this problem's program, or None where it must run in-process."""
+        if self.in_process_reason:
+            return None
+        return OracleProgram(candidate=f"{self.code_prefix}{completion}\n", prefix=self.test_prefix,
+                             tests=self.tests, names=self.candidate_names)
 
 
 @dataclass
@@ -72,10 +93,51 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def humaneval_problem(row: dict[str, Any]) -> Problem:
+    """``check(candidate)`` gets the entry point; in the oracle the prompt (its imports, helpers and the
+    entry point's signature) runs on the benchmark's side too, then the entry point becomes the proxy."""
     return Problem(
         task_id=str(row["task_id"]), prompt=row["prompt"], code_prefix=row["prompt"],
         tests=f"{row['test']}\ncheck({row['entry_point']})", canonical_solution=row.get("canonical_solution"),
+        test_prefix=row["prompt"], candidate_names=(row["entry_point"],),
     )
+
+
+def _names_for_oracle(tests: str, canonical: str | None) -> tuple[tuple[str, ...], str, str]:
+    """(names the tests call in the completion, imports the tests need, why they cannot be proxied or "").
+
+    A free name of the tests that is a standard-library module is imported on the
+    benchmark's side (the completion imported it for them); any other free name must
+    only ever be called, and must not be a class in the canonical solution.
+    """
+    try:
+        tree = ast.parse(tests)
+    except SyntaxError as exc:
+        return (), "", f"the tests do not parse ({exc.msg})"
+    bound, loads, called = set(), [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loads.append(node) if isinstance(node.ctx, ast.Load) else bound.add(node.id))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            called.add(id(node.func))
+    free = {n.id for n in loads} - bound - set(dir(builtins))
+    modules = sorted(free & set(sys.stdlib_module_names))
+    names = sorted(free - set(modules))
+    for node in loads:
+        if node.id in names and id(node) not in called:
+            return tuple(names), "", f"the tests use {node.id} as a value, not only by calling it"
+    try:
+        classes = {n.name for n in ast.walk(ast.parse(canonical or "")) if isinstance(n, ast.ClassDef)}
+    except SyntaxError:
+        classes = set()
+    if classes & set(names):
+        return tuple(names), "", f"{sorted(classes & set(names))[0]} is a class: its instances are not plain data"
+    return tuple(names), "".join(f"import {m}\n" for m in modules), ""
 
 
 def mbpp_prompt(text: str, tests: Sequence[str]) -> str:
@@ -92,9 +154,12 @@ def mbpp_problem(row: dict[str, Any], shots: Sequence[dict[str, Any]] = ()) -> P
         mbpp_prompt(s.get("text") or s["prompt"], s["test_list"]) + f"{s['code']}\n[DONE]\n" for s in shots
     )
     setup = row.get("test_setup_code") or ""
+    tests = setup + "\n" + "\n".join(row["test_list"])
+    names, imports, reason = _names_for_oracle(tests, row.get("code"))
     return Problem(
         task_id=str(row["task_id"]), prompt=examples + mbpp_prompt(text, row["test_list"]), code_prefix="",
-        tests=setup + "\n" + "\n".join(row["test_list"]), canonical_solution=row.get("code"),
+        tests=tests, canonical_solution=row.get("code"), test_prefix=imports, candidate_names=names,
+        in_process_reason=reason,
     )
 
 

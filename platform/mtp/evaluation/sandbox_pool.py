@@ -20,13 +20,17 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from mtp.sandbox import Limits, Sandbox, SandboxConfig, SandboxUnavailable, Verdict
+from mtp.sandbox import Limits, OracleProgram, Sandbox, SandboxConfig, SandboxUnavailable, Verdict
 
 
 @dataclass(frozen=True)
 class Program:
     key: str  # unique within one run, e.g. "HumanEval/0#3"
-    source: str
+    source: str  # the whole program, for the in-process mode
+    oracle: OracleProgram | None = None  # its trusted-oracle split; None: run ``source`` in-process
+
+    def to_wire(self) -> tuple[str, str, dict | None]:
+        return self.key, self.source, self.oracle.to_dict() if self.oracle else None
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,10 @@ class SandboxWorker:
     def __init__(self, insecure: bool = False):
         self.box = Sandbox(SandboxConfig(insecure=insecure))
 
-    def run_batch(self, batch: list[tuple[str, str]], limits: dict) -> list[tuple[str, dict]]:
+    def run_batch(self, batch: list[tuple[str, str, dict | None]], limits: dict) -> list[tuple[str, dict]]:
         parsed = Limits.from_dict(limits)
-        return [(key, self.box.run(source, parsed).to_dict()) for key, source in batch]
+        return [(key, self.box.run(source, parsed, OracleProgram.from_dict(oracle) if oracle else None).to_dict())
+                for key, source, oracle in batch]
 
     def ready(self) -> bool:
         return True
@@ -83,7 +88,7 @@ class LocalScorer:
     def _run_one(self, program: Program, limits: Limits) -> tuple[str, Verdict]:
         box = self._boxes.get()
         try:
-            return program.key, box.run(program.source, limits)
+            return program.key, box.run(program.source, limits, program.oracle)
         finally:
             self._boxes.put(box)
 
@@ -157,7 +162,7 @@ class RayScorer:
             for index in sorted(range(len(self.actors)), key=load.__getitem__):
                 while load[index] < 2 and batches:
                     batch = batches.popleft()
-                    ref = self.actors[index].run_batch.remote([(p.key, p.source) for p in batch.programs], limits_dict)
+                    ref = self.actors[index].run_batch.remote([p.to_wire() for p in batch.programs], limits_dict)
                     inflight[ref] = (index, self.generation[index], batch)
                     load[index] += 1
 

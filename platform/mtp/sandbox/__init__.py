@@ -5,7 +5,7 @@
 """
 
 from mtp.sandbox.limits import Limits
-from mtp.sandbox.sandbox import Sandbox, SandboxConfig, SandboxUnavailable, isolation_problem
+from mtp.sandbox.sandbox import OracleProgram, Sandbox, SandboxConfig, SandboxUnavailable, isolation_problem
 from mtp.sandbox.verdict import STATUSES, Verdict
 
-__all__ = ["Limits", "Sandbox", "SandboxConfig", "SandboxUnavailable", "STATUSES", "Verdict", "isolation_problem"]
+__all__ = ["Limits", "OracleProgram", "Sandbox", "SandboxConfig", "SandboxUnavailable", "STATUSES", "Verdict", "isolation_problem"]

@@ -1,4 +1,4 @@
-"""cgroups for one worker slot: the tree's memory and process count, and killing it.
+"""cgroups for one worker slot: the tree's memory, process count and CPU, and killing it.
 
 Host side (``create_slot``/``remove_slot``) makes the slot's directories; the zygote
 side (``Handles``) opens the few control files once, before the root is pivoted away,
@@ -10,6 +10,11 @@ and keeps them as fds. Whichever the host has is used:
 * v1 controllers (hybrid hosts, like this project's VMs): ``<own v1 cgroup>/<slot>``
   per controller, nested under whatever a container or Ray gave us; a v2 hierarchy
   without controllers still adds a ``<own v2 cgroup>/<slot>`` for its ``cgroup.kill``.
+
+CPU is optional where the host lacks it: a quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``)
+caps the slot at ``cpus`` CPUs so a program's busy children cannot starve other slots,
+and the tree's CPU time (v2 ``cpu.stat``, v1 ``cpuacct.usage``) lets timeouts count the
+CPU the program got rather than the wall time a loaded neighbour made it wait.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class CgroupUnavailable(RuntimeError):
 
 V2_PARENT = "mtp-sandbox"
 CONTROLLERS = ("memory", "pids")
+CPU_PERIOD_US = 100_000
 
 
 @dataclass
@@ -34,9 +40,11 @@ class SlotCgroups:
     pids: str  # directory that limits the tree's process count
     kill: str | None  # a v2 directory whose cgroup.kill ends the tree atomically
     v2: bool  # memory and pids are v2 controllers (file names differ)
+    cpu: str | None = None  # directory whose quota caps the tree's CPU share
+    cpuacct: str | None = None  # directory that counts the tree's CPU time
 
     def directories(self) -> list[str]:
-        return sorted({d for d in (self.memory, self.pids, self.kill) if d})
+        return sorted({d for d in (self.memory, self.pids, self.kill, self.cpu, self.cpuacct) if d})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,22 +98,24 @@ def _make(parent: str, name: str) -> str:
     return path
 
 
-def _delegate(directory: str) -> None:
+def _delegate(directory: str, controllers: tuple[str, ...]) -> None:
     with open(os.path.join(directory, "cgroup.subtree_control"), "w") as f:
-        f.write(" ".join(f"+{c}" for c in CONTROLLERS))
+        f.write(" ".join(f"+{c}" for c in controllers))
 
 
-def _v2_parent(mount_point: str) -> str | None:
-    """``<v2 root>/mtp-sandbox`` with memory and pids delegated to its children, or None."""
+def _v2_parent(mount_point: str) -> tuple[str, bool] | None:
+    """(``<v2 root>/mtp-sandbox`` with memory, pids and cpu if any delegated to its children, has cpu), or None."""
     try:
         with open(os.path.join(mount_point, "cgroup.controllers")) as f:
-            if not set(CONTROLLERS) <= set(f.read().split()):
-                return None
-        _delegate(mount_point)  # the root is exempt from v2's no-internal-processes rule
+            available = set(f.read().split())
+        if not set(CONTROLLERS) <= available:
+            return None
+        wanted = CONTROLLERS + (("cpu",) if "cpu" in available else ())
+        _delegate(mount_point, wanted)  # the root is exempt from v2's no-internal-processes rule
         parent = os.path.join(mount_point, V2_PARENT)
         os.makedirs(parent, exist_ok=True)
-        _delegate(parent)
-        return parent
+        _delegate(parent, wanted)
+        return parent, "cpu" in wanted
     except OSError:
         return None
 
@@ -113,10 +123,11 @@ def _v2_parent(mount_point: str) -> str | None:
 def create_slot(name: str) -> SlotCgroups:
     """Create (or reuse) this slot's cgroups. Raises CgroupUnavailable naming what is missing."""
     v2 = _v2_mount()
-    parent = _v2_parent(v2[1]) if v2 else None
-    if parent is not None:
-        slot = _make(parent, name)
-        return SlotCgroups(slot, slot, slot if os.path.exists(os.path.join(slot, "cgroup.kill")) else None, v2=True)
+    found = _v2_parent(v2[1]) if v2 else None
+    if found is not None:
+        slot = _make(found[0], name)
+        kill = slot if os.path.exists(os.path.join(slot, "cgroup.kill")) else None
+        return SlotCgroups(slot, slot, kill, v2=True, cpu=slot if found[1] else None, cpuacct=slot)
     dirs = {}
     for controller in CONTROLLERS:
         v1 = _v1_dir(controller)
@@ -133,7 +144,11 @@ def create_slot(name: str) -> SlotCgroups:
         if not os.path.exists(os.path.join(kill, "cgroup.kill")):  # kernels before 5.14
             os.rmdir(kill)
             kill = None
-    return SlotCgroups(dirs["memory"], dirs["pids"], kill, v2=False)
+    optional = {}
+    for controller in ("cpu", "cpuacct"):
+        v1 = _v1_dir(controller)
+        optional[controller] = _make(v1, name) if v1 is not None and os.access(v1, os.W_OK) else None
+    return SlotCgroups(dirs["memory"], dirs["pids"], kill, v2=False, **optional)
 
 
 def _kill_procs(directory: str, timeout_s: float = 5.0) -> None:
@@ -197,13 +212,32 @@ class Handles:
         # being re-read, so each read must open the file afresh (openat works after the pivot).
         self._procs_dir = os.open(slot.kill or slot.pids, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._kill = opened(slot.kill, "cgroup.kill", os.O_WRONLY) if slot.kill else None
-        self._limits: tuple[int, int] | None = None
+        self._cpu_v2 = slot.v2
+        self._cpu_quota = (opened(slot.cpu, "cpu.max" if slot.v2 else "cpu.cfs_quota_us", os.O_WRONLY)
+                           if slot.cpu else None)
+        self._cpu_usage = (opened(slot.cpuacct, "cpu.stat" if slot.v2 else "cpuacct.usage", os.O_RDONLY)
+                           if slot.cpuacct else None)
+        self._limits: tuple | None = None
 
-    def set_limits(self, memory_bytes: int, max_processes: int) -> None:
-        if self._limits != (memory_bytes, max_processes):
+    def set_limits(self, memory_bytes: int, max_processes: int, cpus: float) -> None:
+        if self._limits != (memory_bytes, max_processes, cpus):
             os.write(self._memory_limit, str(memory_bytes).encode())
             os.write(self._pids_max, str(max_processes).encode())
-            self._limits = (memory_bytes, max_processes)
+            if self._cpu_quota is not None:
+                quota = max(1000, int(cpus * CPU_PERIOD_US))
+                os.write(self._cpu_quota, (f"{quota} {CPU_PERIOD_US}" if self._cpu_v2 else str(quota)).encode())
+            self._limits = (memory_bytes, max_processes, cpus)
+
+    @property
+    def has_cpu_quota(self) -> bool:
+        return self._cpu_quota is not None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the slot's processes have used so far (a running total; callers diff it), or None."""
+        if self._cpu_usage is None:
+            return None
+        text = _read(self._cpu_usage).decode()
+        return _counter(text, "usage_usec") / 1e6 if self._cpu_v2 else int(text) / 1e9
 
     def counters(self) -> tuple[int, int]:
         """(OOM kills so far, forks refused by pids.max so far); callers diff them."""

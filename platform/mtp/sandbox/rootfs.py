@@ -13,6 +13,7 @@ import sys
 from mtp.sandbox import _libc as libc
 
 SCRATCH = "/scratch/w"
+MQUEUE = "/dev/mqueue"  # the slot's POSIX message queues, listed by the zygote to remove them
 DEVICES = ("null", "zero", "full", "random", "urandom")
 RO = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
 
@@ -55,6 +56,9 @@ def build_and_enter(new_root: str, binds: list[str], uid: int, hostname: str = "
             _bind(source, new_root + source)
     for name in DEVICES:
         _bind(f"/dev/{name}", f"{new_root}/dev/{name}", read_only=False)
+    os.makedirs(new_root + MQUEUE)
+    libc.mount("mqueue", new_root + MQUEUE, "mqueue", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+    os.chmod(new_root + MQUEUE, 0o700)  # programs make queues with mq_open, not through this directory
     os.makedirs(f"{new_root}/proc")
     # hidepid=2 ("invisible"; kernels before 5.8 know only the number): other users' processes are not listed.
     libc.mount("proc", f"{new_root}/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "hidepid=2")

@@ -1,7 +1,8 @@
 """Host side of one worker slot: starts the zygote in fresh namespaces and asks it for verdicts.
 
 ``Sandbox`` is the one API for the CLI, the evaluator and tests. Each instance owns a
-slot: a uid nobody else uses (held with a lock file), cgroups, and a zygote process.
+slot: two uids nobody else uses (the program's and the trusted oracle's judge, held
+with one lock file), cgroups, and a zygote process.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mtp.sandbox import cgroups, protocol, seccomp
 from mtp.sandbox.limits import Limits
 from mtp.sandbox.verdict import Verdict
 
-UID_BASE, UID_SLOTS = 200_000, 4096
+UID_BASE, UID_SLOTS = 200_000, 4096  # program uids; judge uids are the next UID_SLOTS
 SOURCE_ROOT = str(Path(__file__).resolve().parents[2])  # holds the `mtp` package
 NAMESPACES = ("--pid", "--fork", "--kill-child", "--mount", "--net", "--ipc", "--uts")
 # Imported once in the zygote so programs that use them do not pay for the import.
@@ -41,6 +42,28 @@ INSECURE_WARNING = (
 
 class SandboxUnavailable(RuntimeError):
     """Full isolation is impossible here (not root, no namespaces, no cgroups)."""
+
+
+@dataclass(frozen=True)
+class OracleProgram:
+    """A program split for the trusted oracle (see ``mtp.sandbox.harness``).
+
+    ``candidate`` (prompt + completion) runs in one process; ``prefix`` (benchmark code
+    the tests rely on, e.g. HumanEval's prompt) then ``tests`` run in another, where each
+    of ``names`` calls into the first by value.
+    """
+
+    candidate: str
+    prefix: str
+    tests: str
+    names: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OracleProgram":
+        return cls(data["candidate"], data["prefix"], data["tests"], tuple(data["names"]))
 
 
 @dataclass(frozen=True)
@@ -76,7 +99,7 @@ class _UidSlot:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            self.uid, self._fd = uid, fd
+            self.uid, self.judge_uid, self._fd = uid, uid + UID_SLOTS, fd
             return
         raise SandboxUnavailable(f"all {UID_SLOTS} sandbox uids from {UID_BASE} are in use")
 
@@ -123,7 +146,7 @@ class Sandbox:
             command = ["unshare", *NAMESPACES, "--", *command]
             self._root_dir = f"/tmp/.mtp-sandbox-root-{self._slot.uid}"
             os.makedirs(self._root_dir, mode=0o700, exist_ok=True)
-            config.update(uid=self._slot.uid, cgroups=self._cgroups.to_dict(), root_dir=self._root_dir, hidden=[SOURCE_ROOT])
+            config.update(uid=self._slot.uid, judge_uid=self._slot.judge_uid, cgroups=self._cgroups.to_dict(), root_dir=self._root_dir, hidden=[SOURCE_ROOT])
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
@@ -193,20 +216,25 @@ class Sandbox:
         return self._cgroups.directories() if self._cgroups else []
 
     # ------------------------------------------------------------------ programs
-    def run(self, source: str, limits: Limits | None = None) -> Verdict:
-        """Run one program to its verdict.
+    def run(self, source: str, limits: Limits | None = None, oracle: OracleProgram | None = None) -> Verdict:
+        """Run one program to its verdict: in-process (``source``), or with the trusted oracle.
+
+        With ``oracle``, the verdict comes from a process that never runs the completion;
+        if the judge finds the tests cannot be proxied, ``source`` runs in-process instead
+        and the verdict says so (``oracle == "fallback"``).
 
         If the zygote dies (it should not: programs cannot signal it), it is restarted and
         the program run once more; a second failure is the program's ``crashed`` verdict.
         """
         limits = (limits or Limits()).validate()
+        request = {"source": source, "limits": limits.to_dict(), "oracle": oracle.to_dict() if oracle else None}
         with self._lock:
             for attempt in range(2):
                 if self._proc is None:
                     self._start()
                 try:
-                    protocol.send(self._proc.stdin.fileno(), {"source": source, "limits": limits.to_dict()})
-                    reply = self._receive(limits.timeout_s + self.config.grace_s)
+                    protocol.send(self._proc.stdin.fileno(), request)
+                    reply = self._receive(2 * limits.timeout_s * limits.wall_factor + self.config.grace_s)
                 except (OSError, EOFError, TimeoutError) as exc:
                     reply = {"error": f"{type(exc).__name__}: {exc}; zygote log: {self._log_tail()}"}
                 if "verdict" in reply:

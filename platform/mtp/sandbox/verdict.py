@@ -26,6 +26,9 @@ class Verdict:
     signal: str | None = None
     duration_s: float = 0.0
     isolation: Literal["full", "insecure"] = "full"
+    # trusted: decided by a process that never ran the completion; inprocess: by the program's own
+    # process (forgeable, see the README); fallback: trusted was asked for, the tests needed in-process
+    oracle: Literal["trusted", "inprocess", "fallback"] = "inprocess"
 
     @property
     def passed(self) -> bool:

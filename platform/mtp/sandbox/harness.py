@@ -1,0 +1,238 @@
+"""What runs inside the forked children: the in-process harness, and the trusted oracle's two sides.
+
+In-process (``run_program``): one process runs the whole program (prompt, completion,
+tests) and, if it reaches the end, writes ``P`` + the nonce to the status socket. Code
+in that process can forge that (see the README's threat model); it is kept for tests
+that cannot be proxied.
+
+Trusted oracle: two processes, two uids.
+
+* ``serve_candidate`` (untrusted uid) runs the prompt and the completion, then answers
+  calls: each request names a function and carries plain-data arguments; the reply is
+  the return value or the raised exception's type name and message, by value.
+* ``judge`` (another uid, so the candidate can neither signal it nor read its memory or
+  fds) runs only benchmark code: the prompt's helpers, then the tests with each
+  candidate name bound to a proxy. The proxy's answers are decoded by ``codec``, which
+  builds only plain values, so asserts, ``check`` and builtins here are the
+  benchmark's own: a completion cannot reach them. Its verdict is the only one read.
+
+Status messages are ``kind + nonce + detail`` on the status socket; the zygote keeps
+only those from the main child whose nonce matches: ``P`` passed, ``E`` failed
+(detail), ``F`` the tests need in-process access (detail: why), rerun in-process.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import struct
+import sys
+
+from mtp.sandbox import codec
+
+STATUS_FD, NONCE_FD = 3, 4  # in-process harness and judge
+JUDGE_CHANNEL_FD = 5  # judge's end of the call channel
+CANDIDATE_CHANNEL_FD = 3  # candidate's end
+PASS, ERROR, FALLBACK = b"P", b"E", b"F"
+NONCE_BYTES = 32
+_read, _write, _exit = os.read, os.write, os._exit  # bound before any program runs
+_HEADER = struct.Struct("<I")
+MAX_DETAIL = 2000
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)[:MAX_DETAIL]
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        return "(unprintable message)"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_message(exc)}"
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - a closed or replaced stream
+            pass
+
+
+def _report(kind: bytes, detail: str = "") -> None:
+    """Write one status message with the nonce, then exit (0 for a pass)."""
+    _flush()
+    try:
+        _write(STATUS_FD, kind + _read(NONCE_FD, 64) + detail[:MAX_DETAIL].encode("utf-8", "replace"))
+    finally:
+        _exit(0 if kind == PASS else 1)
+
+
+def run_program(source: str) -> None:
+    """In-process mode: the whole program in this process; never returns."""
+    try:
+        exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__file__": "program.py",
+                                                     "__builtins__": builtins})
+    except BaseException as exc:  # noqa: BLE001 - every way out of the program is a non-pass
+        _report(ERROR, _describe(exc))
+    _report(PASS)
+
+
+# ---------------------------------------------------------------- the call channel
+def _send(fd: int, kind: bytes, payload: bytes = b"") -> None:
+    data = memoryview(_HEADER.pack(len(payload) + 1) + kind + payload)
+    while data:
+        data = data[_write(fd, data):]
+
+
+def _receive(fd: int) -> tuple[bytes, bytes]:
+    """(kind, payload); EOFError when the peer is gone, CodecError for an oversized frame."""
+
+    def exact(n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = _read(fd, min(n, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    (size,) = _HEADER.unpack(exact(_HEADER.size))
+    if not 1 <= size <= codec.MAX_BYTES + 1:
+        raise codec.CodecError(f"a frame of {size} bytes")
+    frame = exact(size)
+    return frame[:1], frame[1:]
+
+
+# ---------------------------------------------------------------- untrusted side
+def serve_candidate(source: str) -> None:
+    """Run prompt + completion, then answer calls until the judge closes the channel; never returns."""
+    fd = CANDIDATE_CHANNEL_FD
+    namespace = {"__name__": "__main__", "__file__": "program.py", "__builtins__": builtins}
+    try:
+        exec(compile(source, "program.py", "exec"), namespace)
+    except BaseException as exc:  # noqa: BLE001
+        _flush()
+        _send(fd, b"F", _describe(exc)[:MAX_DETAIL].encode("utf-8", "replace"))
+        _exit(1)
+    _flush()
+    _send(fd, b"L")
+    while True:
+        try:
+            _, request = _receive(fd)
+        except EOFError:
+            _flush()
+            _exit(0)
+        name, args, kwargs = codec.decode(request)
+        try:
+            result = namespace[name](*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the candidate's exception is its answer
+            _flush()
+            _send(fd, b"X", codec.encode((type(exc).__name__, _message(exc))))
+            continue
+        _flush()
+        try:
+            _send(fd, b"R", codec.encode(result))
+        except codec.CodecError as exc:
+            _send(fd, b"I", str(exc).encode())
+
+
+# ---------------------------------------------------------------- trusted side
+class CandidateFailure(BaseException):
+    """The candidate gave no valid answer (crashed, hung up, sent something that is not plain data).
+
+    A BaseException so ``except Exception`` in a test does not swallow it; the judge
+    also records it, so a bare ``except:`` cannot turn it into a pass either.
+    """
+
+
+class CandidateRaised(Exception):
+    """The candidate raised an exception that is not a builtin type; carries its name and message."""
+
+
+class NeedsInProcess(BaseException):
+    """The benchmark's own arguments are not plain data: this test cannot be proxied."""
+
+
+class _Judge:
+    def __init__(self) -> None:
+        self.failure = ""  # first reason the candidate failed, sticky
+        self.unsupported = ""
+
+    def fail(self, reason: str) -> CandidateFailure:
+        self.failure = self.failure or reason
+        return CandidateFailure(self.failure)
+
+    def await_load(self) -> None:
+        try:
+            kind, payload = _receive(JUDGE_CHANNEL_FD)
+        except (EOFError, codec.CodecError):
+            raise self.fail("the candidate's process ended before its code finished loading") from None
+        if kind == b"F":
+            raise self.fail("the completion failed to load: " + payload.decode("utf-8", "replace"))
+        if kind != b"L":
+            raise self.fail("the candidate's process broke the call protocol")
+
+    def proxy(self, name: str):
+        def candidate(*args, **kwargs):
+            if self.failure:
+                raise CandidateFailure(self.failure)
+            try:
+                request = codec.encode((name, args, kwargs))
+            except codec.NotPlainData as exc:
+                self.unsupported = f"the test passes {name} an argument that is not plain data ({exc})"
+                raise NeedsInProcess(self.unsupported) from None
+            except codec.CodecError as exc:
+                raise self.fail(f"arguments for {name} too large: {exc}") from None
+            try:
+                _send(JUDGE_CHANNEL_FD, b"C", request)
+                kind, payload = _receive(JUDGE_CHANNEL_FD)
+                if kind == b"R":
+                    return codec.decode(payload)
+                if kind == b"X":
+                    type_name, message = codec.decode(payload)
+                    raise _rebuilt(str(type_name), str(message))
+                if kind == b"I":
+                    raise self.fail(f"{name} returned something that is not a valid answer: "
+                                    f"{payload[:MAX_DETAIL].decode('utf-8', 'replace')}")
+                raise self.fail(f"the candidate's process broke the call protocol (frame {kind!r})")
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                raise self.fail(f"the candidate's process ended during a call to {name}") from None
+            except codec.CodecError as exc:
+                raise self.fail(f"{name} returned something that is not a valid answer: {exc}") from None
+
+        candidate.__name__ = candidate.__qualname__ = name
+        return candidate
+
+
+def _rebuilt(type_name: str, message: str) -> Exception:
+    """The candidate's exception as the builtin type of that name (so tests can catch it), else CandidateRaised."""
+    cls = getattr(builtins, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:  # e.g. UnicodeDecodeError needs five arguments
+            pass
+    return CandidateRaised(f"{type_name}: {message}")
+
+
+def judge(prefix: str, tests: str, names: list[str]) -> None:
+    """Trusted side: benchmark code only, each name in ``names`` a proxy; never returns."""
+    state = _Judge()
+    try:
+        namespace = {"__name__": "__main__", "__file__": "tests.py", "__builtins__": builtins}
+        exec(compile(prefix, "prompt.py", "exec"), namespace)
+        state.await_load()
+        for name in names:
+            namespace[name] = state.proxy(name)
+        exec(compile(tests, "tests.py", "exec"), namespace)
+    except BaseException as exc:  # noqa: BLE001
+        if state.unsupported:
+            _report(FALLBACK, state.unsupported)
+        _report(ERROR, state.failure or _describe(exc))
+    if state.unsupported:
+        _report(FALLBACK, state.unsupported)
+    if state.failure:  # the test swallowed the failure
+        _report(ERROR, state.failure)
+    _report(PASS)
