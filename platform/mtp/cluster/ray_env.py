@@ -21,12 +21,14 @@ initialisation. The queries here use the connection the driver already runs on
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 MTP_PACKAGE = Path(__file__).resolve().parents[1]  # .../mtp, shipped to every worker
 DEFAULT_TIMEOUT_S = 30.0
+RAY_BOOTSTRAP_FILE = "/tmp/ray/ray_current_cluster"  # where `ray start` writes the head's address
 
 
 class ClusterQueryError(RuntimeError):
@@ -45,6 +47,20 @@ class Node:
 def runtime_env() -> dict[str, Any]:
     """How ``mtp`` reaches workers, Train controllers and Serve replicas: as a ``py_modules`` upload."""
     return {"py_modules": [str(MTP_PACKAGE)]}
+
+
+def cluster_address() -> str | None:
+    """The cluster ``connect()`` would join (RAY_ADDRESS, or a running ``ray start`` head), or None
+    when it would start a local instance. Cheap: no ``import ray``; the head must accept a connection."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        address = Path(RAY_BOOTSTRAP_FILE).read_text().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return address
+    except (OSError, ValueError):
+        return None
 
 
 def connect(address: str | None = None, **local_options: Any) -> None:

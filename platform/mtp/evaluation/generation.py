@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mtp.evaluation.benchmarks import Benchmark, Problem
+from mtp.evaluation.sandbox_pool import BACKENDS, resolve_backend
 
 MIN_NEW_TOKENS = 16
 
@@ -27,7 +28,7 @@ class GenerationConfig:
     stop: tuple[str, ...] | None = None  # None: the benchmark's protocol (e.g. HumanEval's "\ndef", MBPP's [DONE])
     batch_size: int = 16
     speculative: bool = True  # draft with the extra heads (same distribution, fewer forwards)
-    backend: Literal["ray", "local"] = "ray"
+    backend: Literal["auto", "ray", "local"] = "auto"  # auto: Ray when a cluster runs (sandbox_pool.resolve_backend)
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
 
     def validate(self) -> "GenerationConfig":
@@ -35,8 +36,8 @@ class GenerationConfig:
             raise ValueError("n_samples, max_new_tokens and batch_size must be >= 1")
         if self.n_samples > 1 and self.temperature == 0:
             raise ValueError(f"n_samples={self.n_samples} with temperature 0 gives {self.n_samples} identical greedy samples")
-        if self.backend not in ("ray", "local"):
-            raise ValueError(f"backend={self.backend!r} must be 'ray' or 'local'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
         return self
 
 
@@ -77,7 +78,7 @@ def generate_samples(checkpoint: str, benchmark: Benchmark, config: GenerationCo
     """Samples for every problem, ordered by (problem, sample index)."""
     config.validate()
     stop = list(config.stop) if config.stop is not None else benchmark.stop
-    if config.backend == "local":
+    if resolve_backend(config.backend) == "local":
         return generate_shard(checkpoint, benchmark.problems, stop, config)
     import ray
 
