@@ -95,11 +95,24 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def humaneval_problem(row: dict[str, Any]) -> Problem:
     """``check(candidate)`` gets the entry point; in the oracle the prompt (its imports, helpers and the
     entry point's signature) runs on the benchmark's side too, then the entry point becomes the proxy."""
+    prefix, reason = _compilable_prompt(row["prompt"])
     return Problem(
         task_id=str(row["task_id"]), prompt=row["prompt"], code_prefix=row["prompt"],
         tests=f"{row['test']}\ncheck({row['entry_point']})", canonical_solution=row.get("canonical_solution"),
-        test_prefix=row["prompt"], candidate_names=(row["entry_point"],),
+        test_prefix=prefix, candidate_names=(row["entry_point"],), in_process_reason=reason,
     )
+
+
+def _compilable_prompt(prompt: str) -> tuple[str, str]:
+    """(the prompt as the judge runs it, why it cannot or ""). A prompt that ends in a bare
+    signature (no docstring) gets a ``...`` body: the judge replaces that function anyway."""
+    for candidate in (prompt, prompt + "    ...\n"):
+        try:
+            compile(candidate, "prompt.py", "exec")
+            return candidate, ""
+        except SyntaxError:
+            continue
+    return prompt, "the prompt does not compile on its own, so the tests' side cannot run it"
 
 
 def _names_for_oracle(tests: str, canonical: str | None) -> tuple[tuple[str, ...], str, str]:

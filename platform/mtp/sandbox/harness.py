@@ -126,6 +126,8 @@ def serve_candidate(source: str) -> None:
             _exit(0)
         name, args, kwargs = codec.decode(request)
         try:
+            if name not in namespace:
+                raise NameError(f"name {name!r} is not defined")
             result = namespace[name](*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - the candidate's exception is its answer
             _flush()
@@ -170,7 +172,7 @@ class _Judge:
         except (EOFError, codec.CodecError):
             raise self.fail("the candidate's process ended before its code finished loading") from None
         if kind == b"F":
-            raise self.fail("the completion failed to load: " + payload.decode("utf-8", "replace"))
+            raise self.fail(payload.decode("utf-8", "replace") + " (raised while the completion loaded)")
         if kind != b"L":
             raise self.fail("the candidate's process broke the call protocol")
 
