@@ -155,3 +155,37 @@ def test_engine_scoring_matches_plain_greedy_decoding():
         total += len(answer)
     result = score(Engine(model, tok, max_batch_size=5), problems)
     assert result == {"exact_match": exact / len(problems), "token_accuracy": correct / total}
+
+
+def test_sweep_task_section_trains_on_the_corpus(tmp_path, monkeypatch):
+    from mtp.sweep.spec import SweepError, parse_spec
+
+    monkeypatch.setenv("MTP_CACHE_DIR", str(tmp_path))
+    sweep = {"task": {"name": "stargraph", "train_problems": 50, "test_problems": 5},
+             "space": {"model.n_future": {"grid": [1, 2]}}, "metric": "task/in_domain/exact_match", "mode": "max"}
+    spec = parse_spec(sweep)
+    corpus = spec.task.corpus_path()
+    assert corpus.is_file() and str(corpus).startswith(str(tmp_path))
+    assert spec.base().data.source == str(corpus)
+    with pytest.raises(SweepError, match="not reported by the task.*task/in_domain/token_accuracy"):
+        parse_spec({**sweep, "metric": "val/bpb"})
+    with pytest.raises(SweepError, match="remove data.source"):
+        parse_spec({**sweep, "config": {"data": {"source": "stdlib"}}})
+    with pytest.raises(SweepError, match="task.name"):
+        parse_spec({**sweep, "task": {"name": "sudoku"}})
+
+
+def test_summary_pools_seeds_into_mean_and_std(tmp_path):
+    from mtp.experiments.report import write_summary
+    from mtp.sweep.summary import TrialRow
+
+    values = {(1, 64): [0.2, 0.4, 0.6], (2, 64): [0.5, 0.5, 0.5], (1, 128): [0.7, 0.9, 0.8]}
+    rows = [TrialRow(f"t{n}{d}{s}", "ok", {"model.n_future": n, "model.dim": d, "train.seed": s},
+                     {"task/in_domain/exact_match": v})
+            for (n, d), vs in values.items() for s, v in enumerate(vs)]
+    rows.append(TrialRow("failed", "error", {"model.n_future": 2, "model.dim": 128, "train.seed": 0}, {}))
+    paths = write_summary(rows, "model.n_future", "model.dim", tmp_path, "test")
+    table = (tmp_path / "task_summary.md").read_text()
+    assert "| 64 | 0.400 ± 0.200 (3) | 0.500 ± 0.000 (3) |" in table
+    assert "| 128 | 0.800 ± 0.100 (3) | - |" in table
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)

@@ -13,6 +13,8 @@ from pathlib import Path
 from mtp.decoding import Engine, SamplingParams
 from mtp.experiments.polynomial import Problem
 
+METRICS = ("exact_match", "token_accuracy")
+
 
 def score(engine: Engine, problems: list[Problem]) -> dict[str, float]:
     """``exact_match`` and ``token_accuracy`` of greedy answers to ``problems``."""

@@ -119,6 +119,18 @@ class TaskSpec:
         """Held-out test problems per evaluation set (never in any training corpus)."""
         return {name: self.problems("test", self.test_problems, name) for name in self.definition.evals}
 
+    def metric_names(self) -> list[str]:
+        """What ``evaluate`` reports, for a sweep's ``metric``."""
+        from mtp.experiments.scoring import METRICS
+
+        return [f"task/{name}/{metric}" for name in self.definition.evals for metric in METRICS]
+
+    def evaluate(self, checkpoint: str | Path) -> dict[str, float]:
+        """Greedy answers of ``checkpoint`` on every held-out evaluation set, scored."""
+        from mtp.experiments.scoring import evaluate_task
+
+        return evaluate_task(checkpoint, self.eval_sets(), self.eval_batch_size)
+
     def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
         root = Path(cache_dir) if cache_dir else Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp"))
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

@@ -107,6 +107,11 @@ def finish_parent(
         (directory / "summary.txt").write_text(format_table(rows, spec.metric, list(spec.space)) + "\n")
         for path in (csv_path, json_path, plot, directory / "summary.txt"):
             client.log_artifact(parent_id, str(path))
+        if spec.task is not None:  # mean ± std over seeds of every task metric, table and figures
+            from mtp.experiments.report import write_summary
+
+            for path in write_summary(rows, spec.plot.x, spec.plot.lines, directory / "task", spec.name):
+                client.log_artifact(parent_id, str(path), "task")
     metrics = {"trials": len(rows), "trials_failed": sum(r.status == "error" for r in rows),
                "trials_stopped": sum(r.status == "stopped" for r in rows)}
     if best is not None:

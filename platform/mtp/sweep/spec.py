@@ -24,6 +24,7 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
     max_concurrent_trials: auto      # or an int
     plot: {x: model.n_future, lines: train.preset}
     evaluation: {benchmark: humaneval, k: [1]}  # optional: pass@k becomes the metric
+    task: {name: polynomial}         # optional: train on a synthetic task, score it (mtp.experiments)
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class SweepSpec:
     max_concurrent_trials: int | None = None  # None: as many as the cluster fits
     plot: PlotSpec = field(default_factory=PlotSpec)
     evaluation: Any = None  # mtp.sweep.evaluation.EvalSpec: score each final checkpoint
+    task: Any = None  # mtp.experiments.tasks.TaskSpec: its corpus is data.source, its metrics score each trial
 
     @property
     def trial_resources(self) -> dict[str, float]:
@@ -245,6 +247,7 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
         clash = set(flat) & set(space_raw)
         if clash:
             raise SweepError(f"{sorted(clash)} appear in both config and space; keep each field in one")
+        task = _task(data.get("task"), flat)
         spec = SweepSpec(
             space={k: Dimension.parse(k, v) for k, v in space_raw.items()},
             metric=_text(data, "metric"),
@@ -259,6 +262,7 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
             max_concurrent_trials=_concurrency(data.get("max_concurrent_trials", "auto")),
             plot=_section(PlotSpec, data.get("plot"), "plot"),
             evaluation=_evaluation(data.get("evaluation")),
+            task=task,
         )
         if spec.mode not in ("min", "max"):
             raise SweepError(f"mode={spec.mode!r} must be 'min' or 'max'")
@@ -272,6 +276,8 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
             from mtp.sweep.evaluation import check_metric
 
             check_metric(spec.evaluation, spec.metric)
+        if spec.task is not None and spec.metric not in spec.task.metric_names():
+            raise SweepError(f"metric {spec.metric!r} is not reported by the task; use one of {spec.task.metric_names()}")
         spec.probe_configs()
         return spec
     except SweepError as exc:
@@ -327,6 +333,22 @@ def _evaluation(raw: Any) -> Any:
     from mtp.sweep.evaluation import EvalSpec
 
     return EvalSpec.parse(raw)
+
+
+def _task(raw: Any, config: dict[str, Any]) -> Any:
+    """A synthetic task; its training corpus is written (once) and becomes ``data.source``."""
+    if raw is None:
+        return None
+    from mtp.experiments.tasks import TaskError, TaskSpec
+
+    if "data.source" in config:
+        raise SweepError("a sweep with a task trains on the task's corpus: remove data.source from config")
+    try:
+        task = TaskSpec.parse(raw)
+    except TaskError as exc:
+        raise SweepError(str(exc)) from None
+    config["data.source"] = str(task.write_corpus())
+    return task
 
 
 def _concurrency(raw: Any) -> int | None:

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 from mlflow.tracking import MlflowClient
 
 from mtp.config import JobConfig
+from mtp.experiments.tasks import TaskSpec
 from mtp.sweep import runs
 from mtp.sweep.evaluation import EvalSpec, evaluate_checkpoint
 from mtp.sweep.resources import runs_inline
@@ -138,13 +139,13 @@ def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Path | None]:
         yield Path(directory)
 
 
-def log_evaluation(client: MlflowClient, cfg: JobConfig, spec: EvalSpec, checkpoint: Path | None) -> None:
-    """Score the final checkpoint; pass@k and verdict counts go to the child run at the last step."""
+def log_evaluation(client: MlflowClient, cfg: JobConfig, spec: EvalSpec | TaskSpec, checkpoint: Path | None) -> None:
+    """Score the final checkpoint (pass@k and verdict counts, or a task's metrics); log them at the last step."""
     from mlflow.entities import Metric
 
     if checkpoint is None:
         raise RuntimeError("the sweep evaluates each trial, but training left no checkpoint")
-    scores = evaluate_checkpoint(checkpoint, spec)
+    scores = spec.evaluate(checkpoint) if isinstance(spec, TaskSpec) else evaluate_checkpoint(checkpoint, spec)
     now = int(time.time() * 1000)
     client.log_batch(cfg.tracking.run_id,
                      metrics=[Metric(k, float(v), now, cfg.train.max_steps) for k, v in scores.items()])
@@ -174,8 +175,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         with training as checkpoint:
             if checkpoint is not None:
                 client.set_tag(cfg.tracking.run_id, "checkpoint", str(checkpoint))
-            if spec.evaluation is not None:
-                log_evaluation(client, cfg, spec.evaluation, checkpoint)
+            for scorer in (spec.evaluation, spec.task):
+                if scorer is not None:
+                    log_evaluation(client, cfg, scorer, checkpoint)
             finish_run(cfg, cfg.tracking.run_id, checkpoint)
     except Exception as exc:
         client.set_tag(cfg.tracking.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
