@@ -11,7 +11,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +100,11 @@ def _assert_contained(h: Host, verdict) -> None:
 
 # (name, program, expected status, expected text in detail, limits)
 CORPUS = [
-    ("infinite_loop", "while True: pass", "timed_out", "wall time", Limits(timeout_s=1)),
+    ("infinite_loop", "while True: pass", "timed_out", "time limit", Limits(timeout_s=1)),
+    ("busy_loop_runs_out_of_cpu_time", "while True: pass", "timed_out", "cpu time limit of 0.5s (whole process tree)",
+     Limits(timeout_s=0.5, wall_factor=40)),
+    ("sleeper_runs_out_of_wall_time", "import time\ntime.sleep(60)", "timed_out", "wall time limit of 1s",
+     Limits(timeout_s=0.5, wall_factor=2)),
     ("ignores_sigterm", """
         import signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -185,6 +191,37 @@ CORPUS = [
         t.start(); t.join()
         assert out == [b'ok\\n'], out
      """, "passed", "", Limits()),
+    # sockets: only AF_UNIX, AF_INET/6 (empty network namespace) and NETLINK_ROUTE.
+    ("vsock", "import socket\nsocket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)", "failed",
+     "Address family not supported", Limits()),
+    ("packet_socket", "import socket\nsocket.socket(socket.AF_PACKET, socket.SOCK_RAW)", "failed",
+     "Address family not supported", Limits()),
+    ("netlink_other_than_route", "import socket\nsocket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9)", "failed",
+     "Address family not supported", Limits()),
+    ("socketpair_inet", "import ctypes\nfds = (ctypes.c_int * 2)()\n"
+     "assert ctypes.CDLL(None, use_errno=True).socketpair(2, 1, 0, fds) == 0, 'denied'", "failed", "denied", Limits()),
+    ("allowed_families_work", """
+        import socket
+        socket.socket(socket.AF_UNIX).close(); socket.socket(socket.AF_INET).close(); socket.socket(socket.AF_INET6).close()
+        a, b = socket.socketpair(); a.close(); b.close()
+        assert socket.if_nameindex() == [(1, 'lo')]  # glibc asks NETLINK_ROUTE
+     """, "passed", "", Limits()),
+    # seccomp: calls newer than the reviewed table are ENOSYS (38); the new mount API is EPERM (1).
+    ("new_syscall_default_deny", "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+     "assert libc.syscall(470, 0, 0) == 0, f'denied {{ctypes.get_errno()}}'", "failed", "denied 38", Limits()),
+    ("far_syscall_default_deny", "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+     "assert libc.syscall(100000) == 0, f'denied {{ctypes.get_errno()}}'", "failed", "denied 38", Limits()),
+    ("fsopen", "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+     "assert libc.syscall(430, b'tmpfs', 0) >= 0, f'denied {{ctypes.get_errno()}}'", "failed", "denied 1", Limits()),
+    ("fspick", "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+     "assert libc.syscall(433, -100, b'/', 0) >= 0, f'denied {{ctypes.get_errno()}}'", "failed", "denied 1", Limits()),
+    # signals: any number dies with a name, and the zygote lives on (test_signals_do_not_restart_the_zygote).
+    ("realtime_signal", "import os, signal\nos.kill(os.getpid(), signal.SIGRTMIN + 3)", "crashed",
+     "killed by SIGRTMIN+3 (signal 37)", Limits()),
+    ("highest_signal", "import os\nos.kill(os.getpid(), 64)", "crashed", "killed by SIGRTMAX (signal 64)", Limits()),
+    # details come only from the harness's own nonce-bearing messages
+    ("spoofed_detail", "import os\nos.write(3, b'E' + b'0' * 32 + b'spoofed')\nos.write(3, b'Espoofed')\n"
+     "raise ValueError('real')", "failed", "ValueError: real", Limits()),
     ("plain_pass", "assert sum(range(10)) == 45", "passed", "", Limits()),
     ("plain_fail", "assert 1 + 1 == 3, 'wrong'", "failed", "AssertionError: wrong", Limits()),
 ]
@@ -235,29 +272,131 @@ def test_random_streams_differ_between_programs(host):
     assert len(runs) == 3
 
 
-def test_refuses_without_root_and_insecure_warns(tmp_path):
-    """As an unprivileged user the CLI refuses (exit 2) unless --insecure, which warns and still runs."""
+def test_refuses_without_root_and_insecure_warns():
+    """As an unprivileged user the CLI refuses (exit 2) unless --insecure, which warns and still runs.
+
+    The package is copied next to the program in a world-readable directory under /tmp, so
+    the test does not depend on whether uid 65534 can enter the checkout (a clone under
+    /root or a 0700 directory)."""
     python = shutil.which("python3.11", path="/usr/bin")
     if os.geteuid() != 0 or python is None:
         pytest.skip("needs root to drop to an unprivileged user, and /usr/bin/python3.11")
-    shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"mtp-sandbox-refusal-{os.getpid()}"
-    shared.mkdir(mode=0o755, exist_ok=True)
-    program = shared / "program.py"
-    program.write_text("print(6 * 7)")
-    program.chmod(0o644)
-    env = {"PYTHONPATH": str(SOURCE_ROOT), "PATH": "/usr/bin:/bin", "TMPDIR": "/tmp"}
+    shared = Path(tempfile.mkdtemp(prefix="mtp-sandbox-refusal-", dir="/tmp"))
     try:
+        shutil.copytree(SOURCE_ROOT / "mtp", shared / "mtp", ignore=shutil.ignore_patterns("__pycache__"))
+        program = shared / "program.py"
+        program.write_text("print(6 * 7)")
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        env = {"PYTHONPATH": str(shared), "PATH": "/usr/bin:/bin", "TMPDIR": "/tmp"}
         command = [python, "-m", "mtp.sandbox", "run", str(program), "--timeout", "5"]
-        refused = subprocess.run(command, env=env, user=65534, group=65534, capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(command, env=env, user=65534, group=65534, capture_output=True, text=True, timeout=60,
+                                 cwd="/")
         assert refused.returncode == 2, refused
         assert "root" in refused.stderr and "--insecure" in refused.stderr
         insecure = subprocess.run([*command, "--insecure"], env=env, user=65534, group=65534, capture_output=True,
-                                  text=True, timeout=60)
+                                  text=True, timeout=60, cwd="/")
         assert insecure.returncode == 0, insecure
         assert "NO namespaces" in insecure.stderr
         assert '"isolation": "insecure"' in insecure.stdout and "42" in insecure.stdout
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@needs_isolation
+def test_signals_are_named_and_do_not_restart_the_zygote(host):
+    zygote = host.box._proc.pid
+    for number in [1, 2, 3, 6, 10, 12, 14, 15, *range(34, 65)]:
+        verdict = host.box.run(f"import os\nos.kill(os.getpid(), {number})")
+        assert verdict.status == "crashed" and f"(signal {number})" in verdict.detail, verdict
+        assert verdict.signal and verdict.signal.startswith("SIG"), verdict
+    assert host.box._proc.pid == zygote, "the zygote was restarted"
+
+
+@needs_isolation
+def test_output_is_flushed_and_kept_on_failure(host):
+    verdict = host.box.run("import sys\nsys.stdout.write('partial out')\nsys.stderr.write('partial err')\nraise ValueError('x')")
+    assert verdict.status == "failed" and verdict.stdout == "partial out" and verdict.stderr.startswith("partial err")
+
+
+IPC_WRITER = """
+    import ctypes, mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    size = 80 << 20
+    shm = libc.shmget(0x6d7470, size, 0o1000 | 0o600)
+    assert shm >= 0, ctypes.get_errno()
+    address = libc.shmat(shm, None, 0)
+    ctypes.memset(address, 1, size)  # charge it to the slot's memory cgroup
+    queue = libc.msgget(0x6d7471, 0o1000 | 0o600)
+    message = ctypes.create_string_buffer(b"\\x01\\0\\0\\0\\0\\0\\0\\0left behind", 32)
+    assert queue >= 0 and libc.msgsnd(queue, message, 11, 0) == 0, ctypes.get_errno()
+    assert libc.semget(0x6d7472, 1, 0o1000 | 0o600) >= 0, ctypes.get_errno()
+    mq = libc.mq_open(b"/mtp-leak", 0o100 | 2, 0o600, None)
+    assert mq >= 0 and libc.mq_send(mq, b"hello", 5, 0) == 0, ctypes.get_errno()
+    print("written")
+"""
+IPC_READER = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    found = {"shm": libc.shmget(0x6d7470, 0, 0), "msg": libc.msgget(0x6d7471, 0), "sem": libc.semget(0x6d7472, 0, 0),
+             "mq": libc.mq_open(b"/mtp-leak", 0, 0, None)}
+    assert found == {"shm": -1, "msg": -1, "sem": -1, "mq": -1}, found
+    block = bytearray(80 << 20)  # fits only if the writer's segment was uncharged
+    for i in range(0, len(block), 4096): block[i] = 1
+    print("nothing left")
+"""
+
+
+@needs_isolation
+def test_ipc_objects_do_not_outlive_a_program_on_a_long_lived_worker(host):
+    limits = Limits(memory_mb=128, timeout_s=5)
+    written = host.box.run(textwrap.dedent(IPC_WRITER), limits)
+    assert written.passed and written.stdout == "written\n", written
+    read = host.box.run(textwrap.dedent(IPC_READER), limits)
+    assert read.passed and read.stdout == "nothing left\n", read
+
+
+@needs_isolation
+def test_cpu_hog_in_a_neighbour_slot_cannot_time_out_a_correct_program(host):
+    """A slot is capped at one CPU, and timeouts count the CPU a program got, not the wall time it waited."""
+    hog = textwrap.dedent("""
+        import os
+        for _ in range(3):
+            if os.fork() == 0:
+                break
+        while True: pass
+    """)
+    hog_limits = Limits(timeout_s=1.0, wall_factor=20)
+    with Sandbox() as neighbour, ThreadPoolExecutor(1) as pool:
+        hogging = pool.submit(neighbour.run, hog, hog_limits)
+        correct = [host.box.run("assert sum(i * i for i in range(300_000)) > 0", Limits(timeout_s=1.0)) for _ in range(5)]
+        hogged = hogging.result()
+    assert all(v.passed for v in correct), correct
+    assert hogged.status == "timed_out" and "cpu time limit" in hogged.detail, hogged
+    # four busy processes reach one CPU-second in half a second on two cores; capped at one CPU, not before 1 s
+    assert hogged.duration_s >= 0.85 * hog_limits.timeout_s / hog_limits.cpus, hogged
+
+
+@needs_isolation
+def test_root_filesystem_works_when_the_interpreter_lives_under_tmp():
+    base = Path(tempfile.mkdtemp(prefix="mtp-sandbox-venv-", dir="/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--copies", str(base / "venv")], check=True,
+                       timeout=120)
+        script = textwrap.dedent("""
+            from mtp.sandbox import Sandbox
+            with Sandbox() as box:
+                first = box.run("open('/tmp/left', 'w').write('x')\\nimport json\\nprint(sorted(__import__('os').listdir('/tmp')))")
+                second = box.run("import os\\nprint(os.path.exists('/tmp/left'))")
+            print(first.status, first.stdout.strip(), second.status, second.stdout.strip())
+        """)
+        done = subprocess.run([str(base / "venv" / "bin" / "python"), "-c", script], capture_output=True, text=True,
+                              env={"PYTHONPATH": str(SOURCE_ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["passed", f"['left',", f"'{base.name}']", "passed", "False"], done.stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @needs_isolation

@@ -3,11 +3,14 @@
 Built once per worker inside the zygote's private mount namespace, then pivoted into,
 so host paths (the repo, /root, /etc, secrets) are not reachable at all, not merely
 unreadable. Each program gets a fresh tmpfs at ``SCRATCH``; unmounting it is the cleanup.
+``/tmp`` is a link to it, unless the interpreter itself lives under /tmp: then /tmp is a
+writable tmpfs holding the interpreter's read-only binds, emptied after every program.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from mtp.sandbox import _libc as libc
@@ -47,10 +50,18 @@ def python_binds(hidden: list[str]) -> list[str]:
     return kept
 
 
-def build_and_enter(new_root: str, binds: list[str], uid: int, hostname: str = "sandbox") -> None:
-    """Make ``new_root`` the root of this mount namespace (needs root in fresh namespaces)."""
+def build_and_enter(new_root: str, binds: list[str], uid: int, hostname: str = "sandbox") -> list[str]:
+    """Make ``new_root`` the root of this mount namespace (needs root in fresh namespaces).
+
+    Returns what ``clean_tmp`` must keep in /tmp: the top-level entries the binds live in
+    (empty when /tmp is a link to the scratch directory).
+    """
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     libc.mount("tmpfs", new_root, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "size=4m,mode=755")
+    kept = sorted({b.split("/")[2] for b in binds if b.startswith("/tmp/")})
+    if kept:  # the interpreter lives under /tmp: /tmp stays a directory, writable like a real one
+        os.makedirs(f"{new_root}/tmp")
+        libc.mount("tmpfs", f"{new_root}/tmp", "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "size=256m,mode=1777")
     for source in binds:
         if os.path.lexists(source):
             _bind(source, new_root + source)
@@ -58,7 +69,6 @@ def build_and_enter(new_root: str, binds: list[str], uid: int, hostname: str = "
         _bind(f"/dev/{name}", f"{new_root}/dev/{name}", read_only=False)
     os.makedirs(new_root + MQUEUE)
     libc.mount("mqueue", new_root + MQUEUE, "mqueue", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
-    os.chmod(new_root + MQUEUE, 0o700)  # programs make queues with mq_open, not through this directory
     os.makedirs(f"{new_root}/proc")
     # hidepid=2 ("invisible"; kernels before 5.8 know only the number): other users' processes are not listed.
     libc.mount("proc", f"{new_root}/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC, "hidepid=2")
@@ -77,6 +87,18 @@ def build_and_enter(new_root: str, binds: list[str], uid: int, hostname: str = "
     libc.umount(".")
     os.chdir("/")
     libc.sethostname(hostname)
+    return kept
+
+
+def clean_tmp(kept: list[str]) -> None:
+    """Remove what a program left in a shared /tmp (only when the interpreter lives there)."""
+    for name in os.listdir("/tmp"):
+        if name not in kept:
+            path = os.path.join("/tmp", name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
 
 
 def mount_scratch(uid: int, size_mb: int) -> str:

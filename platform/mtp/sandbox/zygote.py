@@ -135,7 +135,7 @@ class Zygote:
         self.children: dict[int, int] = {}  # reaped pid -> wait status
         if self.isolated:
             self.cgroups: Handles | None = Handles(SlotCgroups(**config["cgroups"]))
-            rootfs.build_and_enter(config["root_dir"], rootfs.python_binds(config["hidden"]), self.uid)
+            self.tmp_kept = rootfs.build_and_enter(config["root_dir"], rootfs.python_binds(config["hidden"]), self.uid)
         else:
             self.cgroups = None
             libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
@@ -172,6 +172,8 @@ class Zygote:
             self._end_tree()
             if self.isolated:
                 rootfs.unmount_scratch()
+                if self.tmp_kept:
+                    rootfs.clean_tmp(self.tmp_kept)
                 remove_ipc_objects()
             else:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -212,17 +214,20 @@ class Zygote:
             if main == 0:
                 self._enter_child(limits, scratch, self.uid, [self.devnull, out_w, err_w, child_sock.fileno(), nonce_r])
                 harness.run_program(source)
+                os._exit(70)  # only a patched harness returns; never run the zygote's code in a child
         else:
             judge_end, candidate_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             candidate = os.fork()
             if candidate == 0:
                 self._enter_child(limits, scratch, self.uid, [self.devnull, out_w, err_w, candidate_end.fileno()])
                 harness.serve_candidate(oracle["candidate"])
+                os._exit(70)
             main = os.fork()
             if main == 0:
                 self._enter_child(limits, "/", self.judge_uid, [self.devnull, out_w, err_w, child_sock.fileno(),
                                                                 nonce_r, judge_end.fileno()])
                 harness.judge(oracle["prefix"], oracle["tests"], oracle["names"])
+                os._exit(70)
             judge_end.close()
             candidate_end.close()
         for fd in (out_w, err_w, nonce_r):

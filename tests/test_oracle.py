@@ -1,0 +1,213 @@
+"""The trusted oracle: forged passes that work in-process fail by construction; HumanEval and MBPP still score right.
+
+Every attack runs on one long-lived sandbox (one warm zygote), then a correct sample
+must still pass on it. Each forging completion is also run in-process, where it must
+*pass*: that shows the attack is real (and is what the README says that mode cannot stop).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mtp.evaluation import RunnerConfig, load_benchmark, score_samples
+from mtp.evaluation.benchmarks import humaneval, humaneval_problem
+from mtp.sandbox import Limits, Sandbox, isolation_problem
+from mtp.sandbox import codec
+
+DATA = Path(__file__).parent / "data"
+needs_isolation = pytest.mark.skipif(isolation_problem() is not None, reason=str(isolation_problem()))
+LIMITS = Limits(timeout_s=3)
+ADD = humaneval_problem({
+    "task_id": "T/add", "prompt": 'def add(a, b):\n    """a + b"""\n', "entry_point": "add",
+    "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
+})
+CORRECT = "    return a + b\n"
+
+# Each returns a wrong answer and forges the pass some other way.
+FORGERIES = {k: textwrap.dedent(v.lstrip("\n")) for k, v in {
+    "nonce_from_inherited_fd": """
+        return 0
+    import os
+    os.write(3, b"P" + os.read(4, 64))
+    os._exit(0)
+    """,
+    "nonce_from_harness_frame": """
+        return 0
+    import sys
+    frame = sys._getframe()
+    while frame is not None and "_report" not in frame.f_globals:
+        frame = frame.f_back
+    frame.f_globals["_report"](frame.f_globals["PASS"])
+    """,
+    "patched_harness_exit_path": """
+        return 0
+    import sys
+    harness = sys._getframe().f_back.f_globals
+    real_report = harness["_report"]
+    harness["_report"] = lambda kind, detail="": real_report(harness["PASS"])  # failure path -> pass write
+    """,
+    "check_replaced_by_trace_hook": """
+        return 0
+    import sys
+    def tracer(frame, event, arg):
+        if getattr(frame.f_globals.get("check"), "__name__", "") == "check":
+            frame.f_globals["check"] = lambda candidate: None
+        return tracer
+    sys.settrace(tracer)
+    sys._getframe().f_trace = tracer
+    """,
+}.items()}
+FORGERIES["always_equal_object"] = (
+    "    class AlwaysEqual:\n        def __eq__(self, other):\n            return True\n    return AlwaysEqual()\n"
+)
+
+
+@pytest.fixture(scope="module")
+def box():
+    if isolation_problem() is not None:
+        pytest.skip(isolation_problem())
+    with Sandbox() as sandbox:
+        yield sandbox
+
+
+def _both(box, completion: str):
+    return (box.run(ADD.program(completion), LIMITS),
+            box.run(ADD.program(completion), LIMITS, ADD.oracle_program(completion)))
+
+
+@needs_isolation
+@pytest.mark.parametrize("name", FORGERIES)
+def test_forgeries_pass_in_process_and_fail_under_the_trusted_oracle(box, name):
+    in_process, trusted = _both(box, FORGERIES[name])
+    assert in_process.passed and in_process.oracle == "inprocess", in_process
+    assert trusted.status == "failed" and trusted.oracle == "trusted", trusted
+    assert box.run("", LIMITS, ADD.oracle_program(CORRECT)).passed, "the long-lived worker was poisoned"
+
+
+@needs_isolation
+def test_always_equal_fails_with_a_reason_that_says_so(box):
+    trusted = box.run("", LIMITS, ADD.oracle_program(FORGERIES["always_equal_object"]))
+    assert "not a valid answer" in trusted.detail and "AlwaysEqual is not plain data" in trusted.detail, trusted
+
+
+@needs_isolation
+@pytest.mark.parametrize("completion,status,detail", [
+    (CORRECT, "passed", ""),
+    ("    return a - b\n", "failed", "AssertionError"),
+    ("    raise ValueError('no')\n", "failed", "ValueError: no"),
+    ("    import os\n    os._exit(0)\n", "failed", "ended during a call to add"),
+    ("    import ctypes\n    ctypes.string_at(0)\n", "failed", "killed by SIGSEGV"),
+    ("    while True: pass\n", "timed_out", "time limit"),
+    ("    return (x for x in [a + b])\n", "failed", "a generator is not plain data"),
+    ("    return 'x' * (1 << 25)\n", "failed", "not a valid answer"),
+    ("    return add\n", "failed", "a function is not plain data"),
+    ("import sys\nsys.exit(0)\n", "failed", "SystemExit"),
+    ("    return a +\n", "failed", "SyntaxError"),
+])
+def test_candidate_failures_are_failed_calls_with_a_reason(box, completion, status, detail):
+    verdict = box.run("", Limits(timeout_s=1), ADD.oracle_program(completion))
+    assert verdict.status == status and detail in verdict.detail, verdict
+
+
+@needs_isolation
+def test_judge_is_out_of_the_candidates_reach(box):
+    """Another uid: the candidate cannot see, signal or read the judge; its kill attempts fail the sample only."""
+    completion = textwrap.dedent("""\
+            return a + b
+        import os, signal
+        mine = os.getuid()
+        others = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()]
+        print('visible', others)
+        for pid in set(range(2, 200)) - {os.getpid()}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                print('killed', pid)
+            except OSError:
+                pass
+    """)
+    verdict = box.run("", LIMITS, ADD.oracle_program(completion))
+    assert verdict.passed, verdict
+    assert "visible []" in verdict.stdout and "killed" not in verdict.stdout, verdict.stdout
+
+
+@needs_isolation
+def test_exceptions_cross_as_builtin_types_and_output_is_kept(box):
+    problem = humaneval_problem({
+        "task_id": "T/raise", "prompt": "def root(x):\n", "entry_point": "root",
+        "test": "def check(f):\n    try:\n        f(-1)\n    except ValueError as e:\n        assert 'negative' in str(e)\n"
+                "    else:\n        raise AssertionError('no ValueError')\n    assert f(4.0) == 2.0\n",
+    })
+    completion = "    print('called', x)\n    if x < 0: raise ValueError('negative')\n    return x ** 0.5\n"
+    verdict = box.run("", LIMITS, problem.oracle_program(completion))
+    assert verdict.passed, verdict
+    assert verdict.stdout == "called -1\ncalled 4.0\n"
+
+
+def test_codec_round_trips_plain_data_exactly():
+    values = [None, True, 0, -(2 ** 200), 0.1, -0.0, math.inf, 1e-310, complex(1.5, -2), "é\udcff", b"\x00\xff",
+              [1, (2, 3)], {"a": {1: frozenset({(1, 2)})}}, set(), ((),)]
+    for value in values:
+        back = codec.decode(codec.encode(value))
+        assert back == value and type(back) is type(value) and repr(back) == repr(value)
+    nan = codec.decode(codec.encode(float("nan")))
+    assert math.isnan(nan)
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value,message", [
+    (type("Int", (int,), {})(3), "Int is not plain data"),
+    (object(), "object is not plain data"),
+    (iter([1]), "list_iterator is not plain data"),
+    (_nested(70), "nested deeper"),
+    ("x" * (codec.MAX_BYTES + 1), "bytes encoded"),
+])
+def test_codec_refuses_what_is_not_plain_data(value, message):
+    with pytest.raises(codec.CodecError, match=message):
+        codec.encode(value)
+
+
+@pytest.mark.parametrize("raw", [
+    b'["x", 1]', b'{"a": 1}', b"1", b'["f", 1.5]', b'["d", [[["l", []], 1]]]', b'["s", [["l", []]]]',
+    b"[" * 100000 + b"]" * 100000, b'["i", "0xzz"]', b"\xff", b'["t", [1]]',
+])
+def test_codec_decoding_never_builds_anything_but_plain_data(raw):
+    with pytest.raises(codec.CodecError):
+        codec.decode(raw)
+
+
+@needs_isolation
+def test_humaneval_canonical_all_pass_and_stubs_all_fail_through_the_default_backend():
+    """164/164 and 0/164 in the trusted-oracle mode, on jobs/evaluate.py's default backend and oracle."""
+    bench = humaneval()
+    samples = [(p.task_id, p.canonical_solution) for p in bench.problems] + [(p.task_id, "    pass\n") for p in bench.problems]
+    result = score_samples(bench, samples, ks=[1], runner=RunnerConfig(), progress=False)
+    canonical = [s for s in result.samples if s.sample_index == 0]
+    stubs = [s for s in result.samples if s.sample_index == 1]
+    assert [s.task_id for s in canonical if not s.passed] == []
+    assert [s.task_id for s in stubs if s.passed] == []
+    assert result.oracle_counts() == {"trusted": 2 * len(bench.problems)}
+
+
+@needs_isolation
+def test_mbpp_canonical_passes_and_unproxyable_tests_fall_back_in_process_reported():
+    bench = load_benchmark(str(DATA / "eval_mbpp_oracle.jsonl"))
+    samples = [(p.task_id, p.canonical_solution) for p in bench.problems] + [(p.task_id, "def f(): pass") for p in bench.problems]
+    result = score_samples(bench, samples, ks=[1], runner=RunnerConfig(backend="local", workers=1), progress=False)
+    by_task = {(s.task_id, s.sample_index): s for s in result.samples}
+    for problem in bench.problems:
+        assert by_task[problem.task_id, 0].passed, by_task[problem.task_id, 0]
+        assert not by_task[problem.task_id, 1].passed
+    fallback = {s.task_id for s in result.samples if s.oracle == "fallback"}
+    assert fallback == {"912", "913"}, fallback
+    assert "Pair is a class" in by_task["912", 0].detail and "as a value" in by_task["913", 0].detail
+    assert {s.oracle for s in result.samples if s.task_id not in fallback} == {"trusted"}
