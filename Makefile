@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench clean cluster-up cluster-down
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ setup: $(BIN)/.installed
 
 train: setup
 	$(BIN)/python jobs/train.py $(ARGS)
+
+# A real `ray start` head (venv on its PATH, own temp dir and ports, token auth) and an
+# `mlflow server` with artifact proxying, on this machine; then `source .cluster/env.sh`.
+cluster-up: setup
+	$(BIN)/python scripts/cluster.py up $(ARGS)
+
+cluster-down:
+	$(BIN)/python scripts/cluster.py down
 
 # Ray test modules run one pytest process each (each with its one session-scoped local
 # Ray): in a single process the driver's GCS state accessor was seen to block forever

@@ -100,27 +100,47 @@ def server(ray_cluster, registered) -> str:
         serve.shutdown()
 
 
-def test_serve_config_from_args_and_environment(tmp_path, monkeypatch):
+def test_serve_config_from_args(tmp_path, monkeypatch):
     from mtp.config import ConfigError
-    from mtp.serving.config import MODEL_ENV, serve_config
+    from mtp.serving.config import ServeConfig
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(MODEL_ENV, raising=False)
-    cfg = serve_config({"model": "ckpt", "max_batch_size": 4})
+    cfg = ServeConfig.from_args({"model": "ckpt", "max_batch_size": 4})
     assert cfg.model == str(tmp_path / "ckpt") and cfg.served_name == "ckpt"  # absolute for the replicas
-    assert cfg.serve_batch_size == 8  # Serve hands the engine twice its rows, to refill finished ones
-    monkeypatch.setenv(MODEL_ENV, "models:/mtp-model/3")
-    cfg = serve_config({"model": "ckpt"})
+    cfg = ServeConfig.from_args({"model": "models:/mtp-model/3"})
     assert cfg.model == "models:/mtp-model/3" and cfg.served_name == "mtp-model"
     with pytest.raises(ConfigError, match="max_bach_size"):
-        serve_config({"max_bach_size": 4})
+        ServeConfig.from_args({"max_bach_size": 4})
     with pytest.raises(ConfigError, match="max_batch_size"):
-        serve_config({"max_batch_size": 0})
+        ServeConfig.from_args({"model": "m", "max_batch_size": 0})
     with pytest.raises(ConfigError, match="dtype"):
-        serve_config({"dtype": "int4"})
-    monkeypatch.delenv(MODEL_ENV)
-    with pytest.raises(ConfigError, match=MODEL_ENV):
-        serve_config({})
+        ServeConfig.from_args({"model": "m", "dtype": "int4"})
+    with pytest.raises(ConfigError, match="args.model"):
+        ServeConfig.from_args({})
+
+
+def test_deploy_config_pins_the_alias_and_carries_the_store(registered):
+    """What `serve deploy` needs reaches the application through the config file alone."""
+    import yaml
+
+    from mtp.config import ConfigError
+    from mtp.serving.deploy import SOURCE_ROOT, deploy_config
+
+    store, model_uri = registered
+    name, version = model_uri[len("models:/"):].split("/")
+    from mlflow import MlflowClient
+
+    MlflowClient(store, store).set_registered_model_alias(name, "champion", version)
+    template = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    config = deploy_config(template, f"models:/{name}@champion", tracking_uri=store, port=8123, autoscaling=(1, 2))
+    app = config["applications"][0]
+    assert app["args"]["model"] == model_uri and app["args"]["model_name"] == name
+    assert app["args"]["tracking_uri"] == store and config["http_options"]["port"] == 8123
+    assert app["runtime_env"]["env_vars"]["PYTHONPATH"] == str(SOURCE_ROOT)
+    server = next(d for d in app["deployments"] if d["name"] == "ModelServer")
+    assert "num_replicas" not in server and server["autoscaling_config"]["max_replicas"] == 2
+    with pytest.raises(ConfigError, match="@nope"):
+        deploy_config(template, f"models:/{name}@nope", tracking_uri=store)
 
 
 def complete(url: str, **body) -> requests.Response:

@@ -31,7 +31,7 @@ from mtp.checkpoint import local_checkpoint_dir, model_config
 from mtp.decoding import Engine, Generation, SamplingParams
 from mtp.device import resolve_device
 from mtp.serving.card import model_card
-from mtp.serving.config import API_KEY_ENV, ServeConfig, serve_config
+from mtp.serving.config import API_KEY_ENV, ServeConfig
 from mtp.serving.engine_thread import EngineRunner
 from mtp.serving.metrics import EngineMetrics, IngressMetrics
 from mtp.serving.protocol import (
@@ -380,6 +380,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     The API key is read here from ``MTP_SERVE_API_KEY`` (the shell of ``serve run``,
     or ``runtime_env.env_vars`` of the application) and handed to the ingress.
     """
-    cfg = serve_config(args)
-    model = ModelServer.options(max_ongoing_requests=2 * cfg.serve_batch_size).bind(cfg.to_dict())
+    cfg = ServeConfig.from_args(args)
+    # A default sized to the engine: its rows, plus three times as many waiting at the
+    # replica to refill them as they finish. The deployment's max_ongoing_requests in
+    # the Serve config, when given, wins over it.
+    model = ModelServer.options(max_ongoing_requests=4 * cfg.max_batch_size).bind(cfg.to_dict())
     return Ingress.bind(model, cfg.to_dict(), os.environ.get(API_KEY_ENV) or None)

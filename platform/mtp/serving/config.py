@@ -1,14 +1,16 @@
-"""Serving configuration: one dataclass, built from the Serve config's ``args``.
+"""The application's settings: one dataclass, built from the Serve config's ``args``.
 
-The same dict travels from ``serve/config.yaml`` (or a test) to the builder and
-to every replica, and is validated once, so a bad value fails at deploy time with
-a message naming the key instead of inside a replica's constructor loop.
+The same dict travels from the Serve config file (``jobs/serve_config.py`` writes
+one) to the builder and to every replica, and is validated once, so a bad value
+fails at deploy time with a message naming the key instead of inside a replica's
+constructor loop. The model and its tracking store are ``args`` too, never the
+deploying shell's environment: ``serve deploy`` builds the application on the
+cluster, which never sees that shell.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,22 +18,25 @@ from typing import Any
 from mtp.checkpoint import URI_SCHEMES
 from mtp.config import ConfigError
 
-MODEL_ENV = "MTP_MODEL_URI"
 API_KEY_ENV = "MTP_SERVE_API_KEY"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class ServeConfig:
-    """What one application serves and the limits it enforces per request."""
+    """What one application serves and the limits it enforces per request.
 
-    model: str | None = None  # checkpoint dir or MLflow URI; MTP_MODEL_URI overrides it
+    How many requests a replica takes at once is Serve's own ``max_ongoing_requests``
+    (the deployment's section of the Serve config); it defaults to four times
+    ``max_batch_size``, so that finished rows are refilled from requests already queued.
+    """
+
+    model: str | None = None  # checkpoint dir or MLflow URI (models:/name@alias, runs:/id/path)
     model_name: str | None = None  # id in /v1/models; None: derived from ``model``
-    tracking_uri: str | None = None  # MLflow store for models:/ and runs:/; None: MLFLOW_TRACKING_URI
+    tracking_uri: str | None = None  # MLflow store for models:/ and runs:/; None: the replica's MLFLOW_TRACKING_URI
     device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
     dtype: str = "auto"  # "auto": bf16 on a GPU, fp32 on a CPU
     max_batch_size: int = 8  # rows the engine decodes together
-    serve_batch_size: int | None = None  # rows Serve groups into one engine call; None: 2 x max_batch_size
     batch_wait_timeout_s: float = 0.0  # extra wait for a batch to fill; 0: rows queued while the
     # engine was busy form the next batch anyway, and a lone request pays no wait
     max_tokens_cap: int = 512  # largest max_tokens a request may ask for
@@ -42,10 +47,8 @@ class ServeConfig:
 
     def validate(self) -> "ServeConfig":
         if not self.model:
-            raise ConfigError(f"serve: no model; set args.model in the Serve config or {MODEL_ENV}")
-        if self.serve_batch_size is None:
-            self.serve_batch_size = 2 * self.max_batch_size if isinstance(self.max_batch_size, int) else None
-        for name in ("max_batch_size", "serve_batch_size", "max_tokens_cap", "max_choices", "max_body_bytes"):
+            raise ConfigError("serve: no model; set args.model in the Serve config (jobs/serve_config.py --model ...)")
+        for name in ("max_batch_size", "max_tokens_cap", "max_choices", "max_body_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"serve.{name}={value!r} must be a positive integer")
@@ -75,26 +78,23 @@ class ServeConfig:
         return dataclasses.asdict(self)
 
 
-def serve_config(args: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
-    """Build and validate a ServeConfig from Serve ``args``; unknown keys are errors.
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None = None) -> "ServeConfig":
+        """Build and validate from Serve ``args``; unknown keys are errors.
 
-    ``MTP_MODEL_URI`` wins over ``args.model`` so that one config file serves any
-    checkpoint. A relative checkpoint path is made absolute here, on the machine
-    that builds the application, because replicas run in other directories.
-    """
-    args = dict(args or {})
-    environ = os.environ if environ is None else environ
-    known = {f.name for f in dataclasses.fields(ServeConfig)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ConfigError(f"serve: unknown config keys {unknown}; known keys are {sorted(known)}")
-    if environ.get(MODEL_ENV):
-        args["model"] = environ[MODEL_ENV]
-    model = args.get("model")
-    if isinstance(model, (str, Path)) and not str(model).startswith(URI_SCHEMES):
-        args["model"] = str(Path(model).expanduser().resolve())
-    try:
-        cfg = ServeConfig(**args)
-    except TypeError as exc:
-        raise ConfigError(f"serve: {exc}") from None
-    return cfg.validate()
+        A relative checkpoint path is made absolute here, on the machine that builds
+        the application, because replicas run in other directories.
+        """
+        args = dict(args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ConfigError(f"serve: unknown config keys {unknown}; known keys are {sorted(known)}")
+        model = args.get("model")
+        if isinstance(model, (str, Path)) and not str(model).startswith(URI_SCHEMES):
+            args["model"] = str(Path(model).expanduser().resolve())
+        try:
+            cfg = cls(**args)
+        except TypeError as exc:
+            raise ConfigError(f"serve: {exc}") from None
+        return cfg.validate()

@@ -1,0 +1,95 @@
+"""A deployable Serve config: the template plus the model, its tracking store and the package.
+
+``serve deploy`` hands a config file to the Serve controller, which builds the
+application on the cluster: nothing from the deploying shell (environment,
+working directory) reaches it. So everything the replicas need is written into
+the config: ``args.model`` (an alias such as ``models:/mtp-tiny@champion`` is
+pinned to the version it names now, so deploying again after the alias moved is a
+config change that Serve rolls out replica by replica, and the deployed version is
+visible in the file), ``args.tracking_uri``, and ``PYTHONPATH`` to this checkout's
+source root for clusters whose nodes share it (an image with ``pip install .``
+does not need it).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from mtp.config import ConfigError
+
+APP_IMPORT_PATH = "mtp.serving.app:build_app"
+MODEL_DEPLOYMENT = "ModelServer"
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # .../platform, which holds the mtp package
+
+
+def pin_model(model: str, tracking_uri: str | None) -> tuple[str, str | None]:
+    """``models:/name@alias`` -> (``models:/name/<version>``, name); anything else unchanged.
+
+    Raises ConfigError naming the alias when the registry does not know it.
+    """
+    if not model.startswith("models:/") or "@" not in model:
+        return model, None
+    name, _, alias = model[len("models:/"):].partition("@")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, alias).version
+    except MlflowException as exc:
+        raise ConfigError(f"{model}: the registry at {tracking_uri or 'the default store'} has no such alias ({exc})") from None
+    return f"models:/{name}/{version}", name
+
+
+def deploy_config(
+    template: dict[str, Any],
+    model: str,
+    *,
+    tracking_uri: str | None = None,
+    port: int | None = None,
+    replicas: int | None = None,
+    autoscaling: tuple[int, int] | None = None,
+    target_ongoing_requests: float | None = None,
+    source_root: Path | None = SOURCE_ROOT,
+    pin: bool = True,
+) -> dict[str, Any]:
+    """The template (a parsed Serve config) made deployable for ``model``."""
+    config = copy.deepcopy(template)
+    apps = [a for a in config.get("applications", []) if a.get("import_path") == APP_IMPORT_PATH]
+    if len(apps) != 1:
+        raise ConfigError(f"the Serve config template must hold one application with import_path {APP_IMPORT_PATH}")
+    app = apps[0]
+    served, name = pin_model(model, tracking_uri) if pin else (model, None)
+    args = app.setdefault("args", {})
+    args["model"] = served
+    if name and not args.get("model_name"):
+        args["model_name"] = name
+    if tracking_uri:
+        args["tracking_uri"] = tracking_uri
+    env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    if source_root is not None:
+        env_vars["PYTHONPATH"] = str(source_root)
+    if port is not None:
+        config.setdefault("http_options", {})["port"] = port
+    deployment = next((d for d in app.setdefault("deployments", []) if d.get("name") == MODEL_DEPLOYMENT), None)
+    if deployment is None:
+        deployment = {"name": MODEL_DEPLOYMENT}
+        app["deployments"].append(deployment)
+    if replicas is not None and autoscaling is not None:
+        raise ConfigError("give replicas or autoscaling, not both")
+    if replicas is not None:
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = replicas
+    if autoscaling is not None:
+        low, high = autoscaling
+        if not 0 <= low <= high or high < 1:
+            raise ConfigError(f"autoscaling {low},{high}: need 0 <= min <= max and max >= 1")
+        deployment.pop("num_replicas", None)
+        deployment["autoscaling_config"] = {
+            "min_replicas": low, "max_replicas": high,
+            "target_ongoing_requests": target_ongoing_requests or args.get("max_batch_size", 8),
+            "upscale_delay_s": 3, "downscale_delay_s": 10,
+        }
+    return config
