@@ -145,9 +145,13 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
     # `down` finds this cluster's processes by it.
     ray_tmp = tempfile.mkdtemp(prefix="mtp-ray-", dir="/tmp")
     mlflow_uri = f"http://127.0.0.1:{ports['mlflow']}"
+    from ray.util import get_node_ip_address  # the address Ray binds (it ignores 127.0.0.1)
+
+    gcs_address = f"{get_node_ip_address()}:{ports['port']}"
+    # RAY_ADDRESS for every process of the cluster: Ray's own actors (Train's placement
+    # group cleaner, ...) otherwise find several Ray instances on a shared machine and fail.
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": mlflow_uri}
-    env.pop("RAY_ADDRESS", None)
+           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ADDRESS": gcs_address}
     client_env = {"RAY_ADDRESS": f"http://127.0.0.1:{ports['dashboard-port']}", "MLFLOW_TRACKING_URI": mlflow_uri}
     if auth:
         token = state_dir / "ray_auth_token"
@@ -169,7 +173,7 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
         stdout=mlflow_log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     state = {"ray_temp_dir": ray_tmp, "mlflow_pgid": mlflow.pid, "ports": ports, "env": client_env,
-             "gcs_address": f"127.0.0.1:{ports['port']}", "mlflow_store": str(store)}
+             "gcs_address": gcs_address, "mlflow_store": str(store)}
     (state_dir / STATE).write_text(json.dumps(state, indent=2))  # from here on, `down` can clean up
     ray_args = [str(bin_dir / "ray"), "start", "--head", "--temp-dir", ray_tmp, "--dashboard-host", "127.0.0.1",
                 "--include-dashboard", "true", "--disable-usage-stats"]

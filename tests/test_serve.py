@@ -63,7 +63,7 @@ def registered(checkpoint, tmp_path_factory) -> tuple[str, str]:
     client.set_terminated(run_id)
     cfg = build_config(overrides={"train.preset": "debug", "tracking.tracking_uri": store,
                                   "tracking.registered_model": "tiny"})
-    return store, register_checkpoint(cfg, run_id)
+    return store, register_checkpoint(cfg, run_id, checkpoint)
 
 
 @pytest.fixture(scope="module")

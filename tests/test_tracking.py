@@ -17,7 +17,9 @@ from mtp.tracking import (
     TrackingError,
     check_tracking,
     finish_run,
+    register_checkpoint,
     resolve_checkpoint,
+    source_tags,
     start_run,
     tracking_uri,
 )
@@ -79,6 +81,10 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
         trained = train(cfg, callbacks=[callback])
     finally:
         callback.close()
+    # A restarted worker group replays steps 5 and 6 from its checkpoint, then goes on.
+    restarted = MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), system_metrics=False, restarted=True)
+    for step in (5, 6, 7):
+        restarted.on_log(step, {"train/loss": 100.0 + step})
     finished = finish_run(cfg, cfg.tracking.run_id, trained.checkpoint)
 
     client = MlflowClient(mlflow_server)
@@ -86,8 +92,14 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
     expected = {k: "" if v is None else str(v) for k, v in cfg.flat().items() if k != "tracking.run_id"}
     assert run.data.params == expected
-    for key in ("train/loss_head_0", "train/loss_head_1", "train/loss", "perf/tokens_per_s", "train/lr"):
+    for key in ("train/loss_head_0", "train/loss_head_1", "perf/tokens_per_s", "train/lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 7)), key
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert [step for step, _ in losses] == list(range(1, 8)) and losses[-1][1] == 107.0  # replays not re-logged
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "restarts")] == [(6, 1.0)]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Machine learning"
+    assert run.data.tags["mtp.command"].startswith("python ") and run.data.tags["mlflow.source.type"] == "LOCAL"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss_head_1")] == [3, 6]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -99,10 +111,41 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert finished.model_uri == "models:/mtp-test/1"
     version = client.get_model_version("mtp-test", "1")
     assert version.tags["n_future"] == "2" and version.tags["size"].endswith("M") and version.run_id == run.info.run_id
-    local = resolve_checkpoint("models:/mtp-test/1", cache_dir=tmp_path / "models")
+    assert set(client.get_registered_model("mtp-test").aliases) == {"newest", "champion"}
+    local = resolve_checkpoint("models:/mtp-test@champion", cache_dir=tmp_path / "models")
     model, _, config = load_model(local)
     assert config["tracking"]["run_id"] == run.info.run_id and model.cfg.n_future == 2
     assert load_model(f"runs:/{run.info.run_id}/checkpoint")[2]["train"]["max_steps"] == 6
+
+    # The registered model is an MLflow pyfunc model: completions straight from the registry,
+    # the same greedy text the engine gives for the checkpoint.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from mtp.decoding import Engine, SamplingParams
+
+    assert [m.source_run_id for m in client.search_logged_models([run.info.experiment_id])] == [run.info.run_id]
+    pyfunc = mlflow.pyfunc.load_model("models:/mtp-test@newest")
+    assert pyfunc.metadata.get_input_schema().input_names() == ["prompt"]
+    completions = pyfunc.predict(pd.DataFrame({"prompt": ["def add(a, b):", "import"]}), params={"max_tokens": 12})
+    engine = Engine.from_checkpoint(str(local))
+    assert completions == [g.text for g in engine.generate(["def add(a, b):", "import"], SamplingParams(max_new_tokens=12))]
+
+    # A second run's version moves @newest; @champion stays until someone promotes.
+    second = client.create_run(run.info.experiment_id).info.run_id
+    assert register_checkpoint(cfg, second, trained.checkpoint) == "models:/mtp-test/2"
+    aliases = client.get_registered_model("mtp-test").aliases
+    assert aliases == {"newest": "2", "champion": "1"}
+
+
+def test_source_tags_name_entry_point_commit_and_ray_job(monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"metadata": {"job_submission_id": "raysubmit_abc"}}')
+    tags = source_tags([str(repo / "jobs" / "train.py"), "--max-steps", "3"])
+    assert tags["mlflow.source.name"] == "jobs/train.py" and tags["mlflow.source.git.commit"] == head
+    assert tags["mtp.git.dirty"] in ("true", "false") and tags["mtp.command"].endswith("train.py --max-steps 3")
+    assert tags["mlflow.source.type"] == "JOB" and tags["mtp.ray_job_id"] == "raysubmit_abc"
 
 
 def test_unreachable_server_and_unknown_model_fail_clearly(mlflow_server, tmp_path):

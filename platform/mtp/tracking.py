@@ -5,9 +5,10 @@ as params and the config file as an artifact, and hands the run id to the worker
 ``cfg.tracking.run_id``. Rank 0 logs per-step metrics and system metrics into that
 run (``MLflowCallback``); the id is also saved in every checkpoint, so a restarted
 attempt, or ``--resume``, continues the same run. At the end the driver logs the
-final checkpoint and a per-head loss plot, registers the model
-(``models:/<name>/<version>``, tagged with n_future and size) and closes the run
-(``finish_run``). ``resolve_checkpoint`` turns any MLflow URI into a local
+final checkpoint and a per-head loss plot, logs the MLflow model and registers it
+(``mtp.registry``: ``models:/<name>@newest``, tagged with n_future and size) and
+closes the run (``finish_run``). Runs carry their source (``source_tags``), and the
+experiment is marked as model training for MLflow 3's UI. ``resolve_checkpoint`` turns any MLflow URI into a local
 checkpoint directory, for evaluation and serving.
 
 Metric names are the same in every run: ``train/loss_head_<i>``, ``train/loss``,
@@ -17,7 +18,12 @@ Metric names are the same in every run: ``train/loss_head_<i>``, ``train/loss``,
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -32,6 +38,7 @@ from mtp.model import count_parameters
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 METRIC_BATCH = 1000  # MLflow's per-request metric limit
+RESTARTS_METRIC = "restarts"
 
 
 class TrackingError(RuntimeError):
@@ -75,15 +82,67 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3's UI opens an experiment as "GenAI apps & agents" or "Machine learning" by
+# this tag (its values in the 3.17 UI bundle: genai_development, custom_model_development,
+# finetuning, ...); without it, it infers GenAI from our evaluation runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def experiment_id(client, name: str, uri: str) -> str:
-    """Get or create the experiment, on the driver, with artifacts beside a sqlite store."""
+    """Get or create the experiment, on the driver, with artifacts beside a sqlite store,
+    marked as model development so that the UI shows its runs as training runs."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def ray_job_id() -> str | None:
+    """The submission id (``raysubmit_...``) of the Ray job this process is the driver of, if any."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for the entrypoint
+    if not config:
+        return None
+    try:
+        return json.loads(config).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+def source_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """Where a run came from: entry point, full command line, git commit and dirty flag, Ray job.
+
+    Under ``ray job submit`` the checkout is the uploaded working directory; its
+    ``.git`` travels with it unless excluded, so the commit is still known.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    entry = Path(argv[0]).resolve() if argv and argv[0] else None
+    tags = {"mtp.command": shlex.join(["python", *argv])}
+    job = ray_job_id()
+    tags["mlflow.source.type"] = "JOB" if job else "LOCAL"
+    if job:
+        tags["mtp.ray_job_id"] = job
+    if entry is not None and entry.exists():
+        root = _git("rev-parse", "--show-toplevel", cwd=entry.parent)
+        tags["mlflow.source.name"] = str(entry.relative_to(root)) if root and entry.is_relative_to(root) else str(entry)
+        commit = _git("rev-parse", "HEAD", cwd=entry.parent)
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["mtp.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no", cwd=entry.parent))).lower()
+    return tags
 
 
 def model_size(cfg: JobConfig) -> str:
@@ -110,7 +169,7 @@ def start_run(cfg: JobConfig, config_file: str | Path | None = None) -> str:
         return run.info.run_id
     from mlflow.entities import Param
 
-    tags = {"n_future": str(cfg.model.n_future), "preset": cfg.train.preset, "size": model_size(cfg)}
+    tags = {"n_future": str(cfg.model.n_future), "preset": cfg.train.preset, "size": model_size(cfg), **source_tags()}
     if cfg.train.init_from:  # lineage of an n -> n' finetune: the run whose weights it starts from
         from mtp.checkpoint import source_run_id
 
@@ -134,12 +193,23 @@ class MLflowCallback:
     """Rank 0's metric logger (``mtp.train.TrainCallback``), with system metrics.
 
     Uses the client API rather than ``mlflow.start_run`` so that a worker never ends,
-    or changes the status of, the driver's run.
+    or changes the status of, the driver's run. A resumed run (a restarted worker
+    group, or ``--resume``) logs nothing for steps the run already holds: MLflow
+    keeps every point, so a replayed step would appear twice in the charts. A
+    restart (``restarted``) adds one to the run's ``restarts`` metric.
     """
 
-    def __init__(self, run_id: str, uri: str, system_metrics: bool = True, resumed: bool = False):
+    def __init__(self, run_id: str, uri: str, system_metrics: bool = True, resumed: bool = False,
+                 restarted: bool = False):
         self.client = _client(uri)
         self.run_id = run_id
+        self.logged_through = self._last_logged_step() if resumed or restarted else -1
+        if restarted:
+            from mlflow.entities import Metric
+
+            count = len(self.client.get_metric_history(run_id, RESTARTS_METRIC)) + 1
+            step = max(self.logged_through, 0)
+            self.client.log_batch(run_id, metrics=[Metric(RESTARTS_METRIC, count, int(time.time() * 1000), step)])
         self.monitor = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -147,9 +217,16 @@ class MLflowCallback:
             self.monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resumed, tracking_uri=uri)
             self.monitor.start()
 
+    def _last_logged_step(self) -> int:
+        """The last step any training or validation metric of the run was logged at (-1: none)."""
+        keys = [k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(("train/", "val/"))]
+        return max((m.step for k in keys for m in self.client.get_metric_history(self.run_id, k)), default=-1)
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.logged_through:  # replayed after a restart: the run has these points
+            return
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), METRIC_BATCH):
@@ -205,45 +282,45 @@ class FinishedRun:
 
 
 def finish_run(cfg: JobConfig, run_id: str, checkpoint_dir: str | Path | None, failed: bool = False) -> FinishedRun:
-    """Log the final checkpoint and the loss plot, register the model, close the run."""
+    """Log the final checkpoint, the MLflow model and the loss plot, register the model, close the run.
+
+    A failed run keeps its checkpoint (to resume from) but logs no model and moves no alias.
+    """
     uri = tracking_uri(cfg.tracking)
     client = _client(uri)
     model_uri = None
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(run_id, str(plot_head_losses(client, run_id, cfg.model.n_future, Path(tmp))), "plots")
     if checkpoint_dir is not None:
-        client.log_artifacts(run_id, str(checkpoint_dir), CHECKPOINT_ARTIFACT)
-        if cfg.tracking.registered_model and not failed:
-            model_uri = register_checkpoint(cfg, run_id)
+        client.log_artifacts(run_id, str(checkpoint_dir), CHECKPOINT_ARTIFACT)  # with the optimizer: for --resume
+        if not failed:
+            model_uri = register_checkpoint(cfg, run_id, checkpoint_dir)
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
     return FinishedRun(run_id, uri, client.get_run(run_id).info.experiment_id, model_uri)
 
 
-def register_checkpoint(cfg: JobConfig, run_id: str) -> str:
-    """Register the run's ``checkpoint`` artifact as a new version; returns ``models:/name/version``."""
-    from mlflow.exceptions import MlflowException
+def register_checkpoint(cfg: JobConfig, run_id: str, checkpoint_dir: str | Path) -> str | None:
+    """Log ``checkpoint_dir`` as the run's MLflow model and, with ``tracking.registered_model``
+    set, register it as a new version (moving ``@newest``); returns ``models:/name/version``."""
+    from mtp.registry import log_model
 
-    client = _client(tracking_uri(cfg.tracking))
-    name = cfg.tracking.registered_model
     tags = {"n_future": str(cfg.model.n_future), "size": model_size(cfg), "preset": cfg.train.preset}
-    try:
-        client.create_registered_model(name, description="Multi-token-prediction transformers trained with mtp")
-    except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(name, source=f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}", run_id=run_id, tags=tags)
-    return f"models:/{name}/{version.version}"
+    return log_model(run_id, checkpoint_dir, tracking_uri(cfg.tracking), cfg.tracking.registered_model, tags)
 
 
 def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None, tracking: str | None = None) -> Path:
     """Download (once) the checkpoint behind an MLflow URI; returns its local directory.
 
-    Accepts ``models:/<name>/<version>``, ``runs:/<run_id>/<path>`` and artifact URIs.
+    Accepts ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``runs:/<run_id>/<path>``
+    and artifact URIs; a registered MLflow model yields the checkpoint inside it.
     The tracking store is ``tracking``, else ``MLFLOW_TRACKING_URI``, else the local default.
     """
     import mlflow
 
+    from mtp.registry import pin_alias
+
     store = tracking or tracking_uri(TrackingConfig())
+    uri = pin_alias(uri, store)  # cache by version: an alias moves
     root = Path(cache_dir or Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp")) / "models")
     target = root / hashlib.sha256(f"{store}|{uri}".encode()).hexdigest()[:16]
     if not (target / "config.json").is_file():
@@ -254,12 +331,13 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None, tracking: 
         except Exception as exc:  # MLflow raises several types for a missing model/run/artifact
             raise TrackingError(f"cannot resolve {uri!r} in {store}: {exc}") from exc
         local = Path(local)
+        if (local / "MLmodel").is_file():  # an MLflow model (mtp.registry): the checkpoint is inside
+            local = local / "artifacts" / "checkpoint"
         if not (local / "config.json").is_file():
             raise TrackingError(f"{uri!r} resolved to {local}, which is not an mtp checkpoint (no config.json)")
         if target.exists():
-            import shutil
-
             shutil.rmtree(target)
         os.replace(local, target)
+        shutil.rmtree(target.with_suffix(".part"), ignore_errors=True)
     return target
 

@@ -18,29 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from mtp.config import ConfigError
+from mtp.registry import pin_alias
 
 APP_IMPORT_PATH = "mtp.serving.app:build_app"
 MODEL_DEPLOYMENT = "ModelServer"
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # .../platform, which holds the mtp package
-
-
-def pin_model(model: str, tracking_uri: str | None) -> tuple[str, str | None]:
-    """``models:/name@alias`` -> (``models:/name/<version>``, name); anything else unchanged.
-
-    Raises ConfigError naming the alias when the registry does not know it.
-    """
-    if not model.startswith("models:/") or "@" not in model:
-        return model, None
-    name, _, alias = model[len("models:/"):].partition("@")
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        version = client.get_model_version_by_alias(name, alias).version
-    except MlflowException as exc:
-        raise ConfigError(f"{model}: the registry at {tracking_uri or 'the default store'} has no such alias ({exc})") from None
-    return f"models:/{name}/{version}", name
 
 
 def deploy_config(
@@ -61,7 +43,13 @@ def deploy_config(
     if len(apps) != 1:
         raise ConfigError(f"the Serve config template must hold one application with import_path {APP_IMPORT_PATH}")
     app = apps[0]
-    served, name = pin_model(model, tracking_uri) if pin else (model, None)
+    served = model
+    if pin:
+        try:
+            served = pin_alias(model, tracking_uri)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    name = model[len("models:/"):].split("@")[0].split("/")[0] if model.startswith("models:/") else None
     args = app.setdefault("args", {})
     args["model"] = served
     if name and not args.get("model_name"):

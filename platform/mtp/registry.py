@@ -1,0 +1,160 @@
+"""The trained model as an MLflow model, and its place in the Model Registry.
+
+A training run logs the final checkpoint as an MLflow ``pyfunc`` model: the
+inference files (weights, config, tokenizer; not the optimizer state) plus the
+decoding engine, with a signature and an input example. So the runs table shows
+the model, ``mlflow.pyfunc.load_model("models:/mtp-tiny@champion").predict(...)``
+returns completions, and ``mlflow models serve`` gives a quick local endpoint;
+evaluation and Serve still load the checkpoint inside it directly
+(``mtp.tracking.resolve_checkpoint``).
+
+Versions are addressed by alias, never by number: every successful run registers
+a version and moves ``@newest`` to it; ``@champion`` is what a user promotes (a
+sweep's best trial, or ``jobs/promote.py``), and is set by the first version of a
+model so that a fresh setup has one. (MLflow reserves the alias ``latest``.)
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+
+MODEL_ARTIFACT = "model"  # the logged model's name inside the run
+CHECKPOINT_KEY = "checkpoint"  # its artifact holding the mtp checkpoint
+NEWEST, CHAMPION = "newest", "champion"
+DEFAULT_MAX_TOKENS = 128
+INPUT_EXAMPLE = ["def fibonacci(n):\n"]
+
+
+class MTPCompletions(mlflow.pyfunc.PythonModel):
+    """Prompts in (a ``prompt`` column), completions out, decoded by the MTP engine.
+
+    Params (all optional): ``max_tokens``, ``temperature``, ``top_p``, ``seed``,
+    ``speculative`` (draft with the extra heads; greedy text is the same either way).
+    """
+
+    def load_context(self, context) -> None:
+        from mtp.decoding import Engine
+
+        self.engine = Engine.from_checkpoint(context.artifacts[CHECKPOINT_KEY])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        from mtp.decoding import SamplingParams
+
+        params = params or {}
+        prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
+        sampling = SamplingParams(
+            max_new_tokens=int(params.get("max_tokens", DEFAULT_MAX_TOKENS)),
+            temperature=float(params.get("temperature", 0.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            seed=params.get("seed"),
+            speculative=bool(params.get("speculative", True)),
+        )
+        return [g.text for g in self.engine.generate([str(p) for p in prompts], sampling)]
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([
+            ParamSpec("max_tokens", "long", DEFAULT_MAX_TOKENS),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_p", "double", 1.0),
+            ParamSpec("seed", "long", 0),
+            ParamSpec("speculative", "boolean", True),
+        ]),
+    )
+
+
+def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, registered_model: str | None = None,
+              tags: dict[str, str] | None = None) -> str | None:
+    """Log the checkpoint as the run's pyfunc model; with ``registered_model``, register it
+    as a new version tagged ``tags`` and move ``@newest`` to it (and ``@champion``, if unset).
+
+    Returns ``models:/<name>/<version>`` for a registered model, else None.
+    """
+    import pandas as pd
+
+    from mtp.checkpoint import TRAIN_STATE
+
+    client = mlflow.MlflowClient(tracking_uri, tracking_uri)
+    status = client.get_run(run_id).info.status
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)  # log_model is fluent only: point it at the run's store
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            inference = Path(tmp) / CHECKPOINT_KEY  # the optimizer state is for resuming, not for the model
+            shutil.copytree(checkpoint_dir, inference, ignore=shutil.ignore_patterns(TRAIN_STATE))
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT,
+                    python_model=MTPCompletions(),
+                    artifacts={CHECKPOINT_KEY: str(inference)},
+                    code_paths=[str(Path(__file__).resolve().parent)],  # `mtp`, wherever the model loads
+                    signature=signature(),
+                    input_example=(pd.DataFrame({"prompt": INPUT_EXAMPLE}), {"max_tokens": 16}),
+                    pip_requirements=_requirements(),
+                    registered_model_name=registered_model,
+                    await_registration_for=60,
+                )
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+        client.update_run(run_id, status=status)  # leaving start_run() ended the run; the job closes it
+    if registered_model is None:
+        return None
+    version = str(info.registered_model_version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_model, version, key, value)
+    client.set_registered_model_alias(registered_model, NEWEST, version)
+    if CHAMPION not in client.get_registered_model(registered_model).aliases:
+        client.set_registered_model_alias(registered_model, CHAMPION, version)
+    return f"models:/{registered_model}/{version}"
+
+
+def _requirements() -> list[str]:
+    """What the model needs to load elsewhere (this environment's versions)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "safetensors", "numpy", "pandas", "mlflow")]
+
+
+def pin_alias(model_uri: str, tracking_uri: str | None) -> str:
+    """``models:/name@alias`` -> ``models:/name/<version it names now>``; other URIs unchanged.
+
+    Raises ValueError naming the alias when the registry does not know it.
+    """
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, _, alias = model_uri[len("models:/"):].partition("@")
+    try:
+        version = MlflowClient(tracking_uri, tracking_uri).get_model_version_by_alias(name, alias).version
+    except MlflowException as exc:
+        raise ValueError(f"{model_uri}: the registry at {tracking_uri or 'the default store'} "
+                         f"has no such alias ({exc.message})") from None
+    return f"models:/{name}/{version}"
+
+
+def set_alias(model_uri: str, alias: str, tracking_uri: str) -> str:
+    """Point ``alias`` at the version ``model_uri`` names (``models:/name/3`` or ``models:/name@other``)."""
+    from mlflow import MlflowClient
+
+    pinned = pin_alias(model_uri, tracking_uri)
+    if not pinned.startswith("models:/") or pinned.count("/") != 2:
+        raise ValueError(f"{model_uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    name, version = pinned[len("models:/"):].split("/")
+    MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(name, alias, version)
+    return pinned
