@@ -184,7 +184,7 @@ def test_summary_pools_seeds_into_mean_and_std(tmp_path):
                      {"task/in_domain/exact_match": v})
             for (n, d), vs in values.items() for s, v in enumerate(vs)]
     rows.append(TrialRow("failed", "error", {"model.n_future": 2, "model.dim": 128, "train.seed": 0}, {}))
-    paths = write_summary(rows, "model.n_future", "model.dim", tmp_path, "test")
+    paths = write_summary(rows, ["task/in_domain/exact_match"], "model.n_future", "model.dim", tmp_path, "test")
     table = (tmp_path / "task_summary.md").read_text()
     assert "| 64 | 0.400 ± 0.200 (3) | 0.500 ± 0.000 (3) |" in table
     assert "| 128 | 0.800 ± 0.100 (3) | - |" in table

@@ -30,14 +30,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def task_metrics(rows: list[TrialRow], prefix: str = "task/") -> list[str]:
-    return sorted({k for r in rows for k in r.metrics if k.startswith(prefix)})
-
-
-def write_summary(rows: list[TrialRow], x: str, lines: str, directory: Path, title: str,
-                  metrics: list[str] | None = None) -> list[Path]:
+def write_summary(rows: list[TrialRow], metrics: list[str], x: str, lines: str, directory: Path,
+                  title: str) -> list[Path]:
     """``task_summary.csv`` / ``task_summary.md`` (mean ± std, n) and one error-bar figure per metric."""
-    metrics = metrics or task_metrics(rows)
     directory.mkdir(parents=True, exist_ok=True)
     records = []
     for metric in metrics:

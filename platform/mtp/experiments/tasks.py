@@ -148,3 +148,12 @@ class TaskSpec:
                 fh.write(json.dumps({"text": problem.text}) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def parse_task(raw: Any):
+    """A sweep's ``task:`` section: a synthetic task (``TaskSpec``) or the speed measurement (``SpeedSpec``)."""
+    if isinstance(raw, dict) and raw.get("name") == "speed":
+        from mtp.experiments.speed import SpeedSpec
+
+        return SpeedSpec.parse(raw)
+    return TaskSpec.parse(raw)

@@ -110,7 +110,8 @@ def finish_parent(
         if spec.task is not None:  # mean ± std over seeds of every task metric, table and figures
             from mtp.experiments.report import write_summary
 
-            for path in write_summary(rows, spec.plot.x, spec.plot.lines, directory / "task", spec.name):
+            for path in write_summary(rows, spec.task.metric_names(), spec.plot.x, spec.plot.lines,
+                                      directory / "task", spec.name):
                 client.log_artifact(parent_id, str(path), "task")
     metrics = {"trials": len(rows), "trials_failed": sum(r.status == "error" for r in rows),
                "trials_stopped": sum(r.status == "stopped" for r in rows)}

@@ -336,18 +336,20 @@ def _evaluation(raw: Any) -> Any:
 
 
 def _task(raw: Any, config: dict[str, Any]) -> Any:
-    """A synthetic task; its training corpus is written (once) and becomes ``data.source``."""
+    """A synthetic task (its corpus is written once and becomes ``data.source``) or the speed measurement."""
     if raw is None:
         return None
-    from mtp.experiments.tasks import TaskError, TaskSpec
+    from mtp.experiments.tasks import TaskError, parse_task
 
-    if "data.source" in config:
-        raise SweepError("a sweep with a task trains on the task's corpus: remove data.source from config")
     try:
-        task = TaskSpec.parse(raw)
+        task = parse_task(raw)
     except TaskError as exc:
         raise SweepError(str(exc)) from None
-    config["data.source"] = str(task.write_corpus())
+    corpus = task.write_corpus()
+    if corpus is not None:
+        if "data.source" in config:
+            raise SweepError("a sweep with a task trains on the task's corpus: remove data.source from config")
+        config["data.source"] = str(corpus)
     return task
 
 

@@ -25,7 +25,6 @@ from typing import Any, Iterator
 from mlflow.tracking import MlflowClient
 
 from mtp.config import JobConfig
-from mtp.experiments.tasks import TaskSpec
 from mtp.sweep import runs
 from mtp.sweep.evaluation import EvalSpec, evaluate_checkpoint
 from mtp.sweep.resources import runs_inline
@@ -139,13 +138,13 @@ def train_on_workers(cfg: JobConfig, metric: str) -> Iterator[Path | None]:
         yield Path(directory)
 
 
-def log_evaluation(client: MlflowClient, cfg: JobConfig, spec: EvalSpec | TaskSpec, checkpoint: Path | None) -> None:
+def log_evaluation(client: MlflowClient, cfg: JobConfig, spec: Any, checkpoint: Path | None) -> None:
     """Score the final checkpoint (pass@k and verdict counts, or a task's metrics); log them at the last step."""
     from mlflow.entities import Metric
 
     if checkpoint is None:
         raise RuntimeError("the sweep evaluates each trial, but training left no checkpoint")
-    scores = spec.evaluate(checkpoint) if isinstance(spec, TaskSpec) else evaluate_checkpoint(checkpoint, spec)
+    scores = evaluate_checkpoint(checkpoint, spec) if isinstance(spec, EvalSpec) else spec.evaluate(checkpoint)
     now = int(time.time() * 1000)
     client.log_batch(cfg.tracking.run_id,
                      metrics=[Metric(k, float(v), now, cfg.train.max_steps) for k, v in scores.items()])
