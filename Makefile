@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup train test bench clean cluster-up cluster-down
+.PHONY: setup train test bench gpu-check clean cluster-up cluster-down
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ RAY_TEST_MODULES := tests/test_cluster.py tests/test_evaluation.py tests/test_se
 test: setup
 	$(BIN)/python -m pytest $(addprefix --ignore=,$(RAY_TEST_MODULES)) $(ARGS)
 	for module in $(RAY_TEST_MODULES); do $(BIN)/python -m pytest $$module $(ARGS) || exit 1; done
+
+# The GPU check (docs/GPU.md). It installs nothing: the .venv's python where there is one,
+# else the machine's python3 (on the GPU machine, the one that holds PyTorch).
+# The CPU dry run: make gpu-check ARGS="--device cpu --tiny"
+gpu-check:
+	PYTHONPATH=platform $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) jobs/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db runs

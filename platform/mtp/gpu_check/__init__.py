@@ -1,0 +1,16 @@
+"""``make gpu-check``: one prepared run that says whether the GPU path is correct and fast.
+
+Four stages, in order, under one wall-clock budget (``runner.run_check``):
+
+1. ``correctness``: sequential vs naive gradients under bf16, speculative vs vanilla
+   greedy (fp32 exact, bf16 divergence), CUDA-graph vs eager decoding;
+2. ``training``: tokens/s, MFU against a measured matmul peak, peak memory and time
+   vs FLOP ratios of the users' training loop at 0.3B and 1.3B, n=1 vs n=4;
+3. ``decoding``: decode-step times at 0.3B, eager and CUDA graphs, and ``transformers``'
+   Llama with the same weights beside ours;
+4. ``acceleration``: a byte-level n=4 model trained for minutes on the built-in corpus,
+   decoded self-speculatively on HumanEval prompts.
+
+A correctness failure stops the run. The core imports no Ray, MLflow or HF
+``datasets``: the GPU machine has none of them.
+"""

@@ -1,0 +1,112 @@
+"""The four stages in order, under one budget; a correctness failure stops the rest.
+
+``GPU`` sizes are the issue's (0.3B/1.3B at seq 2048, a ~3-minute training run, 164
+HumanEval prompts) for one H200 in at most 8 minutes; ``TINY`` runs the same code on
+toy sizes in seconds (the CPU dry run CI keeps alive).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from mtp.gpu_check import correctness, decoding, training
+from mtp.gpu_check.report import Budget, Row, error_row, release, skipped
+
+
+@dataclass(frozen=True)
+class Profile:
+    correctness: correctness.CorrectnessSizes
+    training: training.ThroughputSizes
+    decoding: decoding.DecodingSizes
+    plan_s: dict[str, float]  # each stage's planned share of the budget, in run order
+    budget_s: float  # default --budget-s
+
+
+STAGES = (correctness.STAGE, training.STAGE, decoding.STAGE)
+GPU = Profile(
+    correctness.GPU, training.GPU, decoding.GPU,
+    plan_s=dict(zip(STAGES, (30, 130, 100))), budget_s=450,
+)
+TINY = Profile(
+    correctness.TINY, training.TINY, decoding.TINY,
+    plan_s=dict(zip(STAGES, (10, 20, 30))), budget_s=300,
+)
+
+
+def _correctness(p: Profile, device: torch.device, budget: Budget) -> list[Row]:
+    rows = []
+    for name, check in (("gradients", correctness.gradient_rows), ("speculative", correctness.speculative_rows),
+                        ("CUDA graphs", correctness.cuda_graph_rows)):
+        try:
+            rows += check(p.correctness, device)
+        except Exception as exc:  # noqa: BLE001 - reported as a failed check
+            rows.append(error_row(correctness.STAGE, name, exc))
+        release(device)
+    return rows
+
+
+RUNNERS: dict[str, Callable[[Profile, torch.device, Budget], list[Row]]] = {
+    correctness.STAGE: _correctness,
+    training.STAGE: lambda p, d, b: training.run(p.training, d, b),
+    decoding.STAGE: lambda p, d, b: decoding.run(p.decoding, d, b),
+}
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    env: dict[str, object] = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    return env
+
+
+def run_check(device: torch.device, tiny: bool, budget_s: float | None = None,
+              on_row: Callable[[Row], None] = lambda row: None) -> dict[str, object]:
+    """Run every stage that fits; returns the JSON document (environment, rows, verdict)."""
+    profile = TINY if tiny else GPU
+    budget = Budget(budget_s if budget_s is not None else profile.budget_s, profile.plan_s)
+    rows: list[Row] = []
+    stage_seconds: dict[str, float] = {}
+    stopped = False
+    for stage in STAGES:
+        budget.enter(stage)
+        start = time.monotonic()
+        if stopped:
+            new = [skipped(stage, "stage", "a correctness check failed")]
+        elif budget.spendable() <= 0:
+            new = [skipped(stage, "stage", "budget")]
+        else:
+            try:
+                new = RUNNERS[stage](profile, device, budget)
+            except Exception as exc:  # noqa: BLE001 - a broken stage must not hide the others
+                new = [error_row(stage, "stage", exc)]
+            release(device)
+        for row in new:
+            on_row(row)
+        stage_seconds[stage] = round(time.monotonic() - start, 1)
+        rows += new
+        stopped = stopped or (stage == correctness.STAGE and any(r.failed for r in new))
+    return {
+        "environment": environment(device),
+        "tiny": tiny,
+        "budget_s": budget.total_s,
+        "elapsed_s": budget.elapsed(),
+        "stage_seconds": stage_seconds,
+        "passed": not any(r.failed for r in rows),
+        "rows": [asdict(r) for r in rows],
+    }
