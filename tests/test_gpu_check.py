@@ -100,7 +100,8 @@ def test_dry_run_passes_without_ray_mlflow_or_datasets(tmp_path):
 def test_a_budget_too_small_skips_every_stage_with_a_row_saying_so(tmp_path):
     proc, result = run_dry(tmp_path, "--budget-s", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [(r["stage"], r["summary"]) for r in result["rows"]] == [(s, "skipped: budget") for s in runner.STAGES]
+    assert {r["stage"] for r in result["rows"]} == set(runner.STAGES)
+    assert {r["summary"] for r in result["rows"]} == {"skipped: budget"} and result["passed"]
 
 
 def test_budget_lends_a_stage_what_earlier_stages_left():

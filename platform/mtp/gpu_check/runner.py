@@ -25,17 +25,18 @@ class Profile:
     training: training.ThroughputSizes
     decoding: decoding.DecodingSizes
     plan_s: dict[str, float]  # each stage's planned share of the budget, in run order
+    entry_s: float  # a stage starts only if this much of its share is left
     budget_s: float  # default --budget-s
 
 
 STAGES = (correctness.STAGE, training.STAGE, decoding.STAGE)
 GPU = Profile(
     correctness.GPU, training.GPU, decoding.GPU,
-    plan_s=dict(zip(STAGES, (30, 130, 100))), budget_s=450,
+    plan_s=dict(zip(STAGES, (30, 130, 100))), entry_s=15, budget_s=450,
 )
 TINY = Profile(
     correctness.TINY, training.TINY, decoding.TINY,
-    plan_s=dict(zip(STAGES, (10, 20, 30))), budget_s=300,
+    plan_s=dict(zip(STAGES, (10, 20, 30))), entry_s=2, budget_s=300,
 )
 
 
@@ -88,7 +89,7 @@ def run_check(device: torch.device, tiny: bool, budget_s: float | None = None,
         start = time.monotonic()
         if stopped:
             new = [skipped(stage, "stage", "a correctness check failed")]
-        elif budget.spendable() <= 0:
+        elif not budget.allows(profile.entry_s):
             new = [skipped(stage, "stage", "budget")]
         else:
             try:
