@@ -38,6 +38,7 @@ from mtp.evaluation.tracking import ScoredRun, log_evaluation, training_run_id  
 from mtp.sandbox import SandboxUnavailable  # noqa: E402
 from mtp.config import TrackingConfig  # noqa: E402
 from mtp.tracking import TrackingError, check_tracking, tracking_uri  # noqa: E402
+from mtp.cluster.logs import set_verbose  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     track.add_argument("--experiment", default="mtp-eval")
     track.add_argument("--tracking-uri")
     track.add_argument("--run-name")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's INFO logs too")
     args = p.parse_args(argv)
     args.benchmark = args.benchmark or ["humaneval"]
     if args.samples and len(args.benchmark) > 1:
@@ -114,6 +116,7 @@ def _report(scored: ScoredRun, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_verbose(args.verbose)
     limits = replace(DEFAULT_LIMITS, timeout_s=args.timeout, memory_mb=args.memory_mb)
     runner = RunnerConfig(backend=args.backend, workers=args.workers, insecure=args.insecure)
     params = {"benchmarks": ",".join(args.benchmark), "k": ",".join(map(str, args.k)), "timeout_s": args.timeout,

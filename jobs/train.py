@@ -24,6 +24,7 @@ from mtp.cluster.trainer import PlacementError  # noqa: E402
 from mtp.config import ConfigError, build_config  # noqa: E402
 from mtp.data import DataError  # noqa: E402
 from mtp.tracking import TrackingError  # noqa: E402
+from mtp.cluster.logs import set_verbose  # noqa: E402
 
 # What `python jobs/train.py` trains with no arguments: a few minutes on 2 CPU cores.
 DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config field, e.g. --set train.lr=1e-3 (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's INFO logs too")
     return parser.parse_args(argv)
 
 
@@ -72,6 +74,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_verbose(args.verbose)
     try:
         cfg = build_config(args.config, overrides_from(args))
         result = run_job(cfg, config_file=args.config, resume=args.resume, track=not args.no_tracking)

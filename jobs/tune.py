@@ -24,6 +24,7 @@ from mtp.data import DataError  # noqa: E402
 from mtp.sweep import SweepError, load_spec, run_sweep  # noqa: E402
 from mtp.sweep.summary import format_table  # noqa: E402
 from mtp.tracking import TrackingError  # noqa: E402
+from mtp.cluster.logs import set_verbose  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,11 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="Ray address; default: the running cluster or a local one")
     p.add_argument("--skip-resource-check", action="store_true",
                    help="do not reject trials larger than the cluster is now (autoscaling clusters)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's INFO logs too")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_verbose(args.verbose)
     try:
         spec = load_spec(args.space, {"name": args.name} if args.name else None)
     except SweepError as exc:

@@ -152,7 +152,12 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
     # group cleaner, ...) otherwise find several Ray instances on a shared machine and fail.
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ADDRESS": gcs_address}
-    client_env = {"RAY_ADDRESS": f"http://127.0.0.1:{ports['dashboard-port']}", "MLFLOW_TRACKING_URI": mlflow_uri}
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    client_env = {  # what a shell needs: `ray job submit` and `serve deploy` talk to the dashboard,
+        # a driver started in the shell (python jobs/train.py) joins the head's GCS
+        "RAY_API_SERVER_ADDRESS": dashboard, "RAY_DASHBOARD_ADDRESS": dashboard, "RAY_ADDRESS": gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+    }
     if auth:
         token = state_dir / "ray_auth_token"
         if not token.exists():
@@ -161,7 +166,7 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
         client_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token.resolve()))
     else:
         client_env["RAY_AUTH_MODE"] = "disabled"
-    env.update({k: v for k, v in client_env.items() if k != "RAY_ADDRESS"})
+    env.update({k: v for k, v in client_env.items() if k.startswith(("RAY_AUTH", "MLFLOW"))})
 
     store = (state_dir / "mlflow").resolve()
     store.mkdir(exist_ok=True)
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             env = state["env"]
             print(f"Ray head:       {state['gcs_address']} (temp dir {state['ray_temp_dir']})")
-            print(f"Ray dashboard:  {env['RAY_ADDRESS']}  (ray job submit / serve deploy address)")
+            print(f"Ray dashboard:  {env['RAY_API_SERVER_ADDRESS']}  (ray job submit / serve deploy address)")
             print(f"MLflow server:  {env['MLFLOW_TRACKING_URI']}  (store {state['mlflow_store']})")
             print(f"Serve port:     {state['ports']['serve']}  (jobs/serve_config.py --port)")
             print(f"Ray auth:       {env['RAY_AUTH_MODE']}")

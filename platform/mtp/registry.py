@@ -14,8 +14,6 @@ sweep's best trial, or ``jobs/promote.py``), and is set by the first version of 
 model so that a fresh setup has one. (MLflow reserves the alias ``latest``.)
 """
 
-from __future__ import annotations
-
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+import pandas as pd
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the run
 CHECKPOINT_KEY = "checkpoint"  # its artifact holding the mtp checkpoint
@@ -43,7 +42,7 @@ class MTPCompletions(mlflow.pyfunc.PythonModel):
 
         self.engine = Engine.from_checkpoint(context.artifacts[CHECKPOINT_KEY])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         from mtp.decoding import SamplingParams
 
         params = params or {}
@@ -82,8 +81,6 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
 
     Returns ``models:/<name>/<version>`` for a registered model, else None.
     """
-    import pandas as pd
-
     from mtp.checkpoint import TRAIN_STATE
 
     client = mlflow.MlflowClient(tracking_uri, tracking_uri)
@@ -98,7 +95,7 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_ARTIFACT,
-                    python_model=MTPCompletions(),
+                    python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code
                     artifacts={CHECKPOINT_KEY: str(inference)},
                     code_paths=[str(Path(__file__).resolve().parent)],  # `mtp`, wherever the model loads
                     signature=signature(),

@@ -45,8 +45,11 @@ class Node:
 
 
 def runtime_env() -> dict[str, Any]:
-    """How ``mtp`` reaches workers, Train controllers and Serve replicas: as a ``py_modules`` upload."""
-    return {"py_modules": [str(MTP_PACKAGE)]}
+    """How ``mtp`` reaches workers, Train controllers and Serve replicas (a ``py_modules``
+    upload), with the job's log verbosity (``mtp.cluster.logs``)."""
+    from mtp.cluster import logs
+
+    return {"py_modules": [str(MTP_PACKAGE)], "env_vars": logs.worker_env_vars()}
 
 
 def cluster_address() -> str | None:
@@ -75,9 +78,12 @@ def connect(address: str | None = None, **local_options: Any) -> None:
     """
     import ray
 
+    from mtp.cluster import logs
+
     if ray.is_initialized():
         return
-    options: dict[str, Any] = {"include_dashboard": False, **local_options}
+    logs.quiet_process()
+    options: dict[str, Any] = {"include_dashboard": False, "logging_level": logs.ray_log_level(), **local_options}
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env(), **options)
 
 

@@ -13,7 +13,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from mtp.cluster import ray_env
+from mtp.cluster import logs, ray_env
 from mtp.config import JobConfig, ScalingConfig, from_dict
 from mtp.parallel import DistInfo, dist_info
 from mtp.tracking import MLflowCallback, tracking_uri
@@ -83,11 +83,14 @@ def worker_loop(payload: dict[str, Any]) -> None:
     ``payload["resume_from"]`` (a checkpoint path on storage every worker can read)
     is where a ``--resume`` job starts; Ray's own latest checkpoint wins after a restart.
     """
+    logs.quiet_process()
     cfg = from_dict(payload["config"])
     callbacks = []
     if dist_info().is_main and cfg.tracking.run_id:
-        resumed = ray.train.get_checkpoint() is not None or payload.get("resume_from") is not None
-        callbacks.append(MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), resumed=resumed))
+        restarted = ray.train.get_checkpoint() is not None  # Ray restarted the worker group after a failure
+        resumed = restarted or payload.get("resume_from") is not None
+        callbacks.append(MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), resumed=resumed,
+                                        restarted=restarted))
     try:
         train(cfg, resume_from=payload.get("resume_from"), callbacks=callbacks, store=RayCheckpoints())
     finally:
@@ -110,5 +113,6 @@ def build_trainer(cfg: JobConfig, storage_path: str | Path, resume_from: str | P
             storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=logs.train_logging_config(),
         ),
     )
