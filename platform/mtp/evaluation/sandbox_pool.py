@@ -35,12 +35,16 @@ class Program:
 
 
 BACKENDS = ("auto", "ray", "local")
+# A trusted-oracle program alternates between its two processes (tests, candidate), so one
+# slot leaves its core idle at every call; two slots per core keep it busy. Each slot is
+# capped at one CPU and timeouts count CPU time, so the extra slots cannot time anyone out.
+LOCAL_SLOTS_PER_CPU = 2
 
 
 @dataclass(frozen=True)
 class RunnerConfig:
     backend: Literal["auto", "ray", "local"] = "auto"  # auto: see resolve_backend
-    workers: int | None = None  # None: the cluster's free CPUs (ray) or os.cpu_count() (local)
+    workers: int | None = None  # None: the cluster's free CPUs (ray) or LOCAL_SLOTS_PER_CPU per core (local)
     batch_size: int = 8
     max_attempts: int = 3  # per batch, when the worker running it dies
     start_timeout_s: float = 300.0  # for Ray to place and start every worker
@@ -100,7 +104,7 @@ class LocalScorer:
     """Sandboxes in this process, driven by a thread each."""
 
     def __init__(self, config: RunnerConfig):
-        self.workers = config.workers or os.cpu_count() or 1
+        self.workers = config.workers or LOCAL_SLOTS_PER_CPU * (os.cpu_count() or 1)
         self._boxes: queue.Queue[Sandbox] = queue.Queue()
         for _ in range(self.workers):
             self._boxes.put(Sandbox(SandboxConfig(insecure=config.insecure)))
