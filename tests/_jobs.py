@@ -46,7 +46,7 @@ def tiny_config(tmp_path: Path, **overrides) -> JobConfig:
 
 def losses(history: list[dict], first_step: int = 0) -> dict[int, float]:
     """Per-step mean training loss from a run's history, from ``first_step`` on."""
-    return {int(h["step"]): h["train/loss"] for h in history if h["step"] > first_step}
+    return {int(h["step"]): h["train/loss_mean"] for h in history if h["step"] > first_step}
 
 
 # ------------------------------------------------------------ plain process groups

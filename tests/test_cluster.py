@@ -120,7 +120,7 @@ def killed_job(ray_cluster, tmp_path_factory):
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "tracking.registered_model": "killed-model",
     })
     # the uninterrupted reference first, so nothing the killed job leaves behind can disturb it
-    reference = {h["step"]: h["train/loss"] for h in run_ranks(train_history, 2, cfg.to_dict())[0]}
+    reference = {h["step"]: h["train/loss_mean"] for h in run_ranks(train_history, 2, cfg.to_dict())[0]}
     config_file = tmp / "killed.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
     run_dir = tmp / "runs" / "killed"
@@ -154,7 +154,7 @@ def test_killed_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted
     cfg, result, killer, reference = killed_job
     assert killer.killed_pid is not None, "the run finished before a worker could be killed"
     client = MlflowClient(cfg.tracking.tracking_uri)
-    logged = _last_value_per_step(client, result.run_id, "train/loss")
+    logged = _last_value_per_step(client, result.run_id, "train/loss_mean")
     assert sorted(logged) == list(range(1, 61))
     # killed after a checkpoint was registered: the restart resumes from it, not from step 0
     assert all(len(logged[s]) == 1 for s in range(1, 11)), "steps before the checkpoint must not be redone"
@@ -178,7 +178,7 @@ def test_resume_continues_a_finished_run_in_the_same_mlflow_run(killed_job, tmp_
     result = run_job(longer, resume=first.storage_dir)
     assert result.run_id == first.run_id
     client = MlflowClient(cfg.tracking.tracking_uri)
-    assert sorted(_last_value_per_step(client, result.run_id, "train/loss"))[-4:] == [61, 62, 63, 64]
+    assert sorted(_last_value_per_step(client, result.run_id, "train/loss_mean"))[-4:] == [61, 62, 63, 64]
     assert client.get_run(result.run_id).data.tags.get("resume.train.max_steps") == "64"
 
 

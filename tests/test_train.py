@@ -1,6 +1,7 @@
 """The training loop in a plain process: it learns, checkpoints, and resumes exactly."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -49,12 +50,20 @@ def test_naive_schedule_matches_sequential(tmp_path):
         assert losses(naive.history)[step] == pytest.approx(value, rel=1e-4)
 
 
-def test_divergence_stops_with_a_saved_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, **{"train.lr": 1e30, "train.grad_clip": 0.0, "train.max_steps": 20, "train.checkpoint_every": 100})
-    with pytest.raises(TrainingError, match="diverged"):
+def test_divergence_stops_at_the_next_check_and_keeps_only_finite_checkpoints(tmp_path):
+    """A non-finite gradient norm is noted without waiting for the device, and acted on at the
+    next log or checkpoint step (here every 2 steps), before a checkpoint could save it."""
+    cfg = tiny_config(tmp_path, **{"train.lr": 1e4, "train.grad_clip": 0.0, "train.warmup_steps": 20,
+                                   "train.max_steps": 40, "train.log_every": 4, "train.checkpoint_every": 2})
+    with pytest.raises(TrainingError, match=r"between steps (\d+) and (\d+) was not finite: training diverged") as caught:
         train(cfg)
-    saved = list((tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
-    assert len(saved) == 1 and load_train_state(saved[0])["step"] >= 1
+    first, last = map(int, re.search(r"between steps (\d+) and (\d+)", str(caught.value)).groups())
+    assert last % 2 == 0 and first == last - 1 and last < 40
+    saved = sorted((tmp_path / "runs" / "tiny" / "checkpoints").iterdir())
+    assert saved and saved[-1].name == f"step_{last - 2:06d}" and str(saved[-1]) in str(caught.value)
+    for checkpoint in saved:
+        model, _, _ = load_model(checkpoint)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), checkpoint
 
 
 def test_bad_settings_fail_before_training(tmp_path):

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import sysconfig
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -229,10 +230,6 @@ class PackedData:
     n_documents: int
     directory: Path
 
-    @property
-    def n_train_tokens(self) -> int:
-        return int(self.train.size)
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp")) / "data"
@@ -358,11 +355,6 @@ class BlockSampler:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
 
-    @property
-    def blocks_per_epoch(self) -> int:
-        """Blocks used per epoch; the tail shorter than one global micro-batch is skipped."""
-        return self.n_blocks - self.n_blocks % self.global_batch
-
     def next_indices(self) -> np.ndarray:
         """This rank's next micro-batch; advances the shared position by one global micro-batch."""
         if self.position.offset + self.global_batch > self.n_blocks:
@@ -376,6 +368,46 @@ class BlockSampler:
         epoch = self.position.epoch
         while self.position.epoch == epoch and self.position.offset + self.global_batch <= self.n_blocks:
             yield self.next_indices()
+
+
+def gather_blocks(blocks: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Rows ``indices`` of (memory-mapped) ``blocks``, as int64: the dtype of token ids in torch."""
+    return np.asarray(blocks[indices], dtype=np.int64)
+
+
+class BatchPrefetcher:
+    """This rank's micro-batches, each gathered on a background thread while the one before trains.
+
+    The sampler runs one micro-batch ahead, so ``position`` (what a checkpoint saves)
+    is the data position after the last batch handed out, not the sampler's.
+    """
+
+    def __init__(self, sampler: BlockSampler, blocks: np.ndarray):
+        self.sampler, self.blocks = sampler, blocks
+        self.position = sampler.position
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-prefetch")
+        self._ahead: tuple[Future, DataPosition] | None = None
+
+    def _fetch(self) -> tuple[Future, DataPosition]:
+        indices = self.sampler.next_indices()
+        return self._pool.submit(gather_blocks, self.blocks, indices), self.sampler.position
+
+    def next(self) -> np.ndarray:
+        """The next micro-batch ``[batch_size, block_len]``; starts gathering the one after."""
+        future, position = self._ahead or self._fetch()
+        self._ahead = self._fetch()
+        self.position = position
+        return future.result()
+
+    def seek(self, position: DataPosition) -> None:
+        """Continue from ``position``; a batch gathered ahead is dropped."""
+        self._ahead = None
+        self.sampler.seek(position)
+        self.position = position
+
+    def close(self) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True)
 
 
 def val_indices(n_blocks: int, n_wanted: int, rank: int, world_size: int) -> np.ndarray:

@@ -37,7 +37,7 @@ def mtp_targets(tokens: torch.Tensor, n_future: int, pad_id: int | None = None) 
     for i in range(min(n_future, T)):
         targets[i, :, : T - i] = tokens[:, 1 + i :]
     if pad_id is not None:
-        targets[targets == pad_id] = IGNORE_INDEX
+        targets.masked_fill_(targets == pad_id, IGNORE_INDEX)  # not boolean indexing: that waits for the device
     return inputs, targets
 
 
@@ -57,10 +57,6 @@ class StepLosses:
 
     head_losses: torch.Tensor  # [n_future]
     loss: torch.Tensor  # weighted sum, the optimised objective
-
-    @property
-    def mean_loss(self) -> torch.Tensor:
-        return self.head_losses.mean()
 
 
 def naive_loss(
@@ -87,7 +83,7 @@ def naive_loss(
     return loss, StepLosses(per_head.detach(), loss.detach())
 
 
-def _ce_and_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+def _ce_and_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Summed CE of ``logits [N, V]``; overwrites them with ``scale * dCE/dlogits``.
 
     The gradient is ``softmax - onehot`` (zero on ignored rows), written in place: what
@@ -110,7 +106,7 @@ def _chunked_ce_backward(
     model: MTPTransformer,
     hidden: torch.Tensor,
     targets: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate ``scale * sum CE`` of ``logits(hidden)`` chunk by chunk.
@@ -140,7 +136,7 @@ def _head_backward(
     i: int,
     h_leaf: torch.Tensor,
     targets: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     chunk_size: int | None,
 ) -> torch.Tensor:
     """Head ``i``'s forward and backward on the detached trunk output; returns its summed CE.
@@ -166,15 +162,18 @@ def sequential_backward(
     """The paper's memory-efficient schedule; accumulates ``loss_scale * loss`` gradients.
 
     ``loss_scale`` lets gradient accumulation divide by the number of micro-batches.
-    Returns the detached losses (unscaled).
+    Returns the detached losses (unscaled). Nothing waits for the device: each head's
+    gradient scale ``w_i * loss_scale / n_valid_i`` stays a device tensor, computed in
+    float64 as the same expression in Python floats would be.
     """
     weights = _weights(targets.shape[0], head_weights)
     h = model.trunk(inputs)
     h_leaf = h.detach().requires_grad_()
-    valid_counts = (targets != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1).tolist()  # one host sync
+    valid_counts = (targets != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1)
+    scales = torch.tensor(weights, dtype=torch.float64, device=targets.device) * loss_scale / valid_counts
     head_losses = [
-        _head_backward(model, i, h_leaf, targets[i], weight * loss_scale / n_valid, chunk_size) / n_valid
-        for i, (weight, n_valid) in enumerate(zip(weights, valid_counts))
+        _head_backward(model, i, h_leaf, targets[i], scales[i], chunk_size) / valid_counts[i]
+        for i in range(len(weights))
     ]
     h.backward(h_leaf.grad)
     per_head = torch.stack(head_losses)

@@ -122,22 +122,26 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 
     Sharded gradients contribute the squares of their local shards, summed over
     ranks with one all-reduce; replicated gradients are already identical everywhere.
+    The squares and the scaling run as multi-tensor (foreach) kernels. The sum stays
+    one tensor at a time, in order: ``torch.nn.utils.clip_grad_norm_`` takes the norm
+    of per-tensor norms, which rounds differently and moved the stored loss trace
+    (tests/loss_trace.json) by 1.7e-5 within 30 steps.
     """
     grads = [p.grad for p in params if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
-    sharded = torch.zeros((), device=device, dtype=torch.float32)
-    replicated = torch.zeros((), device=device, dtype=torch.float32)
-    for g in grads:
-        if is_sharded(g):
-            sharded += g.to_local().float().pow(2).sum()
-        else:
-            replicated += g.float().pow(2).sum()
+    local = [g.to_local() if is_sharded(g) else g for g in grads]
+    sums = {True: torch.zeros((), device=device, dtype=torch.float32), False: torch.zeros((), device=device, dtype=torch.float32)}
+    for g, square in zip(grads, torch._foreach_pow([t.float() for t in local], 2)):
+        sums[is_sharded(g)] += square.sum()
     if any(is_sharded(g) for g in grads):
-        all_reduce_sum(sharded)
-    total = (sharded + replicated).sqrt()
+        all_reduce_sum(sums[True])
+    total = (sums[True] + sums[False]).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in local:  # a DTensor's local shard is a view of it: scaling the shard scales the gradient
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        torch._foreach_mul_(group, coef.to(dtype))
     return total
 
 

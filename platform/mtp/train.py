@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from mtp.checkpoint import WEIGHTS, load_train_state, save_checkpoint, transfer_weights
 from mtp.config import ConfigError, JobConfig, TrainConfig
-from mtp.data import BlockSampler, DataPosition, PackedData, prepare_data, val_indices
+from mtp.data import BatchPrefetcher, BlockSampler, DataPosition, PackedData, gather_blocks, prepare_data, val_indices
 from mtp.device import resolve_device
 from mtp.loss import evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
 from mtp.model import MTPTransformer, training_flops_per_token
@@ -59,7 +59,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. the loss diverged); a checkpoint was saved first."""
+    """Training cannot continue: the loss diverged (the message names the last checkpoint)."""
 
 
 @dataclass
@@ -226,11 +226,11 @@ class Trainer:
         self.replicated = [p for p in self.params if not is_sharded(p)]
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
-        self.sampler = BlockSampler(
-            len(data.train), cfg.train.batch_size, self.info.rank, self.info.world_size, cfg.train.seed
-        )
+        sampler = BlockSampler(len(data.train), cfg.train.batch_size, self.info.rank, self.info.world_size, cfg.train.seed)
+        self.batches = BatchPrefetcher(sampler, data.train)
         self.step = 0
-        self.step_start_position = self.sampler.position
+        self.step_start_position = self.batches.position
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # set by a non-finite gradient norm
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
         if cfg.train.compile:
@@ -246,7 +246,7 @@ class Trainer:
             "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
-            "data_position": vars(self.sampler.position).copy(),
+            "data_position": vars(self.batches.position).copy(),
         }
 
     def restore(self, directory: Path) -> None:
@@ -262,7 +262,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.sampler.seek(DataPosition(**state["data_position"]))
+        self.batches.seek(DataPosition(**state["data_position"]))
         self.step = int(state["step"])
 
     def save(self, metrics: dict[str, float]) -> None:
@@ -282,9 +282,13 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------
 
-    def _batch(self, indices: np.ndarray, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.from_numpy(np.asarray(blocks[indices], dtype=np.int64))
-        return mtp_targets(tokens.to(self.device, non_blocking=True), self.cfg.model.n_future, self.data.tokenizer.pad_id)
+    def _targets(self, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and per-head targets on the device; from pinned memory, the copy does not wait for it."""
+        tokens = torch.from_numpy(blocks)
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory()
+        tokens = tokens.to(self.device, non_blocking=True)
+        return mtp_targets(tokens, self.cfg.model.n_future, self.data.tokenizer.pad_id)
 
     def _autocast(self):
         if self.amp is None:
@@ -298,12 +302,12 @@ class Trainer:
         per-head losses.
         """
         tc = self.cfg.train
-        self.step_start_position = self.sampler.position
+        self.step_start_position = self.batches.position
         head_losses = torch.zeros(self.cfg.model.n_future, device=self.device)
         for micro in range(tc.grad_accum):
             if self.sharded:  # FSDP blocks reduce-scatter on the last micro-batch's backward only
                 set_gradient_sync(self.model, micro == tc.grad_accum - 1)
-            inputs, targets = self._batch(self.sampler.next_indices(), self.data.train)
+            inputs, targets = self._targets(self.batches.next())
             with self._autocast():
                 if tc.schedule == "sequential":
                     losses = sequential_backward(
@@ -317,18 +321,33 @@ class Trainer:
         return head_losses
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns (this rank's head losses, the gradient norm)."""
+        """One optimizer step; returns (this rank's head losses, the gradient norm).
+
+        Nothing here waits for the device: a non-finite gradient norm is noted on the
+        device and acted on at the next log or checkpoint (``check_finite``).
+        """
         tc = self.cfg.train
         head_losses = self.accumulate_gradients()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.params, max_norm)
-        if not torch.isfinite(grad_norm):
-            raise TrainingError(f"gradient norm is {grad_norm.item()} at step {self.step + 1}: training diverged")
+        self.nonfinite |= ~torch.isfinite(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return head_losses, grad_norm
+
+    def check_finite(self, since_step: int) -> None:
+        """Stop if a gradient norm since ``since_step`` was not finite (one host sync).
+
+        The weights have taken that step, so no checkpoint is written from them; the
+        last checkpoint holds the run's last finite state.
+        """
+        if bool(self.nonfinite):
+            raise TrainingError(
+                f"a gradient norm between steps {since_step + 1} and {self.step} was not finite: training diverged; "
+                f"the last checkpoint is {self.last_checkpoint}"
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -342,7 +361,7 @@ class Trainer:
         token_bytes = torch.from_numpy(self.data.token_bytes).to(self.device)
         idx = val_indices(len(self.data.val), tc.eval_batches * tc.batch_size, self.info.rank, self.info.world_size)
         for start in range(0, len(idx), tc.batch_size):
-            inputs, targets = self._batch(idx[start : start + tc.batch_size], self.data.val)
+            inputs, targets = self._targets(gather_blocks(self.data.val, idx[start : start + tc.batch_size]))
             with self._autocast():
                 sums += evaluate_head_losses(self.model, inputs, targets, tc.loss_chunk_size).double()
             valid = targets[0] >= 0
@@ -352,7 +371,7 @@ class Trainer:
         all_reduce_sum(n_bytes)
         losses = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
         metrics = {f"val/loss_head_{i}": v for i, v in enumerate(losses)}
-        metrics["val/loss"] = float(np.mean(losses))
+        metrics["val/loss_mean"] = float(np.mean(losses))
         metrics["val/bpb"] = float(sums[0, 0] / math.log(2) / n_bytes.clamp(min=1))
         return metrics
 
@@ -370,18 +389,23 @@ class Trainer:
         )
         interval_losses = torch.zeros(self.cfg.model.n_future, device=self.device)
         interval_steps, interval_start, metrics = 0, time.perf_counter(), {}
+        checked_step = self.step
         while self.step < tc.max_steps:
             head_losses, grad_norm = self.train_step()
             interval_losses += head_losses
             interval_steps += 1
             last = self.step == tc.max_steps
-            if self.step % tc.log_every == 0 or last:
+            logs, saves = self.step % tc.log_every == 0 or last, self.step % tc.checkpoint_every == 0 or last
+            if logs or saves:
+                self.check_finite(checked_step)
+                checked_step = self.step
+            if logs:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - interval_start
                 losses = (all_reduce_sum(interval_losses.clone()) / (interval_steps * self.info.world_size)).tolist()
                 metrics = {f"train/loss_head_{i}": v for i, v in enumerate(losses)}
-                metrics["train/loss"] = float(np.mean(losses))
+                metrics["train/loss_mean"] = float(np.mean(losses))
                 metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                 metrics["train/grad_norm"] = float(grad_norm)
                 tokens_per_s = interval_steps * tokens_per_step / elapsed
@@ -394,9 +418,11 @@ class Trainer:
                     metrics.update(self.evaluate())
                 self._log(metrics, eta=(tc.max_steps - self.step) * elapsed / interval_steps)
                 interval_losses.zero_()
-                interval_steps, interval_start = 0, time.perf_counter()
-            if self.step % tc.checkpoint_every == 0 or last:
+                interval_steps = 0
+            if saves:
                 self.save(metrics)
+            if logs:  # evaluation, logging and checkpoints stay out of the next interval's tokens/s
+                interval_start = time.perf_counter()
         return TrainResult(self.step, self.last_checkpoint, metrics, self.history)
 
     def _log(self, metrics: dict[str, float], eta: float) -> None:
@@ -405,9 +431,9 @@ class Trainer:
         self.history.append({"step": self.step, **metrics})
         for callback in self.callbacks:
             callback.on_log(self.step, metrics)
-        val = f" | val {metrics['val/loss']:.4f} ({metrics['val/bpb']:.3f} bpb)" if "val/loss" in metrics else ""
+        val = f" | val {metrics['val/loss_mean']:.4f} ({metrics['val/bpb']:.3f} bpb)" if "val/loss_mean" in metrics else ""
         self._print(
-            f"step {self.step:>6}/{self.cfg.train.max_steps} | loss {metrics['train/loss']:.4f}{val} | "
+            f"step {self.step:>6}/{self.cfg.train.max_steps} | loss {metrics['train/loss_mean']:.4f}{val} | "
             f"{metrics['perf/tokens_per_s']:,.0f} tok/s | lr {metrics['train/lr']:.2e} | eta {_fmt_duration(eta)}"
         )
 
@@ -445,9 +471,11 @@ def train(
             trainer._print(f"resumed from {source} at step {trainer.step}")
     try:
         return trainer.run()
-    except (TrainingError, KeyboardInterrupt):
-        if trainer.info.world_size == 1:
-            trainer.sampler.seek(trainer.step_start_position)  # the unfinished step is redone on resume
+    except KeyboardInterrupt:
+        if trainer.info.world_size == 1 and not bool(trainer.nonfinite):
+            trainer.batches.seek(trainer.step_start_position)  # the unfinished step is redone on resume
             trainer.save({})
             print(f"stopped at step {trainer.step}; checkpoint saved to {trainer.last_checkpoint}", file=sys.stderr)
         raise
+    finally:
+        trainer.batches.close()
