@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import string
 
-from mtp.experiments.polynomial import Problem
+from mtp.experiments.problem import Problem
 
 TEMPLATES = (
     "{a} went to the market with {b}.",
@@ -65,18 +65,6 @@ def sampler(n_names: int, n_sentences: int):
             text, repeats = story(rng, n_names, n_sentences)
             if repeats:
                 cut = repeats[-1]
-                return StoryProblem(text[: cut + 1], text[cut + 1], text)
+                return Problem(text[: cut + 1], text[cut + 1], document=text)
 
     return sample
-
-
-class StoryProblem(Problem):
-    """A problem whose training document is the whole story, not prompt + answer."""
-
-    def __init__(self, prompt: str, answer: str, story_text: str):
-        super().__init__(prompt, answer)
-        object.__setattr__(self, "story", story_text)
-
-    @property
-    def text(self) -> str:
-        return self.story

@@ -11,7 +11,8 @@ answer is the reduced polynomial as its 5 coefficients c0..c4, e.g.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+
+from mtp.experiments.problem import Problem
 
 P = 7  # the field
 DEGREE = 5  # the ring is F7[X]/(X^DEGREE)
@@ -21,16 +22,6 @@ LEAVES = "x0123456"
 CONSTANTS = "123456"  # drawn leaves; 0 would zero whole products
 
 Poly = tuple[int, ...]  # DEGREE coefficients, constant first
-
-
-@dataclass(frozen=True)
-class Problem:
-    prompt: str
-    answer: str
-
-    @property
-    def text(self) -> str:
-        return self.prompt + self.answer
 
 
 def add(p: Poly, q: Poly) -> Poly:

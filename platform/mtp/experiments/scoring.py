@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mtp.decoding import Engine, SamplingParams
-from mtp.experiments.polynomial import Problem
+from mtp.experiments.problem import Problem
 
 METRICS = ("exact_match", "token_accuracy")
 

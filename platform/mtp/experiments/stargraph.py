@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import string
 
-from mtp.experiments.polynomial import Problem
+from mtp.experiments.problem import Problem
 
 NODES = string.ascii_lowercase + string.ascii_uppercase
 

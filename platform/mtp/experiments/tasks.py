@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mtp.experiments import induction, polynomial, stargraph, splits
-from mtp.experiments.polynomial import Problem
-
-Sampler = Callable[..., Problem]
+from mtp.experiments.problem import Problem
 
 
 @dataclass(frozen=True)
