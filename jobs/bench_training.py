@@ -1,318 +1,36 @@
-"""Benchmark: what multi-token training costs against next-token training, per schedule.
+"""Benchmark training: multi-token schedules against next-token training, and the loop's own cost.
 
-In one run, at one model size, four variants train on the same random token batches
-(data loading is not what is measured):
+Default: in one run, at one model size, n=1 and the n=4 schedules (naive, sequential,
+sequential-chunked) on the same random batches; tokens/s, peak memory, FLOP ratio
+(``mtp.benchmarks.schedules`` says how each is measured).
 
-* ``n1``: the next-token model (``n_future=1``) trained the plain way (logits, then
-  ``F.cross_entropy`` under autograd), the baseline of every ratio;
-* ``naive``: ``n_future=4``, every head's logits alive at once (``mtp.loss.naive_loss``);
-* ``sequential``: ``n_future=4``, the paper's schedule (``sequential_backward``, one
-  head's full logits at a time);
-* ``sequential-chunked``: the same, with the cross-entropy computed in chunks of
-  positions, so no head's full logits tensor ever exists.
-
-The ``n_future=4`` models are ``param_matched`` (n-1 trunk layers removed), so every
-variant has the same parameter count and the same number of blocks; what differs is
-the shared unembedding, run once per head. Its FLOPs give the FLOP ratio
-(``mtp.model.training_flops_per_token``), the floor of the step-time ratio. The
-sequential variants can land under it: their cross-entropy writes its gradient into
-the logits in place (``mtp.loss``), cheaper per head than the baseline's autograd one.
-
-Time: forward+backward, the scope of the FLOP count (the AdamW update runs after each
-timed step, untimed: with equal parameters it is the same work for every variant).
-Steps are timed round-robin over the variants (order rotated each round), and each
-ratio is the median over rounds of that round's ratio to ``n1``, so load from other
-processes hits all variants alike. On CPU a step is timed in process CPU time with one
-intra-op thread: the machine is shared, and wall time would count the time other
-processes hold the cores. On CUDA, CUDA events time it.
-
-Peak memory: bytes of live tensor storages at their maximum during one whole step
-(forward, backward, update), with parameters, optimizer state and the batch resident.
-On CUDA that is ``torch.cuda.max_memory_allocated`` (each variant measured alone on
-the device). On CPU, where the allocator keeps no statistics and tracemalloc does not see it,
-``mtp.profiling.LiveTensorBytes`` counts the same quantity: a dispatch mode that sees
-every ATen op (the backward's included) and tracks each output storage until it is
-freed. "step MiB" is the peak above the resident bytes: what the step itself needs.
+``--loop``: ``mtp.train`` against a bare loop doing the same work on the same batches
+(``bare``), and with ``--via-ray`` the same loop on Ray Train once warm
+(``mtp.benchmarks.loop`` says how each is timed).
 
     python jobs/bench_training.py                         # CPU-sized, a few minutes
     python jobs/bench_training.py --device cuda           # 0.3B, bf16 autocast
+    python jobs/bench_training.py --loop --via-ray        # configs/tiny.yaml, 1 thread, a few minutes
     python jobs/bench_training.py --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 # Runnable from a bare checkout (e.g. a GPU box without the package installed).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "platform"))
 
 import torch  # noqa: E402
 
-from mtp.config import MODEL_PRESETS, ConfigError, ModelConfig, model_preset  # noqa: E402
-from mtp.loss import mtp_targets, naive_loss, sequential_backward  # noqa: E402
-from mtp.model import MTPTransformer, count_parameters, training_flops_per_token  # noqa: E402
-from mtp.profiling import DeviceTimer, MemoryReading, PeakMemory  # noqa: E402
-
-MiB = 2**20
-MEMORY_TARGET = 1.02  # n=4 sequential peak memory / n=1 peak memory, at most
-TIME_TARGET = 0.05  # step-time ratio at most 5% above the FLOP ratio (its floor)
-
-
-@dataclass(frozen=True)
-class BenchSpec:
-    """One comparison: the model size, the batch and how long to measure."""
-
-    device: str
-    preset: str
-    batch_size: int
-    seq_len: int
-    chunk_size: int
-    rounds: int
-    steps_per_round: int
-    warmup_steps: int = 1
-    n_future: int = 4
-
-    def model_config(self, vocab_size: int, n_future: int) -> ModelConfig:
-        return model_preset(
-            self.preset,
-            vocab_size=vocab_size,
-            n_future=n_future,
-            param_matched=n_future > 1,
-            max_seq_len=self.seq_len,
-        )
-
-
-# CPU: small enough for 2 cores in a few minutes; at vocab 32000 the logits dominate.
-CPU_SPEC = BenchSpec(device="cpu", preset="small", batch_size=2, seq_len=512, chunk_size=256, rounds=5, steps_per_round=1)
-# CUDA: the paper's smallest size, a full 2048-token context.
-CUDA_SPEC = BenchSpec(
-    device="cuda", preset="0.3B", batch_size=8, seq_len=2048, chunk_size=4096, rounds=5,
-    steps_per_round=5, warmup_steps=3,
-)
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    n_future: int
-    schedule: str  # "naive" or "sequential"
-    chunked: bool = False
-
-
-def variants(n_future: int) -> list[Variant]:
-    return [
-        Variant("n1", 1, "naive"),
-        Variant("naive", n_future, "naive"),
-        Variant("sequential", n_future, "sequential"),
-        Variant("sequential-chunked", n_future, "sequential", chunked=True),
-    ]
-
-
-@dataclass
-class Result:
-    """One row of the table; ``asdict`` is the JSON object."""
-
-    variant: str
-    n_future: int
-    vocab_size: int
-    params: int
-    tokens_per_s: float
-    step_s: float
-    peak_memory_bytes: int
-    step_memory_bytes: int  # peak above params + optimizer state + batch
-    time_ratio: float
-    memory_ratio: float
-    step_memory_ratio: float
-    flop_ratio: float
-
-
-class Trainer:
-    """One variant's model, optimizer and batch; ``step()`` is one training step."""
-
-    def __init__(self, spec: BenchSpec, vocab_size: int, variant: Variant, seed: int = 0) -> None:
-        self.spec, self.variant = spec, variant
-        self.device = torch.device(spec.device)
-        self.cfg = spec.model_config(vocab_size, variant.n_future)
-        torch.manual_seed(seed)
-        with self.device:  # initialise in place: a 0.3B model is slow to initialise on the host
-            self.model = MTPTransformer(self.cfg)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
-        g = torch.Generator().manual_seed(seed + 1)
-        tokens = torch.randint(0, vocab_size, (spec.batch_size, spec.seq_len + 1), generator=g).to(self.device)
-        self.inputs, self.targets = mtp_targets(tokens, variant.n_future)
-        self.chunk_size = spec.chunk_size if variant.chunked else None
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def forward_backward(self) -> None:
-        with self.autocast():
-            if self.variant.schedule == "naive":
-                loss, _ = naive_loss(self.model, self.inputs, self.targets)
-                loss.backward()
-            else:
-                sequential_backward(self.model, self.inputs, self.targets, chunk_size=self.chunk_size)
-
-    def update(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        self.forward_backward()
-        self.update()
-
-    def timed_step(self) -> float:
-        """Seconds of forward+backward (the scope of the FLOP count); the update runs untimed."""
-        with DeviceTimer(self.device, cpu_clock=time.process_time) as timer:
-            self.forward_backward()
-        self.update()
-        return timer.seconds
-
-    def resident(self) -> Iterator[torch.Tensor]:
-        """Tensors alive between steps: parameters, buffers, optimizer state, the batch."""
-        yield from self.model.parameters()
-        yield from self.model.buffers()
-        for state in self.optimizer.state.values():
-            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-        yield from (self.inputs, self.targets)
-
-    def warm_up(self) -> None:
-        for _ in range(self.spec.warmup_steps):
-            self.step()
-
-    def measure_memory(self) -> MemoryReading:
-        with PeakMemory(self.device, self.resident()) as peak:
-            self.step()
-        return peak.reading
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def measure_memory(spec: BenchSpec, vocab_size: int, todo: list[Variant]) -> dict[str, MemoryReading]:
-    """Each variant alone (on CUDA the allocator counts everything that is resident)."""
-    readings = {}
-    for variant in todo:
-        trainer = Trainer(spec, vocab_size, variant)
-        trainer.warm_up()
-        readings[variant.name] = trainer.measure_memory()
-        del trainer
-        release(torch.device(spec.device))
-    return readings
-
-
-def measure_time(spec: BenchSpec, vocab_size: int, todo: list[Variant]) -> dict[str, list[float]]:
-    """Seconds per step, per round, round-robin over variants (order rotated each round)."""
-    trainers = [Trainer(spec, vocab_size, v) for v in todo]
-    for trainer in trainers:
-        trainer.warm_up()
-    times: dict[str, list[float]] = {v.name: [] for v in todo}
-    for r in range(spec.rounds):
-        for trainer in trainers[r % len(trainers) :] + trainers[: r % len(trainers)]:
-            seconds = sum(trainer.timed_step() for _ in range(spec.steps_per_round))
-            times[trainer.variant.name].append(seconds / spec.steps_per_round)
-    del trainers
-    release(torch.device(spec.device))
-    return times
-
-
-def compare(spec: BenchSpec, vocab_size: int, log: Callable[[str], None] = print) -> list[Result]:
-    """Measure every variant at one vocabulary size; ratios are against ``n1``."""
-    todo = variants(spec.n_future)
-    log(f"[vocab {vocab_size}] peak memory, one variant at a time ...")
-    memory = measure_memory(spec, vocab_size, todo)
-    log(f"[vocab {vocab_size}] step time, {spec.rounds} rounds x {spec.steps_per_round} steps ...")
-    times = measure_time(spec, vocab_size, todo)
-    base = todo[0]
-    base_cfg = spec.model_config(vocab_size, base.n_future)
-    tokens = spec.batch_size * spec.seq_len
-    results = []
-    for v in todo:
-        cfg = spec.model_config(vocab_size, v.n_future)
-        step_s = statistics.median(times[v.name])
-        mem, base_mem = memory[v.name], memory[base.name]
-        results.append(
-            Result(
-                variant=v.name,
-                n_future=v.n_future,
-                vocab_size=vocab_size,
-                params=count_parameters(cfg)["total"],
-                tokens_per_s=tokens / step_s,
-                step_s=step_s,
-                peak_memory_bytes=mem.peak_bytes,
-                step_memory_bytes=mem.added_bytes,
-                time_ratio=statistics.median(t / b for t, b in zip(times[v.name], times[base.name])),
-                memory_ratio=mem.peak_bytes / base_mem.peak_bytes,
-                step_memory_ratio=mem.added_bytes / base_mem.added_bytes,
-                flop_ratio=training_flops_per_token(cfg, spec.seq_len) / training_flops_per_token(base_cfg, spec.seq_len),
-            )
-        )
-    return results
-
-
-def format_table(spec: BenchSpec, results: list[Result]) -> str:
-    cfg = spec.model_config(results[0].vocab_size, 1)
-    head = (
-        f"{spec.device}: preset {spec.preset}, dim {cfg.dim}, {cfg.n_layers} blocks, vocab {cfg.vocab_size}, "
-        f"batch {spec.batch_size} x {spec.seq_len} tokens, chunk {spec.chunk_size}, "
-        f"{'bf16 autocast' if spec.device == 'cuda' else 'fp32'}; n={spec.n_future} variants param-matched "
-        f"(trunk {cfg.n_layers - spec.n_future} + {spec.n_future} heads vs trunk {cfg.n_layers - 1} + 1 head)"
-    )
-    cols = ["variant", "n", "params", "tok/s", "time x", "FLOP x", "time/FLOP", "peak MiB", "mem x", "step MiB", "step mem x"]
-    rows = [
-        [
-            r.variant, str(r.n_future), f"{r.params / 1e6:.2f}M", f"{r.tokens_per_s:,.0f}", f"{r.time_ratio:.3f}",
-            f"{r.flop_ratio:.3f}", f"{r.time_ratio / r.flop_ratio:.3f}", f"{r.peak_memory_bytes / MiB:,.1f}",
-            f"{r.memory_ratio:.3f}", f"{r.step_memory_bytes / MiB:,.1f}", f"{r.step_memory_ratio:.3f}",
-        ]
-        for r in results
-    ]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows), *target_lines(results)])
-
-
-def target_lines(results: list[Result]) -> list[str]:
-    """The issue's targets, judged on the sequential variants."""
-    lines = []
-    for r in results:
-        if not r.variant.startswith("sequential"):
-            continue
-        mem_ok = r.memory_ratio <= MEMORY_TARGET
-        gap = r.time_ratio / r.flop_ratio - 1
-        time_ok = gap <= TIME_TARGET
-        below = "; below the floor: n1's autograd cross-entropy costs more per head" if gap < -TIME_TARGET else ""
-        lines.append(
-            f"target {r.variant}: memory {r.memory_ratio:.3f}x n1 (<= {MEMORY_TARGET}: {'met' if mem_ok else 'MISSED'}); "
-            f"time {r.time_ratio:.3f}x vs FLOPs {r.flop_ratio:.3f}x, {gap:+.1%} (<= +{TIME_TARGET:.0%}: "
-            f"{'met' if time_ok else 'MISSED'}{below})"
-        )
-    return lines
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads, then restore the caller's setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from mtp.benchmarks import intra_op_threads  # noqa: E402
+from mtp.benchmarks.schedules import CPU_SPEC, CUDA_SPEC, compare, format_table  # noqa: E402
+from mtp.config import MODEL_PRESETS, ConfigError, build_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -320,25 +38,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--vocab", type=int, nargs="+", default=[260, 32000], help="vocabulary sizes, one table each")
     p.add_argument("--preset", choices=list(MODEL_PRESETS), help="model size (default per device)")
-    p.add_argument("--rounds", type=int, help="timing rounds (default per device)")
+    p.add_argument("--rounds", type=int, help="timing rounds (default per device; --loop: 3)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--chunk-size", type=int, help="positions per cross-entropy chunk")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: steady on a shared machine)")
+    p.add_argument("--loop", action="store_true", help="the loop's own cost: mtp.train vs a bare loop")
+    p.add_argument("--via-ray", action="store_true", help="with --loop: add mtp.train on Ray Train (a local Ray)")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.yaml", help="with --loop: the job config")
+    p.add_argument("--steps", type=int, default=30, help="with --loop: timed steps per run")
     p.add_argument("--json", type=Path, help="write the results here as a JSON list")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    for name in ("rounds", "batch_size", "seq_len", "chunk_size", "threads"):
+    for name in ("rounds", "batch_size", "seq_len", "chunk_size", "threads", "steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if any(v < 2 for v in args.vocab):
         p.error("--vocab sizes must be at least 2")
+    if args.via_ray and not args.loop:
+        p.error("--via-ray needs --loop")
     return args
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
+def schedules(args: argparse.Namespace) -> list[dict]:
     spec = CUDA_SPEC if args.device == "cuda" else CPU_SPEC
     chosen = dict(
         preset=args.preset, rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len, chunk_size=args.chunk_size
@@ -349,14 +72,42 @@ def main(argv: list[str] | None = None) -> list[Result]:
     except ConfigError as exc:
         raise SystemExit(f"bench_training: {exc}") from None
     results = []
+    for vocab in args.vocab:
+        rows = compare(spec, vocab)
+        print(format_table(spec, rows) + "\n", flush=True)
+        results += [asdict(r) for r in rows]
+    return results
+
+
+def loop(args: argparse.Namespace) -> list[dict]:
+    from mtp.benchmarks.loop import format_loop_table, measure_loops, timed_config
+    from mtp.data import prepare_data
+
+    overrides = {"train.device": args.device}
+    overrides.update({k: v for k, v in {"train.batch_size": args.batch_size, "train.seq_len": args.seq_len,
+                                        "train.preset": args.preset}.items() if v is not None})
+    try:
+        cfg = build_config(args.config, overrides)
+        timed_config(cfg, args.steps)
+    except ValueError as exc:  # ConfigError included
+        raise SystemExit(f"bench_training: {exc}") from None
+    if args.via_ray:
+        from mtp.cluster.ray_env import connect
+
+        connect("local", num_cpus=args.threads, log_to_driver=False)  # the rows print their own lines
+    data = prepare_data(cfg.data, cfg.train.seq_len)
+    results = measure_loops(cfg, data, args.steps, args.rounds or 3, args.via_ray)
+    print(format_loop_table(cfg, args.steps, results) + "\n", flush=True)
+    return [asdict(r) for r in results]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     with intra_op_threads(args.threads if args.device == "cpu" else torch.get_num_threads()):
-        for vocab in args.vocab:
-            rows = compare(spec, vocab)
-            print(format_table(spec, rows) + "\n", flush=True)
-            results += rows
+        results = loop(args) if args.loop else schedules(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
     return results
 

@@ -1,62 +1,75 @@
-"""Smoke test of ``jobs/bench_training.py``: its measurement code end to end on a tiny model.
+"""The training benchmarks' measurement code (``mtp.benchmarks``) end to end on tiny models.
 
-Behaviour only (what each schedule keeps alive, what the JSON holds), no timing claims:
-memory counts are deterministic, step times are not.
+Behaviour only (what each schedule keeps alive, which rows the loop table has, that the
+bare loop does the same training), no timing claims: memory counts are deterministic,
+step times are not.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
-from pathlib import Path
+import statistics
+from dataclasses import replace
 
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-KEYS = {"variant", "n_future", "tokens_per_s", "peak_memory_bytes", "time_ratio", "memory_ratio", "flop_ratio"}
-TINY = ["--preset", "tiny", "--vocab", "512", "--batch-size", "2", "--seq-len", "64", "--chunk-size", "16", "--rounds", "1"]
+from _jobs import tiny_config
+from mtp.benchmarks.loop import BARE, TRAIN, StepClock, bare_loop, format_loop_table, measure_loops, timed_config
+from mtp.benchmarks.schedules import MEMORY_TARGET, BenchSpec, compare, format_table
+from mtp.checkpoint import load_model
+from mtp.config import ConfigError
+from mtp.data import prepare_data
+from mtp.train import train
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_training", REPO / "jobs" / "bench_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
+TINY = BenchSpec(device="cpu", preset="tiny", batch_size=2, seq_len=64, chunk_size=16, rounds=1, steps_per_round=1)
 
 
-def test_bench_reports_every_variant_and_sequential_saves_memory(bench, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    bench.main([*TINY, "--json", str(out)])
-    rows = json.loads(out.read_text())
-
-    by_name = {r["variant"]: r for r in rows}
+def test_schedules_report_every_variant_and_sequential_saves_memory():
+    rows = compare(TINY, vocab_size=512, log=lambda _: None)
+    by_name = {r.variant: r for r in rows}
     assert list(by_name) == ["n1", "naive", "sequential", "sequential-chunked"]
-    for row in rows:
-        assert KEYS <= row.keys(), row
-        assert row["tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
+    assert all(r.tokens_per_s > 0 and r.peak_memory_bytes > 0 for r in rows)
     n1 = by_name["n1"]
-    assert (n1["n_future"], n1["time_ratio"], n1["memory_ratio"], n1["flop_ratio"]) == (1, 1.0, 1.0, 1.0)
-    assert len({r["params"] for r in rows}) == 1, "n=4 variants must be parameter-matched to n=1"
-    assert all(r["flop_ratio"] > 1 for r in rows[1:]) and len({r["flop_ratio"] for r in rows[1:]}) == 1
+    assert (n1.n_future, n1.time_ratio, n1.memory_ratio, n1.flop_ratio) == (1, 1.0, 1.0, 1.0)
+    assert len({r.params for r in rows}) == 1, "n=4 variants must be parameter-matched to n=1"
+    assert all(r.flop_ratio > 1 for r in rows[1:]) and len({r.flop_ratio for r in rows[1:]}) == 1
 
     # What the schedules are for: never more than one head's logits, and then not even one.
     naive, seq, chunked = by_name["naive"], by_name["sequential"], by_name["sequential-chunked"]
-    assert chunked["peak_memory_bytes"] < seq["peak_memory_bytes"] < naive["peak_memory_bytes"]
-    assert seq["memory_ratio"] <= bench.MEMORY_TARGET
-    assert naive["memory_ratio"] > 1
+    assert chunked.peak_memory_bytes < seq.peak_memory_bytes < naive.peak_memory_bytes
+    assert seq.memory_ratio <= MEMORY_TARGET
+    assert naive.memory_ratio > 1
+    table = format_table(TINY, rows)
+    assert "sequential-chunked" in table and "target sequential:" in table
 
-    printed = capsys.readouterr().out
-    assert "sequential-chunked" in printed and "target sequential:" in printed
+
+def test_schedules_reject_a_preset_too_shallow_to_param_match():
+    with pytest.raises(ConfigError, match="model.param_matched"):
+        replace(TINY, preset="debug").model_config(512, 4)
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [(["--rounds", "0"], "--rounds must be positive"), (["--preset", "debug"], "model.param_matched")],
-)
-def test_bench_rejects_bad_arguments(bench, argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        bench.main(argv)
-    assert message in str(exc.value) + capsys.readouterr().err
+def test_bare_loop_does_the_same_training_as_mtp_train(tmp_path):
+    """Same model, batches, schedule and update: the weights after 6 steps agree (the gradient
+    norms are summed in another order, so to float rounding, not bit for bit)."""
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 6, "train.log_every": 3, "train.checkpoint_every": 6})
+    data = prepare_data(cfg.data, cfg.train.seq_len)
+    bare = bare_loop(cfg, data, StepClock())
+    model, _, _ = load_model(train(cfg, data=data).checkpoint)
+    for (name, a), b in zip(model.state_dict().items(), bare.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_loop_table_times_both_loops_over_the_same_window(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.log_every": 2})
+    data = prepare_data(cfg.data, cfg.train.seq_len)
+    assert timed_config(cfg, 4).train.max_steps == 8  # a warm-up interval, the window, a closing interval
+    results = measure_loops(cfg, data, steps=4, repeats=2, via_ray=False, log=lambda _: None)
+    assert [r.loop for r in results] == [BARE, TRAIN]
+    bare, loop = results
+    assert len(bare.tokens_per_s) == len(loop.over_bare) == 2 and all(t > 0 for t in bare.tokens_per_s)
+    assert bare.over_bare == [0.0, 0.0] and loop.over_train == []
+    assert statistics.median(loop.over_bare) > -0.9  # same work: not ten times faster than bare
+    table = format_loop_table(timed_config(cfg, 4), 4, results)
+    assert "mtp.train" in table and "vs bare" in table
+    with pytest.raises(ValueError, match="multiple of train.log_every"):
+        timed_config(cfg, 3)

@@ -7,7 +7,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
 import ray.train
@@ -82,10 +82,11 @@ def worker_loop(payload: dict[str, Any]) -> None:
 
     ``payload["resume_from"]`` (a checkpoint path on storage every worker can read)
     is where a ``--resume`` job starts; Ray's own latest checkpoint wins after a restart.
+    ``payload["callbacks"]`` are further rank-0 callbacks (benchmarks time the loop with one).
     """
     logs.quiet_process()
     cfg = from_dict(payload["config"])
-    callbacks = []
+    callbacks = list(payload.get("callbacks", ())) if dist_info().is_main else []
     if dist_info().is_main and cfg.tracking.run_id:
         restarted = ray.train.get_checkpoint() is not None  # Ray restarted the worker group after a failure
         resumed = restarted or payload.get("resume_from") is not None
@@ -98,12 +99,18 @@ def worker_loop(payload: dict[str, Any]) -> None:
             callback.close()
 
 
-def build_trainer(cfg: JobConfig, storage_path: str | Path, resume_from: str | Path | None = None) -> TorchTrainer:
-    """A ``TorchTrainer`` running ``worker_loop`` as ``cfg.scaling`` asks."""
+def build_trainer(
+    cfg: JobConfig, storage_path: str | Path, resume_from: str | Path | None = None, callbacks: Sequence[Any] = ()
+) -> TorchTrainer:
+    """A ``TorchTrainer`` running ``worker_loop`` as ``cfg.scaling`` asks (``callbacks``: picklable, run on rank 0)."""
     scaling = cfg.scaling
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "resume_from": str(resume_from) if resume_from else None},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "resume_from": str(resume_from) if resume_from else None,
+            "callbacks": list(callbacks),
+        },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=worker_resources(scaling)
