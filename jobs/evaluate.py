@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--stop", action="append", help="stop sequence, repeatable (default: the benchmark's protocol)")
     gen.add_argument("--no-speculative", action="store_true", help="decode with head 0 only")
     run = p.add_argument_group("execution")
-    run.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s, help="seconds per program (default %(default)s)")
+    run.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s, help="CPU seconds per program, its whole process tree; wall time gets 3x (default %(default)s)")
     run.add_argument("--memory-mb", type=int, default=DEFAULT_LIMITS.memory_mb)
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="auto (default): Ray if a cluster is running, else local workers; ray; local")

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run one program to a verdict")
     run.add_argument("program", type=Path)
     defaults = Limits()
-    run.add_argument("--timeout", type=float, default=defaults.timeout_s, help="wall seconds (default %(default)s)")
+    run.add_argument("--timeout", type=float, default=defaults.timeout_s, help="CPU seconds of the whole tree; wall time gets 3x (default %(default)s)")
     run.add_argument("--memory", type=int, default=defaults.memory_mb, help="MB for the whole tree (default %(default)s)")
     run.add_argument("--max-processes", type=int, default=defaults.max_processes)
     run.add_argument("--output-bytes", type=int, default=defaults.output_bytes)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import signal
 import struct
 import sys
 
@@ -160,6 +161,7 @@ class NeedsInProcess(BaseException):
 class _Judge:
     def __init__(self) -> None:
         self.failure = ""  # first reason the candidate failed, sticky
+        self.loaded = False
         self.unsupported = ""
 
     def fail(self, reason: str) -> CandidateFailure:
@@ -167,6 +169,11 @@ class _Judge:
         return CandidateFailure(self.failure)
 
     def await_load(self) -> None:
+        """Read the candidate's load report (once). Read after the first request is sent, so loading
+        and the first call cost one wait, not two."""
+        if self.loaded:
+            return
+        self.loaded = True
         try:
             kind, payload = _receive(JUDGE_CHANNEL_FD)
         except (EOFError, codec.CodecError):
@@ -188,7 +195,11 @@ class _Judge:
             except codec.CodecError as exc:
                 raise self.fail(f"arguments for {name} too large: {exc}") from None
             try:
-                _send(JUDGE_CHANNEL_FD, b"C", request)
+                try:
+                    _send(JUDGE_CHANNEL_FD, b"C", request)
+                except BrokenPipeError:
+                    pass  # the candidate is gone: its load report, or the end of the channel, says why
+                self.await_load()
                 kind, payload = _receive(JUDGE_CHANNEL_FD)
                 if kind == b"R":
                     return codec.decode(payload)
@@ -222,13 +233,14 @@ def _rebuilt(type_name: str, message: str) -> Exception:
 def judge(prefix: str, tests: str, names: list[str]) -> None:
     """Trusted side: benchmark code only, each name in ``names`` a proxy; never returns."""
     state = _Judge()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished candidate is an error to report, not our death
     try:
         namespace = {"__name__": "__main__", "__file__": "tests.py", "__builtins__": builtins}
         exec(compile(prefix, "prompt.py", "exec"), namespace)
-        state.await_load()
         for name in names:
             namespace[name] = state.proxy(name)
         exec(compile(tests, "tests.py", "exec"), namespace)
+        state.await_load()  # tests that never call the candidate still need it to load
     except BaseException as exc:  # noqa: BLE001
         if state.unsupported:
             _report(FALLBACK, state.unsupported)
