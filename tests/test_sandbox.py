@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mtp.sandbox import Limits, Sandbox, cgroups, isolation_problem
+from mtp.sandbox import Limits, OracleProgram, Sandbox, cgroups, isolation_problem
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1] / "platform"
 SECRET = "mtp-test-secret-4b1d7c"
@@ -239,6 +239,34 @@ def test_hostile_corpus(host, name, program, status, detail, limits):
     assert detail in verdict.detail, verdict
     assert verdict.isolation == "full"
     assert len(verdict.stdout) <= limits.output_bytes and len(verdict.stderr) <= limits.output_bytes
+    _assert_contained(host, verdict)
+
+
+# Under the trusted oracle each corpus program is the candidate's module-level code; a death by
+# a signal is then a failed call (the judge reports it), harness-specific details differ, and a
+# forked copy of the candidate that goes on to answer correctly has given a right answer.
+ORACLE_STATUS = {"ctypes_segfault": "failed", "kills_itself": "failed", "realtime_signal": "failed",
+                 "highest_signal": "failed", "forked_harness_copy": "passed"}
+HARNESS_SPECIFIC = {"os_exit_0", "forged_pass_bytes", "forked_harness_copy", "spoofed_detail", "kill_everything"}
+
+
+@needs_isolation
+@pytest.mark.parametrize("name,program,status,detail,limits", CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_corpus_as_the_trusted_oracles_candidate(host, name, program, status, detail, limits):
+    source = textwrap.dedent(program).format(
+        outside=host.outside_dir, victim=host.victim_file, secret=host.secret_file, port=host.port,
+        bystander=host.bystander.pid,
+    )
+    oracle = OracleProgram(candidate=source + "\ndef answer():\n    return 42\n", prefix="",
+                           tests="assert answer() == 42", names=("answer",))
+    verdict = host.box.run("", limits, oracle)
+    assert verdict.status == ORACLE_STATUS.get(name, status), verdict
+    assert verdict.oracle == "trusted" and verdict.isolation == "full"
+    if ORACLE_STATUS.get(name) == "failed":
+        signal_name = detail.split(" (signal")[0].split()[-1]
+        assert f"killed by {signal_name}" in verdict.detail, verdict
+    elif name not in HARNESS_SPECIFIC:
+        assert detail in verdict.detail, verdict
     _assert_contained(host, verdict)
 
 
