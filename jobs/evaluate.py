@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--benchmark", "--problem-file", "--problem_file", action="append", help="humaneval (default), mbpp, google-research-datasets/mbpp, or a JSONL path; repeatable with --model")
     p.add_argument("--k", type=_ints, default=[1, 10, 100], help="comma-separated ks (default 1,10,100)")
     p.add_argument("--ignore-incomplete", action="store_true", help="score sample files that skip some problems")
-    p.add_argument("--output", type=Path, help="--samples: results file (default SAMPLES_results.jsonl); --model: output directory")
+    p.add_argument("--output", type=Path, help="--samples: results file (default SAMPLES_results.jsonl); --model: also "
+                   "write per-sample results to this directory (they are always in the MLflow run's artifacts)")
     gen = p.add_argument_group("generation (--model)")
     gen.add_argument("--n-samples", type=int, default=1)
     gen.add_argument("--temperature", type=float, action="append", help="repeatable (default 0, greedy)")
@@ -71,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop sequence, repeatable (default: the benchmark's protocol)")
     gen.add_argument("--no-speculative", action="store_true", help="decode with head 0 only")
+    gen.add_argument("--allow-truncation", action="store_true",
+                     help="score even where prompt + max-new-tokens exceeds the model's context (cut prompts and "
+                          "clipped generations are counted in the run)")
     run = p.add_argument_group("execution")
     run.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s, help="CPU seconds per program, its whole process tree; wall time gets 3x (default %(default)s)")
     run.add_argument("--memory-mb", type=int, default=DEFAULT_LIMITS.memory_mb)
@@ -140,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             _report(scored[-1], time.monotonic() - start)
             out = args.output or Path(f"{args.samples}_results.jsonl")
             _write_jsonl(out, _result_rows(result))
-            print(f"per-sample results: {out}")
+            print(f"per-sample results: {out.resolve()}")
             params["samples"] = str(args.samples)
         else:
             training_run = training_run_id(args.model)
-            out_dir = args.output or Path("eval_out") / time.strftime("%Y%m%d-%H%M%S")
+            # Per-sample results go to the MLflow run; a local copy only where asked, or where
+            # nothing else would keep them (--no-mlflow). Paths are printed absolute: under
+            # `ray job submit` a relative one is in the job's temporary working directory.
+            out_dir = args.output or (Path("eval_out") / time.strftime("%Y%m%d-%H%M%S") if args.no_mlflow else None)
             params.update(model=args.model, n_samples=args.n_samples, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
             generated = []  # all generation first: sandbox actors would hold the CPUs a CPU-only generator needs
             for name in args.benchmark:
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                         stop=tuple(args.stop) if args.stop else None,
                         speculative=not args.no_speculative, backend=args.backend,
+                        allow_truncation=args.allow_truncation,
                     ).validate()
                     start = time.monotonic()
                     samples = generate_samples(args.model, benchmark, gen)
@@ -167,19 +175,23 @@ def main(argv: list[str] | None = None) -> int:
                 for benchmark, temperature, samples in generated:
                     start = time.monotonic()
                     pairs = [(s["task_id"], s["completion"]) for s in samples]
-                    scored.append(ScoredRun(score_samples(benchmark, pairs, args.k, limits, scorer, oracle=args.oracle), temperature))
+                    scored.append(ScoredRun(score_samples(benchmark, pairs, args.k, limits, scorer, oracle=args.oracle),
+                                            temperature, samples))
                     _report(scored[-1], time.monotonic() - start)
-                    _write_jsonl(out_dir / f"{scored[-1].slug}_results.jsonl", _result_rows(scored[-1].result))
+                    if out_dir is not None:
+                        _write_jsonl(out_dir / f"{scored[-1].slug}_results.jsonl", _result_rows(scored[-1].result))
             finally:
                 scorer.close()
-            print(f"per-sample results: {out_dir}/")
+            if out_dir is not None:
+                print(f"per-sample results: {out_dir.resolve()}/")
     except (BenchmarkError, SandboxUnavailable, TrackingError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     if uri is not None:
         run_id = log_evaluation(scored, params, uri, args.experiment, training_run, args.run_name)
         link = f", linked to training run {training_run}" if training_run else ""
-        print(f"MLflow evaluation run {run_id} (experiment {args.experiment}){link}")
+        print(f"MLflow evaluation run {run_id} (experiment {args.experiment}){link}; "
+              f"per-sample results are its *_samples.jsonl artifacts")
     return 0
 
 

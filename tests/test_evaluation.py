@@ -170,7 +170,8 @@ def _tiny_checkpoint(directory: Path, training_run_id: str | None = None) -> Pat
     from mtp.model import MTPTransformer
     from mtp.tokenizer import ByteTokenizer
 
-    cfg = build_config(overrides={"train.preset": "debug", "model.n_future": 2, "tracking.run_id": training_run_id})
+    cfg = build_config(overrides={"train.preset": "debug", "model.n_future": 2, "tracking.run_id": training_run_id,
+                                  "model.max_seq_len": 512})  # holds the MBPP prompts (~270 bytes) + new tokens
     torch.manual_seed(0)
     return save_checkpoint(directory, MTPTransformer(cfg.model), cfg, ByteTokenizer())
 

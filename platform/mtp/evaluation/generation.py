@@ -8,7 +8,8 @@ derived from (base seed, task_id, sample index), so a rerun gives the same sampl
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mtp.evaluation.benchmarks import Benchmark, Problem
@@ -28,6 +29,7 @@ class GenerationConfig:
     stop: tuple[str, ...] | None = None  # None: the benchmark's protocol (e.g. HumanEval's "\ndef", MBPP's [DONE])
     batch_size: int = 16
     speculative: bool = True  # draft with the extra heads (same distribution, fewer forwards)
+    allow_truncation: bool = False  # generate even where prompt + max_new_tokens exceeds the model's context
     backend: Literal["auto", "ray", "local"] = "auto"  # auto: Ray when a cluster runs (sandbox_pool.resolve_backend)
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
 
@@ -41,25 +43,77 @@ class GenerationConfig:
         return self
 
 
+class ContextError(ValueError):
+    """The model's context cannot hold the benchmark's prompts plus ``max_new_tokens``."""
+
+
+def token_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens allowed) within ``context``.
+
+    Generate up to max_new_tokens, within the context; a prompt too long to leave even
+    MIN_NEW_TOKENS keeps its end (the part the completion continues).
+    """
+    room = min(max_new_tokens, max(context - prompt_tokens, min(MIN_NEW_TOKENS, context - 1)))
+    return min(prompt_tokens, context - room), room
+
+
+@dataclass
+class ContextFit:
+    """How a benchmark's prompts fit a model's context at ``max_new_tokens``."""
+
+    context: int
+    max_new_tokens: int
+    problems: int
+    truncated: list[str] = field(default_factory=list)  # task ids whose prompt would lose its start
+    clipped: list[str] = field(default_factory=list)  # task ids allowed fewer than max_new_tokens
+
+    @property
+    def fits(self) -> bool:
+        return not self.truncated and not self.clipped
+
+    def describe(self, benchmark: str) -> str:
+        return (f"{benchmark}: {len(self.clipped)} of {self.problems} prompts + max_new_tokens={self.max_new_tokens} "
+                f"exceed the model's context of {self.context} tokens ({len(self.truncated)} prompts would be cut "
+                f"at the start, {len(self.clipped)} generations clipped below max_new_tokens)")
+
+
+def context_fit(checkpoint: str, benchmark: Benchmark, max_new_tokens: int) -> ContextFit:
+    """Check every prompt against the checkpoint's context, before any generation (tokenizer only)."""
+    from mtp.checkpoint import local_checkpoint_dir, model_config
+    from mtp.tokenizer import load_tokenizer
+
+    directory = local_checkpoint_dir(checkpoint)
+    context, tokenizer = model_config(directory).max_seq_len, load_tokenizer(directory)
+    fit = ContextFit(context, max_new_tokens, len(benchmark.problems))
+    for problem in benchmark.problems:
+        length = len(tokenizer.encode(problem.prompt))
+        kept, room = token_budget(length, max_new_tokens, context)
+        if kept < length:
+            fit.truncated.append(problem.task_id)
+        if room < max_new_tokens:
+            fit.clipped.append(problem.task_id)
+    return fit
+
+
 def _seed(base: int, task_id: str, index: int) -> int:
     digest = hashlib.blake2b(f"{base}:{task_id}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
 
 
 def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], config: GenerationConfig) -> list[dict]:
-    """[{task_id, sample_index, completion, finish_reason}] for one shard, in one process."""
+    """[{task_id, sample_index, completion, finish_reason, prompt_truncated, clipped}] for one shard,
+    in one process."""
     from mtp.decoding import Engine, SamplingParams
     from mtp.device import resolve_device
 
     engine = Engine.from_checkpoint(checkpoint, device=str(resolve_device(config.device)), max_batch_size=config.batch_size)
     limit = engine.cfg.max_seq_len
-    ids, params, keys = [], [], []
+    ids, params, keys, flags = [], [], [], {}
     for problem in problems:
         prompt = engine.tokenizer.encode(problem.prompt)
-        # Generate up to max_new_tokens, within the context; a prompt too long to leave even
-        # MIN_NEW_TOKENS keeps its end (the part the completion continues).
-        room = min(config.max_new_tokens, max(limit - len(prompt), min(MIN_NEW_TOKENS, limit - 1)))
-        prompt = prompt[-(limit - room):]
+        kept, room = token_budget(len(prompt), config.max_new_tokens, limit)
+        flags[problem.task_id] = {"prompt_truncated": kept < len(prompt), "clipped": room < config.max_new_tokens}
+        prompt = prompt[len(prompt) - kept:]
         for index in range(config.n_samples):
             ids.append(prompt)
             params.append(SamplingParams(
@@ -69,14 +123,26 @@ def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], co
             keys.append((problem.task_id, index))
     generations = engine.generate_ids(ids, params)
     return [
-        {"task_id": task_id, "sample_index": index, "completion": g.text, "finish_reason": g.finish_reason}
+        {"task_id": task_id, "sample_index": index, "completion": g.text, "finish_reason": g.finish_reason,
+         **flags[task_id]}
         for (task_id, index), g in zip(keys, generations)
     ]
 
 
 def generate_samples(checkpoint: str, benchmark: Benchmark, config: GenerationConfig) -> list[dict]:
-    """Samples for every problem, ordered by (problem, sample index)."""
+    """Samples for every problem, ordered by (problem, sample index).
+
+    Raises ContextError when prompts + max_new_tokens do not fit the model's context,
+    unless ``config.allow_truncation``; then warns once, with the counts, and each
+    sample records ``prompt_truncated`` and ``clipped``.
+    """
     config.validate()
+    fit = context_fit(checkpoint, benchmark, config.max_new_tokens)
+    if not fit.fits:
+        if not config.allow_truncation:
+            raise ContextError(fit.describe(benchmark.name) + "; use a model with a longer max_seq_len, a smaller "
+                               "--max-new-tokens, or --allow-truncation to score it anyway")
+        print(f"warning: {fit.describe(benchmark.name)}", file=sys.stderr)
     stop = list(config.stop) if config.stop is not None else benchmark.stop
     if resolve_backend(config.backend) == "local":
         return generate_shard(checkpoint, benchmark.problems, stop, config)

@@ -18,6 +18,7 @@ from typing import Any
 
 from mtp.evaluation.scoring import EvaluationResult, result_rows
 from mtp.tracking import experiment_id as experiment_for
+from mtp.tracking import source_tags
 
 
 @dataclass
@@ -26,6 +27,14 @@ class ScoredRun:
 
     result: EvaluationResult
     temperature: float | None = None
+    generation: list[dict] | None = None  # generated samples with prompt_truncated / clipped flags
+
+    def context_metrics(self) -> dict[str, int]:
+        """Prompts cut at the start and samples allowed fewer than max_new_tokens (0 when all fit)."""
+        if not self.generation:
+            return {}
+        return {"truncated_prompts": len({r["task_id"] for r in self.generation if r.get("prompt_truncated")}),
+                "clipped_generations": sum(1 for r in self.generation if r.get("clipped"))}
 
     @property
     def prefix(self) -> str:
@@ -56,6 +65,8 @@ def metrics(runs: Sequence[ScoredRun]) -> dict[str, float]:
             out[f"{run.prefix}/{name.replace('@', '_at_')}"] = value
         for status, count in run.result.status_counts().items():
             out[f"{run.prefix}/{status}"] = count
+        for name, count in run.context_metrics().items():
+            out[f"{run.prefix}/{name}"] = count
     return out
 
 
@@ -71,7 +82,7 @@ def log_evaluation(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    tags = {"mtp.kind": "evaluation"}
+    tags = {"mtp.kind": "evaluation", **source_tags()}
     if training_run:
         tags["mtp.training_run_id"] = training_run
     run = client.create_run(experiment_for(client, experiment, tracking_uri), run_name=run_name, tags=tags)
@@ -88,6 +99,11 @@ def log_evaluation(
                 samples = Path(tmp) / f"{scored.slug}_samples.jsonl"
                 samples.write_text("".join(json.dumps(row) + "\n" for row in result_rows(scored.result)))
                 client.log_artifact(run_id, str(samples))
+                if scored.generation:  # per sample: was the prompt cut, was the generation clipped
+                    generation = Path(tmp) / f"{scored.slug}_generation.jsonl"
+                    generation.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "completion"}) + "\n"
+                                                  for row in scored.generation))
+                    client.log_artifact(run_id, str(generation))
         if training_run:
             _link_back(client, training_run, run_id)
         client.set_terminated(run_id, "FINISHED")

@@ -81,3 +81,53 @@ def deploy_config(
             "upscale_delay_s": 3, "downscale_delay_s": 10,
         }
     return config
+
+
+class ServeAdmin:
+    """Serve's REST API on a cluster's dashboard (what ``serve status`` reads), for scripts
+    and tests that watch a deployment: application state, replica states and pids.
+
+    The token (``RAY_AUTH_TOKEN_PATH`` / ``RAY_AUTH_TOKEN``) is sent when the cluster uses
+    Ray's token authentication.
+    """
+
+    def __init__(self, dashboard: str, token: str | None = None) -> None:
+        import os
+
+        self.dashboard = dashboard.rstrip("/")
+        if token is None and os.environ.get("RAY_AUTH_TOKEN"):
+            token = os.environ["RAY_AUTH_TOKEN"]
+        elif token is None and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def applications(self) -> dict[str, Any]:
+        import requests
+
+        response = requests.get(f"{self.dashboard}/api/serve/applications/", headers=self.headers, timeout=10)
+        response.raise_for_status()
+        return response.json().get("applications", {})
+
+    def replicas(self, app: str = "mtp", deployment: str = MODEL_DEPLOYMENT) -> list[dict[str, Any]]:
+        """The deployment's replicas: ``state`` (RUNNING, STARTING, STOPPING, ...), ``pid``, ``replica_id``."""
+        found = self.applications().get(app, {}).get("deployments", {}).get(deployment, {})
+        return list(found.get("replicas", []))
+
+    def wait(self, ready, timeout_s: float, what: str, app: str = "mtp") -> dict[str, Any]:
+        """Poll until ``ready(application)`` holds; raises TimeoutError naming ``what`` and the last state."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.applications().get(app, {})
+            except OSError:
+                last = {}
+            if last and ready(last):
+                return last
+            time.sleep(1.0)
+        raise TimeoutError(f"{what} within {timeout_s:g}s; last state: {last.get('status')} {last.get('message', '')!r}")
+
+    def wait_running(self, timeout_s: float = 300, app: str = "mtp") -> dict[str, Any]:
+        return self.wait(lambda a: a.get("status") == "RUNNING", timeout_s, f"application {app!r} did not reach RUNNING", app)

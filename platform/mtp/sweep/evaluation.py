@@ -63,7 +63,9 @@ class EvalSpec:
         from mtp.evaluation.generation import GenerationConfig
 
         return GenerationConfig(n_samples=self.n_samples, temperature=self.temperature, top_p=self.top_p,
-                                max_new_tokens=self.max_new_tokens, backend="local")
+                                max_new_tokens=self.max_new_tokens, backend="local",
+                                # trials are compared on the same inputs; generation warns with the counts
+                                allow_truncation=True)
 
     def metric_names(self) -> list[str]:
         """Names of the metrics an evaluation reports (loads the benchmark: a bad one fails here)."""
