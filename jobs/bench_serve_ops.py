@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from mtp.checkpoint import save_checkpoint  # noqa: E402
+from mtp.cluster.logs import quiet_process  # noqa: E402
 from mtp.config import build_config  # noqa: E402
 from mtp.model import MTPTransformer  # noqa: E402
 from mtp.registry import CHAMPION, log_model, set_alias  # noqa: E402
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    quiet_process()
 
     template = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     server = next(d for d in template["applications"][0]["deployments"] if d["name"] == MODEL_DEPLOYMENT)

@@ -25,6 +25,7 @@ from mtp.config import ConfigError, build_config  # noqa: E402
 from mtp.data import DataError  # noqa: E402
 from mtp.tracking import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
+from mtp.cluster.outputs import OutputError, check_durable  # noqa: E402
 
 # What `python jobs/train.py` trains with no arguments: a few minutes on 2 CPU cores.
 DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     set_verbose(args.verbose)
     try:
         cfg = build_config(args.config, overrides_from(args))
+        check_durable(cfg.train.output_dir, "--set train.output_dir")
         result = run_job(cfg, config_file=args.config, resume=args.resume, track=not args.no_tracking)
-    except (ConfigError, DataError, TrackingError, PlacementError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, TrackingError, PlacementError, OutputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except JobError as exc:

@@ -25,6 +25,7 @@ from mtp.sweep import SweepError, load_spec, run_sweep  # noqa: E402
 from mtp.sweep.summary import format_table  # noqa: E402
 from mtp.tracking import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
+from mtp.cluster.outputs import OutputError, check_durable  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     set_verbose(args.verbose)
     try:
         spec = load_spec(args.space, {"name": args.name} if args.name else None)
-    except SweepError as exc:
+        check_durable(args.resume or args.storage_path, "--resume" if args.resume else "--storage-path")
+    except (SweepError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"sweep {spec.name!r}: {spec.grid_size()} trials over {', '.join(spec.space)}; "

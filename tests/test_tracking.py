@@ -147,6 +147,18 @@ def test_source_tags_name_entry_point_commit_and_ray_job(monkeypatch):
     assert tags["mtp.git.dirty"] in ("true", "false") and tags["mtp.command"].endswith("train.py --max-steps 3")
     assert tags["mlflow.source.type"] == "JOB" and tags["mtp.ray_job_id"] == "raysubmit_abc"
 
+    # and, as a Ray job, outputs must not go to the job's temporary working directory
+    from mtp.cluster.outputs import OutputError, check_durable
+
+    check_durable("/mnt/shared/runs", "--storage-path")
+    check_durable("s3://bucket/runs", "--set train.output_dir")
+    with pytest.raises(OutputError, match="train.output_dir='runs' is relative"):
+        check_durable("runs", "--set train.output_dir")
+    with pytest.raises(OutputError, match="--storage-path is not given"):
+        check_durable(None, "--storage-path")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    check_durable("runs", "--set train.output_dir")  # a local run keeps its relative default
+
 
 def test_unreachable_server_and_unknown_model_fail_clearly(mlflow_server, tmp_path):
     with pytest.raises(TrackingError, match="unreachable"):

@@ -15,7 +15,7 @@ What it silences, and why each needs its own switch:
   arguments (ray-project/ray#53727); it only observes spot-instance preemption.
   Set the variable to 1 in the job's environment where that matters.
 - MLflow's INFO lines (system-metrics monitor start/stop, model logging and
-  registration, run links: the job prints its own summary) and its download progress bars.
+  registration), its run links (the job prints its own summary) and download progress bars.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ VERBOSE_ENV = "MTP_VERBOSE"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 NOISY_LOGGERS = ("mlflow",)
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+RUN_LINK_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # the job prints its run's link once, in its summary
 
 
 def verbose() -> bool:
@@ -66,6 +67,7 @@ def quiet_process() -> None:
     level = ray_log_level()
     if not verbose():
         os.environ.setdefault(PROGRESS_BAR_ENV, "false")
+        os.environ.setdefault(RUN_LINK_ENV, "true")
     names = list(NOISY_LOGGERS)
     try:  # Ray names this logger after its file (see the module docstring)
         from ray.train.v2._internal.execution import context
