@@ -33,7 +33,7 @@ cluster-down:
 # Ray test modules run one pytest process each (each with its one session-scoped local
 # Ray): in a single process the driver's GCS state accessor was seen to block forever
 # (`ray.cluster_resources()`) after earlier modules, in CI only; see the closing note.
-RAY_TEST_MODULES := tests/test_cluster.py tests/test_evaluation.py tests/test_serve.py tests/test_tune.py
+RAY_TEST_MODULES := tests/test_cluster.py tests/test_evaluation.py tests/test_serve.py tests/test_tune.py tests/test_cluster_path.py
 
 test: setup
 	$(BIN)/python -m pytest $(addprefix --ignore=,$(RAY_TEST_MODULES)) $(ARGS)

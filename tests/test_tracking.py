@@ -136,6 +136,11 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert register_checkpoint(cfg, second, trained.checkpoint) == "models:/mtp-test/2"
     aliases = client.get_registered_model("mtp-test").aliases
     assert aliases == {"newest": "2", "champion": "1"}
+    promote = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "promote.py"),
+                              "models:/mtp-test@newest", "--tracking-uri", mlflow_server],
+                             capture_output=True, text=True, timeout=120)
+    assert promote.returncode == 0 and "models:/mtp-test@champion -> models:/mtp-test/2" in promote.stdout, promote.stderr
+    assert client.get_registered_model("mtp-test").aliases["champion"] == "2"
 
 
 def test_source_tags_name_entry_point_commit_and_ray_job(monkeypatch):

@@ -111,22 +111,27 @@ def _git(*args: str, cwd: Path) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _ray_job_config() -> dict:
+    """The job config Ray's job manager hands the entrypoint of a submitted job ({} otherwise)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def ray_job_id() -> str | None:
     """The submission id (``raysubmit_...``) of the Ray job this process is the driver of, if any."""
-    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for the entrypoint
-    if not config:
-        return None
-    try:
-        return json.loads(config).get("metadata", {}).get("job_submission_id")
-    except (ValueError, AttributeError):
-        return None
+    return (_ray_job_config().get("metadata") or {}).get("job_submission_id")
 
 
 def source_tags(argv: list[str] | None = None) -> dict[str, str]:
     """Where a run came from: entry point, full command line, git commit and dirty flag, Ray job.
 
-    Under ``ray job submit`` the checkout is the uploaded working directory; its
-    ``.git`` travels with it unless excluded, so the commit is still known.
+    Under ``ray job submit`` the checkout is Ray's copy of the working directory,
+    which leaves ``.git`` out (Ray 2.60's default): the run then records the uploaded
+    package (its URI is a hash of the content) and, when the submitter passed them in
+    the runtime env, ``MTP_GIT_COMMIT`` / ``MTP_GIT_DIRTY``.
     """
     argv = list(sys.argv if argv is None else argv)
     entry = Path(argv[0]).resolve() if argv and argv[0] else None
@@ -135,13 +140,20 @@ def source_tags(argv: list[str] | None = None) -> dict[str, str]:
     tags["mlflow.source.type"] = "JOB" if job else "LOCAL"
     if job:
         tags["mtp.ray_job_id"] = job
+        package = (_ray_job_config().get("runtime_env") or {}).get("working_dir")
+        if package:
+            tags["mtp.ray_working_dir"] = str(package)
     if entry is not None and entry.exists():
         root = _git("rev-parse", "--show-toplevel", cwd=entry.parent)
-        tags["mlflow.source.name"] = str(entry.relative_to(root)) if root and entry.is_relative_to(root) else str(entry)
+        base = Path(root) if root and entry.is_relative_to(root) else Path.cwd()  # a job's cwd: its code's root
+        tags["mlflow.source.name"] = str(entry.relative_to(base)) if entry.is_relative_to(base) else str(entry)
         commit = _git("rev-parse", "HEAD", cwd=entry.parent)
         if commit:
             tags["mlflow.source.git.commit"] = commit
             tags["mtp.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no", cwd=entry.parent))).lower()
+    if "mlflow.source.git.commit" not in tags and os.environ.get("MTP_GIT_COMMIT"):
+        tags["mlflow.source.git.commit"] = os.environ["MTP_GIT_COMMIT"]
+        tags["mtp.git.dirty"] = os.environ.get("MTP_GIT_DIRTY", "unknown")
     return tags
 
 
