@@ -84,7 +84,7 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     # A restarted worker group replays steps 5 and 6 from its checkpoint, then goes on.
     restarted = MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), system_metrics=False, restarted=True)
     for step in (5, 6, 7):
-        restarted.on_log(step, {"train/loss": 100.0 + step})
+        restarted.on_log(step, {"train/loss_mean": 100.0 + step})
     finished = finish_run(cfg, cfg.tracking.run_id, trained.checkpoint)
 
     client = MlflowClient(mlflow_server)
@@ -94,7 +94,7 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert run.data.params == expected
     for key in ("train/loss_head_0", "train/loss_head_1", "perf/tokens_per_s", "train/lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 7)), key
-    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss_mean"))
     assert [step for step, _ in losses] == list(range(1, 8)) and losses[-1][1] == 107.0  # replays not re-logged
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "restarts")] == [(6, 1.0)]
     experiment = client.get_experiment(run.info.experiment_id)
