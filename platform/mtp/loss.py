@@ -170,15 +170,16 @@ def sequential_backward(
     h = model.trunk(inputs)
     h_leaf = h.detach().requires_grad_()
     valid_counts = (targets != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1)
-    scales = torch.tensor(weights, dtype=torch.float64, device=targets.device) * loss_scale / valid_counts
+    # From host memory with non_blocking: a plain torch.tensor(..., device=cuda) waits for the stream.
+    weights_t = torch.tensor(weights, dtype=torch.float64).to(targets.device, non_blocking=True)
+    scales = weights_t * loss_scale / valid_counts
     head_losses = [
         _head_backward(model, i, h_leaf, targets[i], scales[i], chunk_size) / valid_counts[i]
         for i in range(len(weights))
     ]
     h.backward(h_leaf.grad)
     per_head = torch.stack(head_losses)
-    w = torch.tensor(weights, device=per_head.device, dtype=per_head.dtype)
-    return StepLosses(per_head, (w * per_head).sum())
+    return StepLosses(per_head, (weights_t.to(per_head.dtype) * per_head).sum())
 
 
 @torch.no_grad()
