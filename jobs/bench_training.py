@@ -6,7 +6,7 @@ sequential-chunked) on the same random batches; tokens/s, peak memory, FLOP rati
 
 ``--loop``: ``mtp.train`` against a bare loop doing the same work on the same batches
 (``bare``), and with ``--via-ray`` the same loop on Ray Train once warm
-(``mtp.benchmarks.loop`` says how each is timed).
+(``mtp.benchmarks.loop`` says how each is timed; CPU only).
 
     python jobs/bench_training.py                         # CPU-sized, a few minutes
     python jobs/bench_training.py --device cuda           # 0.3B, bf16 autocast
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--vocab sizes must be at least 2")
     if args.via_ray and not args.loop:
         p.error("--via-ray needs --loop")
+    if args.loop and args.device != "cpu":
+        p.error("--loop runs on the CPU (make gpu-check times the loop on CUDA)")
     return args
 
 
@@ -83,7 +85,7 @@ def loop(args: argparse.Namespace) -> list[dict]:
     from mtp.benchmarks.loop import format_loop_table, measure_loops, timed_config
     from mtp.data import prepare_data
 
-    overrides = {"train.device": args.device}
+    overrides = {"train.device": "cpu"}
     overrides.update({k: v for k, v in {"train.batch_size": args.batch_size, "train.seq_len": args.seq_len,
                                         "train.preset": args.preset}.items() if v is not None})
     try:

@@ -46,9 +46,10 @@ BARE, TRAIN, RAY = "bare", "mtp.train", "mtp.train via Ray"
 class StepClock:
     """A ``TrainCallback`` noting the time of every logged step (on rank 0).
 
-    On CPU the clock is this process's CPU time: the machine may be shared, and wall
-    time would count the time other processes hold the cores. Work the loop does on
-    other threads (prefetching, Ray's) is CPU time of this process too.
+    The clock is this process's CPU time: the machine may be shared, and wall time
+    would count the time other processes hold the cores. Work the loop does on other
+    threads of the process (prefetching; in a Ray worker, Ray's own) is counted too;
+    Ray's other processes (raylet, GCS, the Train controller) are not.
     """
 
     def __init__(self, clock: Callable[[], float] = time.process_time, out: Path | None = None) -> None:
@@ -57,8 +58,6 @@ class StepClock:
         self.threads = 0
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         self.times[step] = self.clock()
         self.threads = torch.get_num_threads()
 
@@ -98,7 +97,7 @@ def window(cfg: JobConfig, times: dict[int, float]) -> float:
 
 
 def bare_loop(cfg: JobConfig, data: PackedData, clock: StepClock) -> MTPTransformer:
-    """The same training as ``mtp.train`` in one CPU process, with nothing around it; returns the model."""
+    """The same training as ``mtp.train`` on the CPU, with nothing around it; returns the model."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     model = MTPTransformer(cfg.model)
@@ -132,7 +131,10 @@ def run_train(cfg: JobConfig, data: PackedData) -> StepClock:
 
 
 def run_via_ray(cfg: JobConfig, data: PackedData) -> StepClock:
-    """One run of the job's Ray Train path (a connected Ray; ``mtp.cluster.ray_env.connect``)."""
+    """One run of the job's Ray Train path on a connected Ray (``mtp.cluster.ray_env.connect``).
+
+    The worker prepares ``data`` itself, from the same cache.
+    """
     from mtp.cluster.trainer import build_trainer
 
     cfg = copy.deepcopy(cfg)
@@ -192,9 +194,8 @@ def format_loop_table(cfg: JobConfig, steps: int, results: list[LoopResult]) -> 
     tc = cfg.train
     head = (
         f"loop overhead: preset {tc.preset}, n_future={cfg.model.n_future}, batch {tc.batch_size} x {tc.seq_len} tokens, "
-        f"{steps} timed steps per run, {len(results[0].tokens_per_s)} rounds; time = "
-        f"{'CPU time of the training process' if tc.device != 'cuda' else 'wall time'}; "
-        "time per token over another row's: median [min, max] of the rounds' ratios"
+        f"{steps} timed steps per run, {len(results[0].tokens_per_s)} rounds; time = CPU time of the training "
+        "process; time per token over another row's: median [min, max] of the rounds' ratios"
     )
     cols = ["loop", "threads", "tok/s", "time vs bare", "time vs mtp.train", "target"]
     rows = []
