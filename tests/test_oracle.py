@@ -74,15 +74,12 @@ def box():
         yield sandbox
 
 
-def _both(box, completion: str):
-    return (box.run(ADD.program(completion), LIMITS),
-            box.run(ADD.program(completion), LIMITS, ADD.oracle_program(completion)))
-
-
 @needs_isolation
 @pytest.mark.parametrize("name", FORGERIES)
 def test_forgeries_pass_in_process_and_fail_under_the_trusted_oracle(box, name):
-    in_process, trusted = _both(box, FORGERIES[name])
+    completion = FORGERIES[name]
+    in_process = box.run(ADD.program(completion), LIMITS)
+    trusted = box.run(ADD.program(completion), LIMITS, ADD.oracle_program(completion))
     assert in_process.passed and in_process.oracle == "inprocess", in_process
     assert trusted.status == "failed" and trusted.oracle == "trusted", trusted
     assert box.run("", LIMITS, ADD.oracle_program(CORRECT)).passed, "the long-lived worker was poisoned"
