@@ -13,7 +13,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from mtp.config import ModelConfig
-from mtp.decoding import DraftTree, Engine, Generation, SamplingParams, reference
+from mtp.decoding import DraftTree, Engine, Generation, RequestError, SamplingParams, reference
 from mtp.decoding.packed import PackedModel, StepLayout
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
@@ -169,6 +169,20 @@ def test_engine_sampling_matches_reference(speculative):
         assert (g.tokens, g.stats.accepted_histogram) == (spec.tokens, spec.accepted_histogram), f"prompt {i}"
     if speculative:
         assert sum(sum(g.stats.accepted_histogram[1:]) for g in engine) > 0 and sum(g.stats.accepted_histogram[0] for g in engine) > 0
+
+
+def test_compiled_engine_matches_reference():
+    """``compile=True`` (torch.compile of the step, static shapes, rows padded to a compiled
+    batch size as they finish at different steps) changes no token and no step."""
+    model = _successor_model(4, right=0.3, seed=1)
+    prompts = _prompts(3, seed=11, max_len=20, vocab=16)
+    engine = Engine(model, TOKENIZER, max_batch_size=3, compile=True)
+    assert engine.warm_up([SamplingParams()]) > 0 and engine.compile_s > 0
+    for prompt, g in zip(prompts, engine.generate_ids(prompts, SamplingParams(max_new_tokens=40))):
+        spec = reference.greedy(model, prompt, 40, (1, 1, 1), TOKENIZER.eos_id)
+        assert (g.tokens, g.stats.accepted_histogram) == (spec.tokens, spec.accepted_histogram)
+    with pytest.raises(ValueError, match="one of cuda_graphs and compile"):
+        Engine(model, TOKENIZER, compile=True, cuda_graphs=True)
 
 
 def _stored_histograms() -> dict[str, list[list[int]]]:
@@ -335,8 +349,12 @@ def test_per_request_stats():
 def test_bad_requests_raise_clear_errors():
     model = _model(2)
     engine = Engine(model, TOKENIZER, max_batch_size=2)
-    with pytest.raises(ValueError, match=r"90 prompt tokens \+ max_new_tokens=10 = 100 exceeds the model's max_seq_len=96"):
+    with pytest.raises(RequestError, match=r"90 prompt tokens \+ max_new_tokens=10 = 100 exceeds the model's max_seq_len=96") as exc:
         engine.generate_ids([[1] * 90], SamplingParams(max_new_tokens=10))
+    assert (exc.value.field, exc.value.code) == ("max_new_tokens", "context_length_exceeded")
+    with pytest.raises(RequestError, match="96 tokens; the model's context is 96") as exc:
+        engine.generate_ids([[1] * 96], SamplingParams(max_new_tokens=1))
+    assert exc.value.field == "prompt"
     with pytest.raises(ValueError, match="empty"):
         engine.generate([""], SamplingParams())
     with pytest.raises(ValueError, match="outside"):
@@ -410,3 +428,23 @@ def test_submitted_rows_interleave_and_join_as_rows_free():
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.submit([1], SamplingParams(max_new_tokens=0))
     assert not engine.has_work()
+
+
+# ------------------------------------------------------------------------- peers
+
+
+def test_llama_port_has_equal_logits_and_greedy_tokens(monkeypatch):
+    """The bench's Hugging Face peer runs head 0's weights: equal logits (checked inside
+    ``to_llama``), the engine's greedy tokens, and a wrong rotary layout is refused."""
+    pytest.importorskip("transformers")
+    from mtp.decoding import peers
+
+    model = _model(n_future=3, seed=6, init_std=0.1)
+    hf = peers.to_llama(model)
+    prompts = _prompts(3, seed=13, max_len=12, vocab=256)
+    tokens, _ = peers.hf_generate(hf, prompts, 12, TOKENIZER.eos_id, do_sample=False)
+    engine = Engine(model, TOKENIZER, max_batch_size=3).generate_ids(prompts, SamplingParams(max_new_tokens=12, speculative=False))
+    assert tokens == [g.tokens for g in engine]
+    monkeypatch.setattr(peers, "_halves", lambda w, heads: w)
+    with pytest.raises(RuntimeError, match="logits differ"):
+        peers.to_llama(model)

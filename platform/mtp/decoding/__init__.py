@@ -8,8 +8,8 @@ and Serve code against.
 """
 
 from mtp.decoding import reference
-from mtp.decoding.api import Generation, GenerationStats, SamplingParams
+from mtp.decoding.api import Generation, GenerationStats, RequestError, SamplingParams
 from mtp.decoding.engine import Engine
 from mtp.decoding.tree import DraftTree
 
-__all__ = ["DraftTree", "Engine", "Generation", "GenerationStats", "SamplingParams", "reference"]
+__all__ = ["DraftTree", "Engine", "Generation", "GenerationStats", "RequestError", "SamplingParams", "reference"]

@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+class RequestError(ValueError):
+    """A request the engine cannot decode. ``field`` names the culprit (a ``SamplingParams``
+    field or ``prompt``) and ``code`` the kind, so a server can answer without re-checking."""
+
+    def __init__(self, message: str, field: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.field, self.code = field, code
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (OpenAI-style names)."""
@@ -24,13 +33,13 @@ class SamplingParams:
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+            raise RequestError(f"max_new_tokens={self.max_new_tokens} must be >= 1", "max_new_tokens")
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+            raise RequestError(f"temperature={self.temperature} must be >= 0", "temperature")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
+            raise RequestError(f"top_k={self.top_k} must be >= 1", "top_k")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise RequestError(f"top_p={self.top_p} must be in (0, 1]", "top_p")
 
 
 @dataclass
@@ -42,11 +51,6 @@ class GenerationStats:
     accepted_histogram: list[int] = field(default_factory=list)  # [k] = steps that accepted k drafts
     elapsed_s: float = 0.0
     prefill_s: float = 0.0  # admission to first token (the prompt's forward)
-
-    @property
-    def seconds_per_forward(self) -> float:
-        """Wall time of one decode step after the prefill (shared by the rows of a batch)."""
-        return (self.elapsed_s - self.prefill_s) / self.forwards if self.forwards else 0.0
 
     @property
     def tokens_per_forward(self) -> float:

@@ -11,7 +11,8 @@ token for token and step for step) and adds what makes it fast and servable:
   reference runs one chain per path;
 * many requests in one batch, each row at its own position, joining and leaving
   between steps (continuous batching), with per-row sampling settings and seeds;
-* static step shapes, so a step can be replayed as a CUDA graph.
+* static step shapes, so a step can be compiled (``torch.compile``, any device) or
+  replayed as a CUDA graph.
 
 Requests run in rows of a fixed-size batch. A row is admitted with a prefill
 (which also yields its first token and the heads' first drafts), then advances one
@@ -51,8 +52,8 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
-from mtp.decoding.api import Generation, GenerationStats, SamplingParams
-from mtp.decoding.graphs import CudaGraphs
+from mtp.decoding.api import Generation, GenerationStats, RequestError, SamplingParams
+from mtp.decoding.graphs import CompiledSteps, CudaGraphs
 from mtp.decoding.packed import PackedModel, StepLayout
 from mtp.decoding.sampling import RowSampling, sample, speculative_accept, target_probs
 from mtp.decoding.text import TextState
@@ -61,6 +62,8 @@ from mtp.model import MTPTransformer
 from mtp.tokenizer import Tokenizer
 
 
+# One of each step kind: greedy or sampled, speculative or head 0 alone.
+STEP_KINDS = tuple(SamplingParams(temperature=t, speculative=s) for t in (0.0, 1.0) for s in (True, False))
 Event = Union[str, Generation, BaseException]
 Listener = Callable[[Event], None]
 
@@ -79,6 +82,11 @@ class _Mode:
     @property
     def drafts(self) -> int:
         return len(self.tree.tree.widths) if self.tree is not None else 0
+
+    @property
+    def uniforms(self) -> int:
+        """Random numbers a sampled row draws per step: accept tests, the next token, the next drafts."""
+        return 2 * self.drafts + 1 if self.sampled else 0
 
 
 @dataclass(eq=False)
@@ -166,11 +174,13 @@ class _Rows:
         self.host_lengths: list[int] = []
         self.fed = torch.zeros(B, mode.width, dtype=torch.long, device=dev)
         self.draft_probs = torch.zeros(B, mode.drafts, engine.vocab_size, device=dev) if mode.sampled else None
+        self.uniforms = torch.zeros(B, mode.uniforms, device=dev)  # this step's, drawn on the host per request
         self.sampling = RowSampling.build([SamplingParams()] * B, engine.vocab_size, dev)
 
     def buffers(self) -> list[torch.Tensor]:
         s = self.sampling
-        return [t for t in (self.lengths, self.fed, self.draft_probs, s.temperature, s.top_k, s.top_p) if t is not None]
+        return [t for t in (self.lengths, self.fed, self.draft_probs, self.uniforms, s.temperature, s.top_k, s.top_p)
+                if t is not None]
 
     def move(self, src: int, dst: int) -> None:
         for t in self.buffers():
@@ -188,6 +198,10 @@ class Engine:
     step's shapes depend only on the batch size; ``cuda_graphs`` (implies it)
     captures each greedy step kind and batch size once and replays it, which
     removes the per-kernel launch cost that dominates small-batch decoding on GPUs.
+    ``compile`` (implies static shapes; not with ``cuda_graphs``) runs each step
+    through ``torch.compile``, on any device: a step kind is compiled once for one row
+    and once for ``max_batch_size`` rows (a step of 2.. rows pads up to it), on first
+    use or in ``warm_up`` (which a server calls before taking requests).
     The model's weights are repacked once here: build a new Engine after changing
     them. Any number of threads may submit, generate and stream at once: their
     requests share one continuous batch (one static cache per engine).
@@ -202,12 +216,15 @@ class Engine:
         tree: Sequence[int] | None = None,
         static_shapes: bool = False,
         cuda_graphs: bool = False,
+        compile: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
+        if cuda_graphs and compile:
+            raise ValueError("choose one of cuda_graphs and compile")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
@@ -223,9 +240,12 @@ class Engine:
             width = max(self.tree.size if self.tree is not None else 1, drafts + 1)
             self.cache = self.packed.new_cache(max_batch_size, self.cfg.max_seq_len + width)
             self._arange = torch.arange(self.cache.slots, device=self.device)
+            for tree in (self.chain, self.tree):  # the heads' fused projections, built outside any capture
+                self.packed.heads.qkv(1 + (len(tree.tree.widths) if tree is not None else 0))
         self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
-        self.static_shapes = static_shapes or cuda_graphs
+        self.static_shapes = static_shapes or cuda_graphs or compile
         self._graphs = CudaGraphs() if cuda_graphs else None
+        self._compiled = CompiledSteps(self._device_step) if compile else None
         self._lock = threading.Lock()  # one step at a time
         self._waiting: deque[Request] = deque()
         self._waiting_lock = threading.Lock()  # submit() may run while a step does
@@ -295,7 +315,8 @@ class Engine:
     ) -> Request:
         """Validate and queue one request (thread-safe); whoever calls ``step`` decodes it.
 
-        Raises ``ValueError`` for an impossible request before anything is queued.
+        Raises ``RequestError`` (a ``ValueError`` naming the field) for an impossible
+        request before anything is queued: the one place requests are checked.
         """
         (request,) = self._requests([prompt_ids], params, listener, stream)
         self._enqueue([request])
@@ -329,6 +350,30 @@ class Engine:
                 raise
             return True
 
+    def warm_up(self, kinds: Sequence[SamplingParams] = STEP_KINDS) -> float:
+        """Compile (or capture) the steps of these request kinds (default: all) at every batch
+        bucket now, so that no request pays for it later; returns the seconds it took.
+
+        It decodes a few throwaway tokens per kind and bucket, so call it before serving.
+        """
+        start = time.perf_counter()
+        for params in kinds:
+            params = SamplingParams(**{**params.__dict__, "max_new_tokens": 2, "stop": [], "seed": 0})
+            for bucket in self._buckets():
+                self.generate_ids([[0]] * bucket, params)
+        return time.perf_counter() - start
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling steps so far (0 unless ``compile``)."""
+        return self._compiled.compile_s if self._compiled is not None else 0.0
+
+    def _buckets(self) -> list[int]:
+        """Batch sizes a step is compiled or captured for."""
+        if self._compiled is None:
+            return list(range(1, self.max_batch_size + 1)) if self._graphs is not None else [1]
+        return sorted({1, self.max_batch_size})  # compiling is slow on a CPU: one alone, or all rows
+
     def has_work(self) -> bool:
         """Whether requests are waiting or running (a cancelled one counts until the next step)."""
         return bool(self._waiting) or (self._active is not None and bool(self._active.requests))
@@ -352,13 +397,17 @@ class Engine:
         for i, (ids, p) in enumerate(zip(prompt_ids, params)):
             p.validate()
             if not ids:
-                raise ValueError(f"prompt {i} is empty: at least one token is needed")
+                raise RequestError(f"prompt {i} is empty: at least one token is needed", "prompt")
             if min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
+                raise RequestError(f"prompt {i} has token ids outside [0, {self.vocab_size})", "prompt")
+            if len(ids) >= limit:
+                raise RequestError(f"prompt {i} has {len(ids)} tokens; the model's context is {limit}", "prompt",
+                                   "context_length_exceeded")
             if len(ids) + p.max_new_tokens > limit:
-                raise ValueError(
+                raise RequestError(
                     f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens={p.max_new_tokens} "
-                    f"= {len(ids) + p.max_new_tokens} exceeds the model's max_seq_len={limit}"
+                    f"= {len(ids) + p.max_new_tokens} exceeds the model's max_seq_len={limit}",
+                    "max_new_tokens", "context_length_exceeded",
                 )
             generator = None
             if p.temperature > 0:
@@ -440,13 +489,13 @@ class Engine:
     def _uniforms(self, requests: list[Request], k: int) -> torch.Tensor:
         return torch.stack([torch.rand(k, generator=r.generator) for r in requests]).to(self.device)
 
-    def _layout(self, lengths: torch.Tensor, max_length: int, width: int, tree: TreeTensors | None) -> StepLayout:
-        """Slots, rotary positions and attention mask for ``width`` tokens after each row's ``lengths``."""
+    def _layout(self, lengths: torch.Tensor, kv_len: int, width: int, tree: TreeTensors | None) -> StepLayout:
+        """Slots, rotary positions and an attention mask over the first ``kv_len`` slots for
+        ``width`` tokens after each row's ``lengths``."""
         offsets = self._arange[:width]
         slots = lengths[:, None] + offsets
         depth = tree.depth if tree is not None else offsets
         rope = (lengths[:, None] + depth).clamp_(max=self.cfg.max_seq_len - 1)
-        kv_len = self.cache.slots if self.static_shapes else max_length + width
         rel = self._arange[:kv_len] - lengths[:, None, None]  # [B, 1, S]: slot - length
         if tree is None or tree.tree.is_chain:
             mask = rel <= offsets[:, None]
@@ -469,7 +518,7 @@ class Engine:
         zero = torch.zeros(len(new), dtype=torch.long, device=self.device)
         heads = 1 + mode.drafts
         last = torch.tensor(lengths, device=self.device) - 1
-        layout = self._layout(zero, 0, T, None)
+        layout = self._layout(zero, T, T, None)
         hidden = self.packed.forward(tokens, layout, self.cache, slice(start, start + len(new)), heads, last[:, None])
         logits = self.packed.logits(hidden[:, :, 0].transpose(0, 1))  # [k, heads, V] at each prompt's end
         sampling = RowSampling.build([r.params for r in new], self.vocab_size, self.device)
@@ -499,8 +548,15 @@ class Engine:
     def _step(self, rows: _Rows) -> None:
         """One forward for every active row: verify drafts (or take one token), draft again."""
         mode, B = rows.mode, len(rows.requests)
+        if mode.sampled:
+            rows.uniforms[:B] = self._uniforms(rows.requests, mode.uniforms)
         if self._graphs is not None and not mode.sampled:
             emitted, accepted = self._graphs.run((mode, B), lambda: self._device_step(rows, B), rows.buffers())
+        elif self._compiled is not None:
+            padded = next(b for b in self._buckets() if b >= B)
+            emitted, accepted = self._compiled(rows, padded)
+            rows.lengths[B:padded] = 0  # the padding rows' slots stay in range (their rows are free)
+            emitted, accepted = emitted[:B], accepted[:B] if accepted is not None else None
         else:
             emitted, accepted = self._device_step(rows, B)
         steps = emitted.tolist() if accepted is None else torch.cat([accepted[:, None], emitted], 1).tolist()
@@ -510,29 +566,30 @@ class Engine:
             rows.host_lengths[i] += n_accepted + 1
 
     def _device_step(self, rows: _Rows, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The step's device work (no host synchronisation, so it can be captured in a CUDA graph)."""
+        """The first ``B`` rows' step on the device: no host synchronisation and, with static
+        shapes, no host-side values, so it can be compiled or captured in a CUDA graph."""
         mode = rows.mode
-        layout = self._layout(rows.lengths[:B], max(rows.host_lengths), mode.width, mode.tree)
+        kv_len = self.cache.slots if self.static_shapes else max(rows.host_lengths) + mode.width
+        layout = self._layout(rows.lengths[:B], kv_len, mode.width, mode.tree)
         hidden = self.packed.forward(rows.fed[:B], layout, self.cache, slice(0, B), 1 + mode.drafts)
         if mode.tree is None:
-            return self._vanilla(rows, hidden), None
+            return self._vanilla(rows, hidden, B), None
         if mode.sampled:
-            return self._speculative_sampling(rows, hidden)
-        return self._speculative_greedy(rows, hidden)
+            return self._speculative_sampling(rows, hidden, B)
+        return self._speculative_greedy(rows, hidden, B)
 
-    def _vanilla(self, rows: _Rows, hidden: torch.Tensor) -> torch.Tensor:
-        B = len(rows.requests)
+    def _vanilla(self, rows: _Rows, hidden: torch.Tensor, B: int) -> torch.Tensor:
         logits = self.packed.logits(hidden[0])  # [B, 1, V]
         if rows.mode.sampled:
-            token = sample(target_probs(logits, rows.sampling.rows(slice(0, B))), self._uniforms(rows.requests, 1))
+            token = sample(target_probs(logits, rows.sampling.rows(slice(0, B))), rows.uniforms[:B])
         else:
             token = logits.argmax(-1)
         rows.fed[:B] = token
         rows.lengths[:B] += 1
         return token
 
-    def _speculative_greedy(self, rows: _Rows, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tree, B = rows.mode.tree, len(rows.requests)
+    def _speculative_greedy(self, rows: _Rows, hidden: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tree = rows.mode.tree
         fed, lengths = rows.fed[:B], rows.lengths[:B]
         logits = self.packed.logits(hidden)  # [heads, B, W, V]: one call, cheaper here than two exact ones
         target = logits[0].argmax(-1)  # [B, W]
@@ -545,11 +602,11 @@ class Engine:
         rows.lengths[:B] += accepted + 1
         return emitted, accepted
 
-    def _speculative_sampling(self, rows: _Rows, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, D = len(rows.requests), rows.mode.drafts
+    def _speculative_sampling(self, rows: _Rows, hidden: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        D = rows.mode.drafts
         fed, sampling = rows.fed[:B], rows.sampling.rows(slice(0, B))
         target = target_probs(self.packed.logits(hidden[0]), sampling)  # [B, D + 1, V]
-        u = self._uniforms(rows.requests, 2 * D + 1)
+        u = rows.uniforms[:B]
         accepted, residual = speculative_accept(fed[:, 1:], target, rows.draft_probs[:B], u[:, :D])
         bonus = sample(residual[:, None], u[:, D : D + 1])
         emitted = torch.cat([fed[:, 1:], bonus], 1).scatter_(1, accepted[:, None], bonus)

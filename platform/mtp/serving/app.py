@@ -27,8 +27,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mtp.checkpoint import local_checkpoint_dir, model_config
-from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.checkpoint import local_checkpoint_dir
+from mtp.decoding import Engine, Generation, RequestError, SamplingParams
 from mtp.device import resolve_device
 from mtp.serving.card import model_card
 from mtp.serving.config import API_KEY_ENV, ServeConfig
@@ -46,7 +46,6 @@ from mtp.serving.protocol import (
     sse,
     stream_choice,
 )
-from mtp.tokenizer import load_tokenizer
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,10 +61,16 @@ def placement(cfg: ServeConfig) -> tuple[str, torch.dtype]:
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+PARAMS = {"max_new_tokens": "max_tokens"}  # engine field -> request field, where the names differ
+
+
 def engine_error(exc: BaseException) -> APIError:
-    """The engine rejects impossible params with ValueError (the client's fault); anything else is ours."""
+    """The engine rejects impossible requests with RequestError, naming the field (the client's
+    fault); anything else is ours."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc), PARAMS.get(exc.field, exc.field), code=exc.code)
     if isinstance(exc, ValueError):
         return APIError(400, f"the engine rejected the request: {exc}", code="invalid_value")
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="engine_error")
@@ -87,10 +92,10 @@ class ModelServer:
         directory = local_checkpoint_dir(self.cfg.model)
         device, dtype = placement(self.cfg)
         self.engine = Engine.from_checkpoint(
-            str(directory), device=device, dtype=dtype, max_batch_size=self.cfg.max_batch_size
+            str(directory), device=device, dtype=dtype, max_batch_size=self.cfg.max_batch_size, compile=self.cfg.compile
         )
-        self.tokenizer = load_tokenizer(directory)
-        self.max_seq_len = model_config(directory).max_seq_len
+        warm_up_s = self.engine.warm_up()  # every step kind compiled now: no request waits for it
+        logger.info("engine warmed up in %.1fs (compile=%s)", warm_up_s, self.cfg.compile)
         self.card = model_card(self.cfg.served_name, str(self.cfg.model), directory, device)
         self.runner = EngineRunner()
         self.metrics = EngineMetrics()
@@ -105,26 +110,6 @@ class ModelServer:
         busy = self.runner.busy_for()
         if busy > self.cfg.stuck_after_s:
             raise RuntimeError(f"an engine step has been running for {busy:.0f}s (limit {self.cfg.stuck_after_s}s)")
-
-    def _check(self, prompt: str, params: SamplingParams) -> list[int]:
-        """Context-length checks that need the tokenizer, so errors name the field before any work."""
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise APIError(400, "prompt must encode to at least one token", "prompt", code="invalid_value")
-        if len(ids) >= self.max_seq_len:
-            raise APIError(
-                400, f"prompt has {len(ids)} tokens; this model's context is {self.max_seq_len}", "prompt",
-                code="context_length_exceeded",
-            )
-        if len(ids) + params.max_new_tokens > self.max_seq_len:
-            raise APIError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds this model's "
-                f"context of {self.max_seq_len} tokens",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
-        return ids
 
     async def complete(self, prompt: str, params: SamplingParams) -> Generation:
         """One choice, decoded in the engine's running batch with every other request."""
@@ -146,11 +131,10 @@ class ModelServer:
         loop. When the caller goes away (client disconnect, timeout), the request is
         cancelled and its row freed at the next step.
         """
-        ids = self._check(prompt, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        try:
-            request = self.engine.submit(ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), stream)
+        try:  # the engine checks the request (context length included) before queueing it
+            request = self.engine.submit(self.engine.tokenizer.encode(prompt), params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), stream)
         except ValueError as exc:
             raise engine_error(exc) from None
         self._drive()

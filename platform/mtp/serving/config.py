@@ -37,6 +37,7 @@ class ServeConfig:
     device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
     dtype: str = "auto"  # "auto": bf16 on a GPU, fp32 on a CPU
     max_batch_size: int = 8  # rows the engine decodes together
+    compile: bool = False  # torch.compile each decode step (CPU too); compiled at replica start
     batch_wait_timeout_s: float = 0.0  # extra wait for a batch to fill; 0: rows queued while the
     # engine was busy form the next batch anyway, and a lone request pays no wait
     max_tokens_cap: int = 512  # largest max_tokens a request may ask for
@@ -58,6 +59,8 @@ class ServeConfig:
                 raise ConfigError(f"serve.{name}={value!r} must be a positive number")
         if not isinstance(self.batch_wait_timeout_s, (int, float)) or self.batch_wait_timeout_s < 0:
             raise ConfigError(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s!r} must be >= 0")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"serve.compile={self.compile!r} must be true or false")
         if self.dtype not in DTYPES:
             raise ConfigError(f"serve.dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

@@ -1,0 +1,207 @@
+"""What ``jobs/bench_decoding.py`` and ``jobs/bench_serve.py`` measure, as functions.
+
+* ``compare``: vanilla vs self-speculative greedy on the same prompts at one batch
+  size, interleaved chunk by chunk (so load on a shared machine hits both), with
+  exactness, acceptance and the efficiency against the ideal speedup;
+* ``peers``: the engine against Hugging Face ``transformers`` on the same head-0
+  weights (``mtp.decoding.peers``), every method run on each chunk in turn.
+
+Prompts are HumanEval's (``mtp.evaluation.benchmarks``); the default model is a
+small one trained once with ``mtp.train`` and cached.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from mtp.decoding.api import Generation, SamplingParams
+from mtp.decoding.engine import Engine
+from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams
+from mtp.tokenizer import Tokenizer
+
+EFFICIENCY_TARGET = 0.85
+# The paper's parameter-matched layout: n_layers - n_future trunk blocks, so the trunk stays
+# deep relative to the heads. CPU: minutes on 2 cores; CUDA: a few minutes on one GPU,
+# byte-level with 8 heads as in the paper's byte-level experiments.
+TRAINING = {
+    "cpu": {  # narrow, so that a step is bound by per-call overhead rather than this CPU's FLOPs
+        "train.preset": "tiny", "model.dim": 64, "model.n_heads": 4, "model.n_layers": 12, "model.n_future": 4,
+        "model.param_matched": True, "model.multiple_of": 32, "train.seq_len": 256, "train.batch_size": 16,
+        "train.max_steps": 250, "train.warmup_steps": 25, "train.eval_every": 125, "train.checkpoint_every": 125,
+        "data.max_documents": 2000,
+    },
+    "cuda": {
+        "train.preset": "small", "model.dim": 512, "model.n_layers": 20, "model.n_heads": 8, "model.n_future": 8,
+        "model.param_matched": True, "model.max_seq_len": 1024, "train.seq_len": 1024, "train.batch_size": 32,
+        "train.max_steps": 1500, "train.lr": 2e-3, "train.warmup_steps": 100, "train.eval_every": 500,
+        "train.checkpoint_every": 500, "train.device": "cuda",
+    },
+}
+
+
+def default_checkpoint(device: str, runs: Path) -> str:
+    """A small model trained with ``mtp.train`` on the default corpus, once, reused from ``runs``."""
+    run = runs / f"bench-decoding-{device}"
+    final = run / "final"
+    if (final / "config.json").is_file():
+        return str(final)
+    from mtp.checkpoint import load_model, save_checkpoint
+    from mtp.config import build_config
+    from mtp.train import train
+
+    print(f"no checkpoint given: training a small model into {run} (once)", flush=True)
+    cfg = build_config(overrides={**TRAINING[device], "train.output_dir": str(runs), "tracking.run_name": run.name})
+    result = train(cfg)
+    model, tokenizer, config = load_model(result.checkpoint)
+    save_checkpoint(final, model, config, tokenizer)
+    return str(final)
+
+
+def humaneval_prompts(tokenizer: Tokenizer, count: int, room: int) -> list[list[int]]:
+    """HumanEval prompts, cut from the left to leave room for the generation in the context."""
+    from mtp.evaluation.benchmarks import humaneval
+
+    return [tokenizer.encode(p.prompt)[-room:] for p in humaneval().problems[:count]]
+
+
+def heldout_code(tokenizer: Tokenizer, count: int, limit: int) -> list[list[int]]:
+    """Real code the model never trained on: HumanEval prompts with their canonical solutions."""
+    from mtp.evaluation.benchmarks import humaneval
+
+    return [tokenizer.encode(p.prompt + p.canonical_solution)[:limit] for p in humaneval().problems[-count:]]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(engine: Engine, chunk: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[list[Generation], float]:
+    synchronize(engine.device)
+    start = time.perf_counter()
+    out = engine.generate_ids(chunk, params)
+    synchronize(engine.device)
+    return out, time.perf_counter() - start
+
+
+def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_tokens: int) -> dict[str, object]:
+    """Vanilla vs speculative greedy at one batch size, interleaved chunk by chunk."""
+    modes = {"vanilla": SamplingParams(max_new_tokens=max_new_tokens, speculative=False),
+             "speculative": SamplingParams(max_new_tokens=max_new_tokens, speculative=True)}
+    gens: dict[str, list[Generation]] = {m: [] for m in modes}
+    seconds = {m: 0.0 for m in modes}
+    decode_seconds = {m: 0.0 for m in modes}  # after the prefill (a chunk's rows are admitted together)
+    for n, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        for mode in (("vanilla", "speculative") if n % 2 == 0 else ("speculative", "vanilla")):
+            out, dt = timed(engine, chunk, modes[mode])
+            gens[mode].extend(out)
+            seconds[mode] += dt
+            decode_seconds[mode] += dt - max(g.stats.prefill_s for g in out)
+    van, spec = gens["vanilla"], gens["speculative"]
+    tokens = {m: sum(len(g.tokens) for g in gens[m]) for m in modes}
+    decode_tokens = {m: sum(len(g.tokens) - 1 for g in gens[m]) for m in modes}  # the first comes from the prefill
+    distinct = [distinct_ngrams(g.tokens) for g in spec]
+    tpf, hist = acceptance(spec)
+    tpf_real, _ = acceptance([g for g, d in zip(spec, distinct) if d >= NONREPETITIVE])
+    per_forward = {m: sum(g.stats.elapsed_s - g.stats.prefill_s for g in gens[m]) / max(sum(g.stats.forwards for g in gens[m]), 1)
+                   for m in modes}
+    out = {
+        "batch_size": batch_size,
+        "prompts": len(prompts),
+        "vanilla_tokens_per_s": tokens["vanilla"] / seconds["vanilla"],
+        "speculative_tokens_per_s": tokens["speculative"] / seconds["speculative"],
+        "exact_match": all(a.tokens == b.tokens for a, b in zip(van, spec)),
+        "mismatched_prompts": [i for i, (a, b) in enumerate(zip(van, spec)) if a.tokens != b.tokens],
+        "tokens_per_forward": tpf,
+        "tokens_per_forward_nonrepetitive": tpf_real,
+        "nonrepetitive_prompts": sum(d >= NONREPETITIVE for d in distinct),
+        "accepted_histogram": hist,
+        "distinct_8gram": sum(distinct) / len(distinct),
+        "step_cost_ratio": per_forward["speculative"] / per_forward["vanilla"],
+    }
+    out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]
+    decode_rate = {m: decode_tokens[m] / decode_seconds[m] for m in modes}
+    out["decode_speedup"] = decode_rate["speculative"] / decode_rate["vanilla"]
+    return out
+
+
+def with_efficiency(row: dict[str, object], layer_ratio: float) -> dict[str, object]:
+    """Measured speedup over the ideal one: end to end, and for the decode steps alone (the
+    ideal is a per-step model; the prefill, which speculation cannot shorten, is outside it)."""
+    row["ideal_speedup"] = row["tokens_per_forward"] * layer_ratio
+    row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+    row["decode_efficiency"] = row["decode_speedup"] / row["ideal_speedup"]
+    return row
+
+
+# ------------------------------------------------------------------------------ peers
+
+Generate = Callable[[list[list[int]]], tuple[list[list[int]], float]]  # a chunk -> (tokens per prompt, seconds)
+
+
+def _engine_method(engine: Engine, params: list[SamplingParams] | SamplingParams) -> Generate:
+    def run(chunk: list[list[int]]) -> tuple[list[list[int]], float]:
+        out, seconds = timed(engine, chunk, params)
+        return [g.tokens for g in out], seconds
+    return run
+
+
+def peers(model, tokenizer: Tokenizer, prompts: list[list[int]], batch_sizes: Sequence[int], max_new_tokens: int,
+          temperature: float = 0.8, lookup_tokens: int = 10) -> list[dict[str, object]]:
+    """tokens/s of the engine (compiled) and of ``transformers`` on the same weights and prompts.
+
+    Greedy at every batch size, then sampled at ``temperature`` at batch size 1 (where
+    output is not degenerate even for a weak model). At each setting every method
+    decodes each chunk of prompts in turn (order rotated per chunk); compiling and
+    warming up happen before, on the longest prompt, and are reported separately.
+    Each row says how many prompts gave the same tokens as the engine's vanilla greedy.
+    """
+    from mtp.decoding.peers import hf_generate, peer_methods, to_llama
+
+    hf = to_llama(model)
+    eos = tokenizer.eos_id
+    longest = max(prompts, key=len)
+    rows: list[dict[str, object]] = []
+    settings = [(b, 0.0) for b in batch_sizes] + ([(1, temperature)] if temperature > 0 else [])
+    for batch_size, temp in settings:
+        engine = Engine(model, tokenizer, max_batch_size=batch_size, compile=True)
+        params = lambda speculative, i: SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,  # noqa: E731
+                                                       seed=i if temp > 0 else None, speculative=speculative)
+        kinds = [params(True, 0), params(False, 0)]
+        compile_s = engine.warm_up(kinds)
+        methods: dict[str, tuple[Generate, float]] = {}
+        for speculative, name in ((False, "engine_vanilla"), (True, "engine_speculative")):
+            methods[name] = (lambda chunk, s=speculative: _engine_method(engine, [params(s, i) for i in range(len(chunk))])(chunk),
+                             compile_s)
+        for method in peer_methods(temp, lookup_tokens):
+            if method.max_batch_size is not None and batch_size > method.max_batch_size:
+                continue
+            run = lambda chunk, kw=method.kwargs: hf_generate(hf, chunk, max_new_tokens, eos, **kw)  # noqa: E731
+            start = time.perf_counter()
+            run([longest] * batch_size)  # compiles (static cache + compile) and sizes the cache for the longest prompt
+            methods[method.name] = (run, time.perf_counter() - start)
+        tokens = {name: [] for name in methods}
+        seconds = {name: 0.0 for name in methods}
+        names = list(methods)
+        for n, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start : start + batch_size]
+            for name in names[n % len(names):] + names[: n % len(names)]:
+                out, dt = methods[name][0](chunk)
+                tokens[name] += out
+                seconds[name] += dt
+        reference = tokens["engine_vanilla"]
+        for name in names:
+            count = sum(len(t) for t in tokens[name])
+            rows.append({
+                "method": name, "batch_size": batch_size, "temperature": temp,
+                "tokens_per_s": count / seconds[name], "tokens": count,
+                "warmup_s": methods[name][1],  # the engine's: compiling every step kind and batch bucket once
+                "distinct_8gram": sum(distinct_ngrams(t) for t in tokens[name]) / len(prompts),
+                "same_as_engine_vanilla": sum(a == b for a, b in zip(tokens[name], reference)) if temp == 0 else None,
+            })
+    return rows
