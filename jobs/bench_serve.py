@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from mtp.checkpoint import local_checkpoint_dir, model_config  # noqa: E402
+from mtp.checkpoint import local_checkpoint_dir  # noqa: E402
 from mtp.decoding import Engine, SamplingParams  # noqa: E402
-from mtp.tokenizer import load_tokenizer  # noqa: E402
+from mtp.decoding.benchmark import compare, default_checkpoint, humaneval_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RETENTION_TARGET = 0.85
@@ -45,32 +45,24 @@ REPLICA_CPUS = 1  # the ModelServer replica's num_cpus; the engine baseline uses
 
 
 # ------------------------------------------------------------ inputs and the bare engine
-# The model, the prompts and the engine's batch-1 speedup come from jobs/bench_decoding.py's
-# own functions, so "the speedup bench_decoding measures" is measured by the same code here.
+# The model, the prompts and the engine's batch-1 speedup come from mtp.decoding.benchmark,
+# so "the speedup bench_decoding measures" is measured by the same code here.
 
 
-def load_bench_decoding():
-    sys.path.insert(0, str(REPO / "jobs"))
-    import bench_decoding
-
-    return bench_decoding
-
-
-def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> list[list[int]]:
-    """bench_decoding's HumanEval prompts (token ids), cut to leave room for ``max_tokens``."""
-    directory = local_checkpoint_dir(checkpoint)
-    tokenizer, context = load_tokenizer(directory), model_config(directory).max_seq_len
-    if context - max_tokens < 8:
-        raise SystemExit(f"--max-tokens {max_tokens} leaves no room for a prompt in a context of {context}")
-    return load_bench_decoding().humaneval_prompts(tokenizer, count, context - max_tokens)
-
-
-def engine_speedup(checkpoint: str, prompts: list[list[int]], max_tokens: int) -> dict[str, object]:
-    """bench_decoding's batch-1 comparison (vanilla vs speculative greedy, interleaved)."""
+def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> tuple[Engine, list[list[int]]]:
+    """A batch-1 engine and HumanEval prompts (token ids), cut to leave room for ``max_tokens``."""
     torch.set_num_threads(REPLICA_CPUS)
     engine = Engine.from_checkpoint(checkpoint, max_batch_size=1)
-    engine.generate_ids(prompts[:1], SamplingParams(max_new_tokens=8))  # warm-up
-    result = load_bench_decoding().compare(engine, prompts, 1, max_tokens)
+    context = engine.cfg.max_seq_len
+    if context - max_tokens < 8:
+        raise SystemExit(f"--max-tokens {max_tokens} leaves no room for a prompt in a context of {context}")
+    return engine, humaneval_prompts(engine.tokenizer, count, context - max_tokens)
+
+
+def engine_speedup(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict[str, object]:
+    """bench_decoding's batch-1 comparison (vanilla vs speculative greedy, interleaved)."""
+    engine.warm_up([SamplingParams(), SamplingParams(speculative=False)])
+    result = compare(engine, prompts, 1, max_tokens)
     return {k: v for k, v in result.items() if not isinstance(v, list)}
 
 
@@ -247,7 +239,7 @@ def run_load(url: str, prompts: list[str], cell: Cell, total: int, max_tokens: i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="checkpoint dir or MLflow URI (default: train a small model once)")
+    parser.add_argument("--checkpoint", help="checkpoint dir or MLflow URI (default: bench_decoding's model, trained once)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=16,
                         help="non-streamed requests per cell (at least 2x concurrency)")
@@ -262,14 +254,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    checkpoint = args.checkpoint or load_bench_decoding().default_checkpoint("cpu")
+    checkpoint = args.checkpoint or default_checkpoint("cpu", REPO / "runs")
     checkpoint = str(local_checkpoint_dir(checkpoint))
-    prompt_ids = bench_prompts(checkpoint, args.prompts, args.max_tokens)
-    tokenizer = load_tokenizer(checkpoint)
-    prompts = [tokenizer.decode(ids) for ids in prompt_ids]
+    bare, prompt_ids = bench_prompts(checkpoint, args.prompts, args.max_tokens)
+    prompts = [bare.tokenizer.decode(ids) for ids in prompt_ids]
 
     print(f"engine alone, batch 1, {REPLICA_CPUS} thread(s), {len(prompts)} prompts x {args.max_tokens} tokens")
-    engine = engine_speedup(checkpoint, prompt_ids, args.max_tokens)
+    engine = engine_speedup(bare, prompt_ids, args.max_tokens)
     print(f"  vanilla {engine['vanilla_tokens_per_s']:.1f} tok/s, speculative {engine['speculative_tokens_per_s']:.1f} "
           f"tok/s, speedup {engine['speedup']:.2f}x, tokens/forward {engine['tokens_per_forward']:.2f} "
           f"({engine['tokens_per_forward_nonrepetitive'] or float('nan'):.2f} on the {engine['nonrepetitive_prompts']} "

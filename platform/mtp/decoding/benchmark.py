@@ -12,6 +12,7 @@ small one trained once with ``mtp.train`` and cached.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,7 +21,7 @@ import torch
 
 from mtp.decoding.api import Generation, SamplingParams
 from mtp.decoding.engine import Engine
-from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams
+from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams, teacher_forced
 from mtp.tokenizer import Tokenizer
 
 EFFICIENCY_TARGET = 0.85
@@ -144,8 +145,10 @@ def with_efficiency(row: dict[str, object], layer_ratio: float) -> dict[str, obj
 Generate = Callable[[list[list[int]]], tuple[list[list[int]], float]]  # a chunk -> (tokens per prompt, seconds)
 
 
-def _engine_method(engine: Engine, params: list[SamplingParams] | SamplingParams) -> Generate:
+def _engine_method(engine: Engine, max_new_tokens: int, temperature: float, speculative: bool) -> Generate:
     def run(chunk: list[list[int]]) -> tuple[list[list[int]], float]:
+        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=i if temperature else None,
+                                 speculative=speculative) for i in range(len(chunk))]
         out, seconds = timed(engine, chunk, params)
         return [g.tokens for g in out], seconds
     return run
@@ -159,49 +162,72 @@ def peers(model, tokenizer: Tokenizer, prompts: list[list[int]], batch_sizes: Se
     output is not degenerate even for a weak model). At each setting every method
     decodes each chunk of prompts in turn (order rotated per chunk); compiling and
     warming up happen before, on the longest prompt, and are reported separately.
-    Each row says how many prompts gave the same tokens as the engine's vanilla greedy.
+    Greedy rows say for how many prompts they gave the engine's vanilla tokens.
     """
     from mtp.decoding.peers import hf_generate, peer_methods, to_llama
 
     hf = to_llama(model)
-    eos = tokenizer.eos_id
     longest = max(prompts, key=len)
     rows: list[dict[str, object]] = []
     settings = [(b, 0.0) for b in batch_sizes] + ([(1, temperature)] if temperature > 0 else [])
     for batch_size, temp in settings:
         engine = Engine(model, tokenizer, max_batch_size=batch_size, compile=True)
-        params = lambda speculative, i: SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,  # noqa: E731
-                                                       seed=i if temp > 0 else None, speculative=speculative)
-        kinds = [params(True, 0), params(False, 0)]
-        compile_s = engine.warm_up(kinds)
-        methods: dict[str, tuple[Generate, float]] = {}
-        for speculative, name in ((False, "engine_vanilla"), (True, "engine_speculative")):
-            methods[name] = (lambda chunk, s=speculative: _engine_method(engine, [params(s, i) for i in range(len(chunk))])(chunk),
-                             compile_s)
+        warm = engine.warm_up([SamplingParams(temperature=temp, speculative=s) for s in (True, False)])
+        methods: dict[str, tuple[Generate, float]] = {
+            "engine_vanilla": (_engine_method(engine, max_new_tokens, temp, False), warm),
+            "engine_speculative": (_engine_method(engine, max_new_tokens, temp, True), warm),
+        }
         for method in peer_methods(temp, lookup_tokens):
             if method.max_batch_size is not None and batch_size > method.max_batch_size:
                 continue
-            run = lambda chunk, kw=method.kwargs: hf_generate(hf, chunk, max_new_tokens, eos, **kw)  # noqa: E731
+            run = functools.partial(hf_generate, hf, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, **method.kwargs)
             start = time.perf_counter()
-            run([longest] * batch_size)  # compiles (static cache + compile) and sizes the cache for the longest prompt
+            run([longest] * batch_size)  # compiles (static cache) and sizes the cache for the longest prompt
             methods[method.name] = (run, time.perf_counter() - start)
-        tokens = {name: [] for name in methods}
-        seconds = {name: 0.0 for name in methods}
         names = list(methods)
+        tokens: dict[str, list[list[int]]] = {name: [] for name in names}
+        seconds = dict.fromkeys(names, 0.0)
         for n, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start : start + batch_size]
-            for name in names[n % len(names):] + names[: n % len(names)]:
+            for name in names[n % len(names) :] + names[: n % len(names)]:
                 out, dt = methods[name][0](chunk)
                 tokens[name] += out
                 seconds[name] += dt
-        reference = tokens["engine_vanilla"]
         for name in names:
             count = sum(len(t) for t in tokens[name])
+            same = sum(a == b for a, b in zip(tokens[name], tokens["engine_vanilla"]))
             rows.append({
-                "method": name, "batch_size": batch_size, "temperature": temp,
-                "tokens_per_s": count / seconds[name], "tokens": count,
-                "warmup_s": methods[name][1],  # the engine's: compiling every step kind and batch bucket once
+                "method": name, "batch_size": batch_size, "temperature": temp, "tokens_per_s": count / seconds[name],
+                "tokens": count, "prompts": len(prompts),
+                "warmup_s": methods[name][1],  # the engine's: compiling both step kinds at every batch size it uses
                 "distinct_8gram": sum(distinct_ngrams(t) for t in tokens[name]) / len(prompts),
-                "same_as_engine_vanilla": sum(a == b for a, b in zip(tokens[name], reference)) if temp == 0 else None,
+                "same_as_engine_vanilla": same if temp == 0 else None,
             })
     return rows
+
+
+def speculation(engine: Engine, prompts: list[list[int]], batch_sizes: Sequence[int], max_new_tokens: int,
+                heldout: int, tree: Sequence[int] | None = None) -> list[dict[str, object]]:
+    """``compare`` at each batch size (and a draft tree at batch size 1), with the heads'
+    teacher-forced promise on held-out code and each row's efficiency."""
+    cfg = engine.cfg
+    compile_s = engine.warm_up([SamplingParams(), SamplingParams(speculative=False)])
+    common = {
+        "n_future": cfg.n_future,
+        "compiled": engine.compiled,
+        "warmup_s": compile_s,
+        "layers_vanilla_step": cfg.n_trunk_layers + 1,
+        "layers_speculative_step": cfg.n_trunk_layers + cfg.n_future,
+        "max_new_tokens": max_new_tokens,
+        **teacher_forced(engine.model, heldout_code(engine.tokenizer, heldout, cfg.max_seq_len)),
+    }
+    layer_ratio = common["layers_vanilla_step"] / common["layers_speculative_step"]
+    results = [with_efficiency({**common, "mode": "chain", **compare(engine, prompts, b, max_new_tokens)}, layer_ratio)
+               for b in batch_sizes]
+    if tree:
+        tree_engine = Engine(engine.model, engine.tokenizer, max_batch_size=1, tree=tree,
+                             cuda_graphs=engine.cuda_graphs, compile=engine.compiled)
+        tree_engine.warm_up([SamplingParams(), SamplingParams(speculative=False)])
+        row = {**common, "mode": f"tree{tuple(tree)}", **compare(tree_engine, prompts, 1, max_new_tokens)}
+        results.append(with_efficiency(row, layer_ratio))
+    return results

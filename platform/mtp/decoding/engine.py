@@ -221,10 +221,10 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
         if cuda_graphs and compile:
             raise ValueError("choose one of cuda_graphs and compile")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
@@ -244,6 +244,7 @@ class Engine:
                 self.packed.heads.qkv(1 + (len(tree.tree.widths) if tree is not None else 0))
         self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
         self.static_shapes = static_shapes or cuda_graphs or compile
+        self.cuda_graphs, self.compiled = cuda_graphs, compile
         self._graphs = CudaGraphs() if cuda_graphs else None
         self._compiled = CompiledSteps(self._device_step) if compile else None
         self._lock = threading.Lock()  # one step at a time
