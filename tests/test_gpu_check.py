@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -94,6 +95,17 @@ def test_dry_run_passes_without_ray_mlflow_or_datasets(tmp_path):
 
     steps = [r for (s, name), r in rows.items() if s == runner.STAGES[2] and name.startswith("step ")]
     assert len(steps) == 4 and all(r["metrics"]["ms_per_step"] > 0 for r in steps)
+    if importlib.util.find_spec("transformers") is not None:  # an optional extra here, installed on the GPU machine
+        peer = rows[runner.STAGES[2], "Llama logits = ours (fp32)"]
+        assert peer["status"] == "pass" and peer["metrics"]["rel_err"] < 1e-4
+        assert [r["status"] for (s, name), r in rows.items() if name.startswith("tok/s")] == ["measured"] * 2
+
+    acceleration = {name: r for (s, name), r in rows.items() if s == runner.STAGES[3]}
+    trained = acceleration.pop("train byte-level n=4")["metrics"]
+    assert trained["steps"] >= 2 and trained["corpus_tokens"] > 0 and trained["val/loss"] > 0
+    assert {r["status"] for name, r in acceleration.items() if name.startswith("greedy")} == {"pass"}  # fp32: exact
+    decoded = [r["metrics"] for r in acceleration.values()]
+    assert len(decoded) == 4 and all(m["prompts"] >= 1 and m["tokens_per_forward"] >= 1 for m in decoded)
     assert "PASSED" in proc.stdout and "target / anchor" in proc.stdout
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from mtp.gpu_check import correctness, decoding, training
+from mtp.gpu_check import acceleration, correctness, decoding, training
 from mtp.gpu_check.report import Budget, Row, error_row, release, skipped
 
 
@@ -24,19 +24,20 @@ class Profile:
     correctness: correctness.CorrectnessSizes
     training: training.ThroughputSizes
     decoding: decoding.DecodingSizes
+    acceleration: acceleration.AccelerationSizes
     plan_s: dict[str, float]  # each stage's planned share of the budget, in run order
     entry_s: float  # a stage starts only if this much of its share is left
     budget_s: float  # default --budget-s
 
 
-STAGES = (correctness.STAGE, training.STAGE, decoding.STAGE)
+STAGES = (correctness.STAGE, training.STAGE, decoding.STAGE, acceleration.STAGE)
 GPU = Profile(
-    correctness.GPU, training.GPU, decoding.GPU,
-    plan_s=dict(zip(STAGES, (30, 130, 100))), entry_s=15, budget_s=450,
+    correctness.GPU, training.GPU, decoding.GPU, acceleration.GPU,
+    plan_s=dict(zip(STAGES, (20, 140, 100, 190))), entry_s=15, budget_s=450,
 )
 TINY = Profile(
-    correctness.TINY, training.TINY, decoding.TINY,
-    plan_s=dict(zip(STAGES, (10, 20, 30))), entry_s=2, budget_s=300,
+    correctness.TINY, training.TINY, decoding.TINY, acceleration.TINY,
+    plan_s=dict(zip(STAGES, (10, 20, 30, 40))), entry_s=2, budget_s=300,
 )
 
 
@@ -56,6 +57,7 @@ RUNNERS: dict[str, Callable[[Profile, torch.device, Budget], list[Row]]] = {
     correctness.STAGE: _correctness,
     training.STAGE: lambda p, d, b: training.run(p.training, d, b),
     decoding.STAGE: lambda p, d, b: decoding.run(p.decoding, d, b),
+    acceleration.STAGE: lambda p, d, b: acceleration.run(p.acceleration, d, b),
 }
 
 
