@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mtp import data
 from mtp.config import DataConfig
 from mtp.gpu_check import runner
-from mtp.gpu_check.report import Budget
+from mtp.gpu_check.report import FAIL, Budget, Row
 from mtp.gpu_check.training import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +127,16 @@ def test_budget_lends_a_stage_what_earlier_stages_left():
     assert budget.spendable() == 70  # its 30 plus the 40 "a" left
     budget.enter("c")
     assert budget.spendable() == 90
+
+
+def test_a_correctness_failure_stops_the_later_stages(monkeypatch):
+    def failing(profile, device, budget):
+        return [Row(runner.STAGES[0], "grads", FAIL, "rel err 1e+00")]
+
+    def must_not_run(profile, device, budget):
+        raise AssertionError("a stage ran after a correctness failure")
+
+    monkeypatch.setattr(runner, "RUNNERS", {runner.STAGES[0]: failing, **dict.fromkeys(runner.STAGES[1:], must_not_run)})
+    result = runner.run_check(torch.device("cpu"), tiny=True, budget_s=300)
+    assert not result["passed"]
+    assert [r["summary"] for r in result["rows"][1:]] == ["skipped: a correctness check failed"] * 3
