@@ -17,6 +17,7 @@ says how many prompts it covered.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -90,13 +91,16 @@ def seconds_per_step(sizes: AccelerationSizes, data, out: Path) -> float:
     """Median step time of a throwaway Trainer (after the first, compiling, step)."""
     trainer = Trainer(job_config(sizes, out / "calibration", 10**6), data, LocalCheckpoints(out / "calibration"), [])
     times = []
-    for _ in range(sizes.calibration_steps):
-        start = time.perf_counter()
-        trainer.train_step()
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+    try:
+        for _ in range(sizes.calibration_steps):
+            start = time.perf_counter()
+            trainer.train_step()
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            times.append(time.perf_counter() - start)
+    finally:
+        trainer.batches.close()
+    return statistics.median(times[1:] or times)
 
 
 def train_model(sizes: AccelerationSizes, train_s: float, out: Path) -> tuple[torch.nn.Module, Tokenizer, Row]:
@@ -109,20 +113,23 @@ def train_model(sizes: AccelerationSizes, train_s: float, out: Path) -> tuple[to
     cfg = job_config(sizes, out, steps)
     trainer = Trainer(cfg, data, LocalCheckpoints(out / "run"), [])
     trained = time.perf_counter()
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        trainer.batches.close()
     m = result.metrics
     seconds = time.perf_counter() - trained
     params = count_parameters(cfg.model)["total"]
     metrics = {
         "params": params, "steps": steps, "train_s": seconds, "prepare_data_s": prepared_s,
-        "tokens": steps * cfg.train.batch_size * cfg.train.seq_len, "corpus_tokens": data.n_train_tokens, **m,
+        "tokens": steps * cfg.train.batch_size * cfg.train.seq_len, "corpus_tokens": int(data.train.size), **m,
     }
-    mfu = f", MFU {m['perf/mfu']:.2f}" if "perf/mfu" in m else ""
+    mfu = f", MFU {m['perf/mfu']:.2f} (datasheet peak)" if "perf/mfu" in m else ""
     row = Row(
         STAGE, f"train byte-level n={cfg.model.n_future}", MEASURED,
         f"{params / 1e6:.3g}M params, {steps} steps in {seconds:.0f} s ({metrics['tokens'] / 1e6:.3g}M tokens, "
-        f"corpus {data.n_train_tokens / 1e6:.3g}M), {m['perf/tokens_per_s']:,.0f} tok/s{mfu}; "
-        f"val loss {m.get('val/loss', float('nan')):.3f}, {m.get('val/bpb', float('nan')):.3f} bpb (head 0)",
+        f"corpus {data.train.size / 1e6:.3g}M), {m['perf/tokens_per_s']:,.0f} tok/s{mfu}; "
+        f"val loss {m.get('val/loss_mean', float('nan')):.3f} (mean of heads), {m.get('val/bpb', float('nan')):.3f} bpb (head 0)",
         f"users' loop, {cfg.train.dtype}, compile={cfg.train.compile}", metrics,
     )
     return trainer.model, data.tokenizer, row

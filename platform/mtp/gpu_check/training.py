@@ -127,20 +127,23 @@ def measure_variant(sizes: ThroughputSizes, preset: str, v: Variant, device: tor
         data = random_blocks(sizes.vocab_size, sizes.seq_len, 4 * sizes.batch_size, Path(tmp))
         with device:  # parameters are created on the device: initialising 1.3B on the host takes seconds
             trainer = Trainer(cfg, data, LocalCheckpoints(tmp), callbacks=[])
-        for _ in range(sizes.warmup_steps):
-            trainer.train_step()
-        with PeakMemory(device, _resident(trainer)) as memory:
-            trainer.train_step()
-        step_s, fwd_bwd_s = [], []
-        for _ in range(sizes.timed_steps):
-            with DeviceTimer(device) as t:
+        try:
+            for _ in range(sizes.warmup_steps):
                 trainer.train_step()
-            step_s.append(t.seconds)
-        for _ in range(sizes.timed_steps):
-            with DeviceTimer(device) as t:
-                trainer.accumulate_gradients()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            fwd_bwd_s.append(t.seconds)
+            with PeakMemory(device, _resident(trainer)) as memory:
+                trainer.train_step()
+            step_s, fwd_bwd_s = [], []
+            for _ in range(sizes.timed_steps):
+                with DeviceTimer(device) as t:
+                    trainer.train_step()
+                step_s.append(t.seconds)
+            for _ in range(sizes.timed_steps):
+                with DeviceTimer(device) as t:
+                    trainer.accumulate_gradients()
+                trainer.optimizer.zero_grad(set_to_none=True)
+                fwd_bwd_s.append(t.seconds)
+        finally:
+            trainer.batches.close()
         del trainer
     release(device)
     tokens = sizes.batch_size * sizes.seq_len
