@@ -59,7 +59,7 @@ GPU = AccelerationSizes(
         "train.preset": "small", "model.dim": 768, "model.n_layers": 12, "model.n_heads": 12, "model.n_future": 4,
         "model.param_matched": True, "model.max_seq_len": 1024, "train.seq_len": 1024, "train.batch_size": 32,
         "train.lr": 1.5e-3, "train.warmup_steps": 100, "train.compile": True, "train.dtype": "bf16",
-        "train.device": "cuda", "train.log_every": 100, "data.num_proc": 1,
+        "train.log_every": 100, "data.num_proc": 1,
     },
     train_s=180, calibration_steps=12, prompts=164, batches=(1, 8), temperatures=(0.0, 0.8), max_new_tokens=128,
     decode_s=70, finish_s=25, estimate_s=60,
@@ -68,7 +68,7 @@ TINY = AccelerationSizes(
     overrides={
         "train.preset": "tiny", "model.dim": 64, "model.n_layers": 5, "model.n_heads": 4, "model.n_future": 4,
         "model.param_matched": True, "model.max_seq_len": 96, "train.seq_len": 64, "train.batch_size": 4,
-        "train.warmup_steps": 5, "train.device": "cpu", "train.log_every": 10, "data.max_documents": 20,
+        "train.warmup_steps": 5, "train.log_every": 10, "data.max_documents": 20,
         "data.num_proc": 1,
     },
     train_s=3, calibration_steps=2, prompts=4, batches=(1, 2), temperatures=(0.0, 0.8), max_new_tokens=16,
@@ -79,17 +79,18 @@ TINY = AccelerationSizes(
 # --------------------------------------------------------------------------- training
 
 
-def job_config(sizes: AccelerationSizes, out: Path, max_steps: int):
+def job_config(sizes: AccelerationSizes, device: torch.device, out: Path, max_steps: int):
     return build_config(overrides={
-        **sizes.overrides, "train.max_steps": max_steps, "train.eval_every": max_steps,
+        **sizes.overrides, "train.device": device.type, "train.max_steps": max_steps, "train.eval_every": max_steps,
         "train.checkpoint_every": max_steps, "train.output_dir": str(out), "tracking.run_name": "gpu-check",
         "data.cache_dir": str(out / "data"),
     })
 
 
-def seconds_per_step(sizes: AccelerationSizes, data, out: Path) -> float:
+def seconds_per_step(sizes: AccelerationSizes, device: torch.device, data, out: Path) -> float:
     """Median step time of a throwaway Trainer (after the first, compiling, step)."""
-    trainer = Trainer(job_config(sizes, out / "calibration", 10**6), data, LocalCheckpoints(out / "calibration"), [])
+    cfg = job_config(sizes, device, out / "calibration", 10**6)
+    trainer = Trainer(cfg, data, LocalCheckpoints(out / "calibration"), [])
     times = []
     try:
         for _ in range(sizes.calibration_steps):
@@ -103,14 +104,15 @@ def seconds_per_step(sizes: AccelerationSizes, data, out: Path) -> float:
     return statistics.median(times[1:] or times)
 
 
-def train_model(sizes: AccelerationSizes, train_s: float, out: Path) -> tuple[torch.nn.Module, Tokenizer, Row]:
+def train_model(sizes: AccelerationSizes, device: torch.device, train_s: float, out: Path
+                ) -> tuple[torch.nn.Module, Tokenizer, Row]:
     start = time.perf_counter()
-    cfg = job_config(sizes, out, 1)
+    cfg = job_config(sizes, device, out, 1)
     data = prepare_data(cfg.data, cfg.train.seq_len)
     prepared_s = time.perf_counter() - start
-    step_s = seconds_per_step(sizes, data, out)
+    step_s = seconds_per_step(sizes, device, data, out)
     steps = max(2, int((train_s - sizes.finish_s - (time.perf_counter() - start)) / step_s))
-    cfg = job_config(sizes, out, steps)
+    cfg = job_config(sizes, device, out, steps)
     trainer = Trainer(cfg, data, LocalCheckpoints(out / "run"), [])
     trained = time.perf_counter()
     try:
@@ -211,7 +213,7 @@ def run(sizes: AccelerationSizes, device: torch.device, budget: Budget) -> list[
     torch._dynamo.reset()  # the training stage's compiled sizes are done with
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            model, tokenizer, train_row = train_model(sizes, train_s, Path(tmp))
+            model, tokenizer, train_row = train_model(sizes, device, train_s, Path(tmp))
         except Exception as exc:  # noqa: BLE001
             return [error_row(STAGE, "train", exc)]
     rows = [train_row]
