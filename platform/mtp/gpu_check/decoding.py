@@ -7,8 +7,8 @@ token is a vanilla step; a query of ``n_future`` tokens is a speculative verific
 step (pending token + drafts). Eager steps attend over each row's length; CUDA-graph
 steps over the whole static cache (masked), since a replayed graph cannot change shape.
 
-Beside it, ``transformers``' Llama with the same head-0 weights (``hf_llama``), after a
-logit check, against our vanilla and speculative generation at equal prompt and
+Beside it, ``transformers``' Llama with the same head-0 weights (``mtp.decoding.peers``),
+after a logit check, against our vanilla and speculative generation at equal prompt and
 output lengths.
 """
 
@@ -21,8 +21,8 @@ import torch
 
 from mtp.config import model_preset
 from mtp.decoding import Engine, Generation, SamplingParams
-from mtp.gpu_check import hf_llama
-from mtp.gpu_check.correctness import accepted_histogram
+from mtp.decoding.benchmark import synchronize, timed
+from mtp.decoding.metrics import acceptance
 from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, release, skipped
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
@@ -68,11 +68,6 @@ class NoStopTokenizer(ByteTokenizer):
         self.eos_id = -1
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def random_prompts(batch: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=g).tolist()
@@ -87,11 +82,11 @@ def step_seconds(engine: Engine, prompts: list[list[int]], speculative: bool, wa
         engine.step()  # prefill: every row is admitted at once
         for _ in range(warmup):
             engine.step()
-        _sync(engine.device)
+        synchronize(engine.device)
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        _sync(engine.device)
+        synchronize(engine.device)
         seconds = (time.perf_counter() - start) / steps
         if any(r.done for r in requests):
             raise RuntimeError("a row finished while being timed; the batch was not full throughout")
@@ -106,11 +101,8 @@ def tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int, spec
     """Generation throughput, prefill included; the call is made once untimed first (graph capture)."""
     params = SamplingParams(max_new_tokens=new_tokens, speculative=speculative)
     engine.generate_ids(prompts, params)
-    _sync(engine.device)
-    start = time.perf_counter()
-    gens = engine.generate_ids(prompts, params)
-    _sync(engine.device)
-    return len(prompts) * new_tokens / (time.perf_counter() - start), gens
+    gens, seconds = timed(engine, prompts, params)
+    return len(prompts) * new_tokens / seconds, gens
 
 
 def build_model(sizes: DecodingSizes, device: torch.device) -> MTPTransformer:
@@ -152,24 +144,29 @@ def step_rows(sizes: DecodingSizes, model: MTPTransformer, engines: dict[str, En
 
 
 def llama_check(sizes: DecodingSizes, model: MTPTransformer) -> tuple[Row, object | None]:
-    """Our fp32 model's head 0 mapped into ``transformers``' Llama, logits compared; the Llama
-    (to be timed) only when they agree."""
+    """Our fp32 model's head 0 in ``transformers``' Llama (``mtp.decoding.peers``), logits
+    compared; the Llama (to be timed) only when they agree."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         return skipped(STAGE, "transformers Llama", "transformers is not installed"), None
-    llama = hf_llama.llama_from_mtp(model)
-    device = next(model.parameters()).device
-    tokens = torch.tensor(random_prompts(2, sizes.prompt_len, model.cfg.vocab_size, seed=1), device=device)
-    error = hf_llama.logit_error(model, llama, tokens)
-    ok = error <= LOGIT_TOL
-    row = Row(STAGE, "Llama logits = ours (fp32)", PASS if ok else FAIL, f"rel err {error:.1e}",
-              f"<= {LOGIT_TOL:.0e}", {"rel_err": error})
-    return row, llama if ok else None
+    from mtp.decoding.peers import LOGITS_ATOL, to_llama
+
+    try:
+        llama = to_llama(model, check_tokens=sizes.prompt_len)
+    except RuntimeError as exc:  # the logits differ: nothing would be comparable
+        return Row(STAGE, "Llama logits = ours (fp32)", FAIL, str(exc)), None
+    return Row(STAGE, "Llama logits = ours (fp32)", PASS, "logits agree", f"max abs diff <= {LOGITS_ATOL:g}"), llama
 
 
 def peer_rows(sizes: DecodingSizes, engine: Engine, llama, budget: Budget) -> list[Row]:
-    """Ours (vanilla, speculative) vs the Llama's ``generate`` at equal lengths, in the engine's dtype."""
+    """Ours (vanilla, speculative) vs the Llama's ``generate`` at equal lengths, in the engine's dtype.
+
+    ``generate`` runs greedy with a static cache, which ``transformers`` compiles on CUDA
+    by itself; its first call per batch size (the compile) is untimed.
+    """
+    from mtp.decoding.peers import hf_generate
+
     llama = llama.to(engine.packed.dtype)
     rows = []
     for batch in sizes.peer_batches:
@@ -181,14 +178,14 @@ def peer_rows(sizes: DecodingSizes, engine: Engine, llama, budget: Budget) -> li
             prompts = random_prompts(batch, sizes.prompt_len, engine.vocab_size, seed=2)
             vanilla, _ = tokens_per_s(engine, prompts, sizes.new_tokens, speculative=False)
             speculative, gens = tokens_per_s(engine, prompts, sizes.new_tokens, speculative=True)
-            ids = torch.tensor(prompts, device=engine.device)
-            hf_llama.generate_seconds(llama, ids, sizes.new_tokens)  # warm-up (compiles on CUDA)
-            peer = batch * sizes.new_tokens / hf_llama.generate_seconds(llama, ids, sizes.new_tokens)
+            generate = dict(max_new_tokens=sizes.new_tokens, eos_id=None, do_sample=False, cache_implementation="static")
+            hf_generate(llama, prompts, **generate)
+            tokens, seconds = hf_generate(llama, prompts, **generate)
+            peer = sum(map(len, tokens)) / seconds
         except Exception as exc:  # noqa: BLE001
             rows.append(error_row(STAGE, name, exc))
             continue
-        hist = accepted_histogram(gens)
-        tpf = sum((k + 1) * c for k, c in enumerate(hist)) / max(sum(hist), 1)
+        tpf, _ = acceptance(gens)
         rows.append(Row(
             STAGE, name, MEASURED,
             f"vanilla {vanilla:,.0f}, speculative {speculative:,.0f} ({tpf:.2f} tok/fwd, random weights), "
