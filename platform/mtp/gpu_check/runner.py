@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -78,18 +78,23 @@ def environment(device: torch.device) -> dict[str, object]:
     return env
 
 
-def run_check(device: torch.device, tiny: bool, budget_s: float | None = None,
+def run_check(device: torch.device, tiny: bool, budget_s: float | None = None, stages: Sequence[int] | None = None,
               on_row: Callable[[Row], None] = lambda row: None) -> dict[str, object]:
-    """Run every stage that fits; returns the JSON document (environment, rows, verdict)."""
+    """Run every stage that fits (of ``stages``, numbered from 1; default all); returns the
+    JSON document (environment, rows, verdict)."""
     profile = TINY if tiny else GPU
-    budget = Budget(budget_s if budget_s is not None else profile.budget_s, profile.plan_s)
+    chosen = [STAGES[i - 1] for i in stages] if stages else list(STAGES)
+    budget = Budget(budget_s if budget_s is not None else profile.budget_s,
+                    {s: t for s, t in profile.plan_s.items() if s in chosen})
     rows: list[Row] = []
     stage_seconds: dict[str, float] = {}
     stopped = False
     for stage in STAGES:
         budget.enter(stage)
         start = time.monotonic()
-        if stopped:
+        if stage not in chosen:
+            new = [skipped(stage, "stage", "not selected (--stages)")]
+        elif stopped:
             new = [skipped(stage, "stage", "a correctness check failed")]
         elif not budget.allows(profile.entry_s):
             new = [skipped(stage, "stage", "budget")]
