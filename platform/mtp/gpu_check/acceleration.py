@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
+from mtp.benchmarks.schedules import release
 from mtp.config import build_config
 from mtp.data import prepare_data
 from mtp.decoding import Engine, Generation, SamplingParams
 from mtp.decoding.benchmark import humaneval_prompts, timed
 from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams
-from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, release, skipped
+from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
 from mtp.model import count_parameters
 from mtp.tokenizer import Tokenizer
 from mtp.train import LocalCheckpoints, Trainer

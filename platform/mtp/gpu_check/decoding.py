@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp.benchmarks.schedules import release
 from mtp.config import model_preset
 from mtp.decoding import Engine, Generation, SamplingParams
 from mtp.decoding.benchmark import synchronize, timed
 from mtp.decoding.metrics import acceptance
-from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, release, skipped
+from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
 

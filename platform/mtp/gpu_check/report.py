@@ -6,13 +6,10 @@ are both made from the same list, so what is printed is what is recorded.
 
 from __future__ import annotations
 
-import gc
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import torch
 
 PASS, FAIL, MEASURED, SKIPPED, ERROR = "pass", "FAIL", "measured", "skipped", "ERROR"
 
@@ -74,13 +71,6 @@ def error_row(stage: str, name: str, exc: BaseException) -> Row:
     """An item that raised: the message in the table, the traceback in the JSON."""
     message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return Row(stage, name, ERROR, message, metrics={"traceback": traceback.format_exc()})
-
-
-def release(device: torch.device) -> None:
-    """Free what the last item left (its caches and, after an OOM, its partial state)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def format_table(rows: list[Row]) -> str:

@@ -15,8 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from mtp.benchmarks.schedules import release
 from mtp.gpu_check import acceleration, correctness, decoding, training
-from mtp.gpu_check.report import Budget, Row, error_row, release, skipped
+from mtp.gpu_check.report import Budget, Row, error_row, skipped
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from mtp.benchmarks.schedules import Variant, release, variants
 from mtp.config import TrainConfig, build_config
 from mtp.data import PackedData, token_byte_lengths
-from mtp.gpu_check.report import MEASURED, Budget, Row, error_row, release, skipped
+from mtp.gpu_check.report import MEASURED, Budget, Row, error_row, skipped
 from mtp.model import count_parameters, training_flops_per_token
 from mtp.profiling import DeviceTimer, PeakMemory
 from mtp.tokenizer import ByteTokenizer
@@ -43,20 +44,7 @@ ANCHOR_MFU_1_3B = {1: 0.65, 4: 0.61}
 ANCHOR_MEMORY = {"naive": 1.35, "sequential": 1.03}
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    n_future: int
-    schedule: str
-    chunked: bool = False
-
-
-VARIANTS = (
-    Variant("n1", 1, "naive"),
-    Variant("naive", 4, "naive"),
-    Variant("sequential", 4, "sequential"),
-    Variant("sequential-chunked", 4, "sequential", chunked=True),
-)
+VARIANTS = variants(n_future=4)  # n1, naive, sequential, sequential-chunked (bench_training's)
 
 
 @dataclass(frozen=True)
