@@ -27,6 +27,8 @@ def test_training_logs_and_writes_a_loadable_checkpoint(tmp_path):
     assert config["model"]["n_future"] == 2 and model.cfg.n_future == 2
     state = load_train_state(result.checkpoint)
     assert state["step"] == 6 and state["data_position"]["offset"] > 0
+    again = train(cfg)  # the same run, already complete: nothing to train, the same final checkpoint
+    assert again.step == 6 and again.history == [] and again.checkpoint == result.checkpoint
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):

@@ -163,11 +163,12 @@ def model_size(cfg: JobConfig) -> str:
     return f"{total / 1e9:.2f}B" if total >= 1e8 else f"{total / 1e6:.1f}M"
 
 
-def start_run(cfg: JobConfig, config_file: str | Path | None = None) -> str:
+def start_run(cfg: JobConfig, config_file: str | Path | None = None, tags: dict[str, str] | None = None) -> str:
     """Open (or, with ``cfg.tracking.run_id`` set, reopen) the job's run; returns its id.
 
-    Params are the full flattened config. A reopened run keeps its params (MLflow
-    params are immutable); changed values are recorded as ``resume.*`` tags.
+    Params are the full flattened config; ``tags`` are added to a new run (a sweep
+    nests its trials this way). A reopened run keeps its params (MLflow params are
+    immutable); changed values are recorded as ``resume.*`` tags.
     """
     uri = tracking_uri(cfg.tracking)
     client = _client(uri)
@@ -181,13 +182,15 @@ def start_run(cfg: JobConfig, config_file: str | Path | None = None) -> str:
         return run.info.run_id
     from mlflow.entities import Param
 
-    tags = {"n_future": str(cfg.model.n_future), "preset": cfg.train.preset, "size": model_size(cfg), **source_tags()}
+    tags = {"n_future": str(cfg.model.n_future), "preset": cfg.train.preset, "size": model_size(cfg), **source_tags(),
+            **(tags or {})}
     if cfg.train.init_from:  # lineage of an n -> n' finetune: the run whose weights it starts from
         from mtp.checkpoint import source_run_id
 
         tags["init_from"] = cfg.train.init_from
         tags["init_from_run_id"] = source_run_id(cfg.train.init_from) or ""
-    run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name, tags=tags)
+    name = tags.pop("mlflow.runName", cfg.tracking.run_name)  # a display name other than the run name
+    run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=name, tags=tags)
     run_id = run.info.run_id
     items = [Param(k, v[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
@@ -293,21 +296,26 @@ class FinishedRun:
         return "\n".join(lines)
 
 
-def finish_run(cfg: JobConfig, run_id: str, checkpoint_dir: str | Path | None, failed: bool = False) -> FinishedRun:
+def finish_run(
+    cfg: JobConfig, run_id: str, checkpoint_dir: str | Path | None, error: BaseException | None = None
+) -> FinishedRun:
     """Log the final checkpoint, the MLflow model and the loss plot, register the model, close the run.
 
-    A failed run keeps its checkpoint (to resume from) but logs no model and moves no alias.
+    After an ``error`` the run is closed FAILED with the error as its ``error`` tag; it keeps
+    its checkpoint (to resume from) but logs no model and moves no alias.
     """
     uri = tracking_uri(cfg.tracking)
     client = _client(uri)
     model_uri = None
+    if error is not None:
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(run_id, str(plot_head_losses(client, run_id, cfg.model.n_future, Path(tmp))), "plots")
     if checkpoint_dir is not None:
         client.log_artifacts(run_id, str(checkpoint_dir), CHECKPOINT_ARTIFACT)  # with the optimizer: for --resume
-        if not failed:
+        if error is None:
             model_uri = register_checkpoint(cfg, run_id, checkpoint_dir)
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
     return FinishedRun(run_id, uri, client.get_run(run_id).info.experiment_id, model_uri)
 
 

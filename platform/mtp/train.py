@@ -457,7 +457,8 @@ def train(
     checkpoint (a restarted Ray attempt, or a re-run into the same run directory),
     else from ``resume_from`` (a checkpoint directory) if given, else from scratch.
     ``store`` defaults to ``<train.output_dir>/<tracking.run_name>/checkpoints``.
-    Returns the final step, metrics and (on rank 0) the final checkpoint's directory.
+    Returns the final step, metrics and (on rank 0) the final checkpoint's directory;
+    a run its store already holds complete returns that checkpoint without training.
     """
     cfg = copy.deepcopy(cfg).validate()
     cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
@@ -469,6 +470,8 @@ def train(
         if source is not None:
             trainer.restore(source)
             trainer._print(f"resumed from {source} at step {trainer.step}")
+            if latest is not None and trainer.step >= cfg.train.max_steps and trainer.info.is_main:
+                trainer.last_checkpoint = latest  # already complete: its last checkpoint is the final one
     try:
         return trainer.run()
     except KeyboardInterrupt:

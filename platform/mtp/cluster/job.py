@@ -1,4 +1,4 @@
-"""The training job end to end: check everything, open the MLflow run, fit, register.
+"""The training job end to end: check everything, then the run's lifecycle on Ray Train workers.
 
 Every check that can fail on bad input (config, data source, tracking server,
 cluster size) runs before a worker starts, so mistakes cost seconds, not a queue
@@ -12,13 +12,15 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from mtp.checkpoint import CONFIG, local_checkpoint_dir, read_config
+from mtp.cluster.lifecycle import run_tracked
 from mtp.cluster.ray_env import connect
-from mtp.cluster.trainer import build_trainer, check_placement
+from mtp.cluster.trainer import check_placement, fit_on_workers
 from mtp.config import JobConfig
 from mtp.data import prepare_data
-from mtp.tracking import FinishedRun, check_tracking, finish_run, start_run, tracking_uri
+from mtp.tracking import FinishedRun, check_tracking, tracking_uri
 from mtp.train import default_run_name
 
 
@@ -70,32 +72,25 @@ def run_job(
     prepare_data(cfg.data, cfg.train.seq_len)  # a missing dataset fails here; workers then hit the cache
     connect()
     check_placement(cfg.scaling)
-    if track:
-        cfg.tracking.run_id = start_run(cfg, config_file)
-    else:
-        cfg.tracking.run_id = None
 
     storage = cfg.train.output_dir  # Ray Train storage: shared by all nodes on a multi-node cluster
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    trainer = build_trainer(cfg, storage, resume_dir)
     storage_dir = f"{storage.rstrip('/')}/{cfg.tracking.run_name}"
+    final: list[str] = []  # the final checkpoint's path in Ray's storage
+
+    @contextlib.contextmanager
+    def fit(cfg: JobConfig) -> Iterator[Path | None]:
+        with fit_on_workers(cfg, storage, resume_dir) as (directory, result):
+            final.extend([result.checkpoint.path] if result.checkpoint else [])
+            yield directory
+
     try:
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        finished = run_tracked(cfg, fit, track=track, config_file=config_file)
     except Exception as exc:
         last = newest_checkpoint(Path(storage_dir)) if "://" not in storage_dir else None
-        if track:
-            finish_run(cfg, cfg.tracking.run_id, None, failed=True)
         raise JobError(
             f"training failed: {type(exc).__name__}: {exc}\n"
             f"last checkpoint: {last or 'none'}" + (f"\nresume with: --resume {last}" if last else "")
         ) from exc
-
-    finished = None
-    if track:
-        with result.checkpoint.as_directory() if result.checkpoint else contextlib.nullcontext() as directory:
-            finished = finish_run(cfg, cfg.tracking.run_id, directory)
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return JobResult(checkpoint, cfg.tracking.run_id, finished, storage_dir)
+    return JobResult(final[0] if final else None, cfg.tracking.run_id, finished, storage_dir)

@@ -1,4 +1,4 @@
-"""``TorchTrainer`` construction for ``mtp.train``: workers, failures, checkpoints, placement."""
+"""``TorchTrainer`` for ``mtp.train``: workers, failures, checkpoints, placement, and one fit."""
 
 from __future__ import annotations
 
@@ -100,9 +100,17 @@ def worker_loop(payload: dict[str, Any]) -> None:
 
 
 def build_trainer(
-    cfg: JobConfig, storage_path: str | Path, resume_from: str | Path | None = None, callbacks: Sequence[Any] = ()
+    cfg: JobConfig,
+    storage_path: str | Path,
+    resume_from: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
+    controller_callbacks: Sequence[ray.train.UserCallback] = (),
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` running ``worker_loop`` as ``cfg.scaling`` asks (``callbacks``: picklable, run on rank 0)."""
+    """A ``TorchTrainer`` running ``worker_loop`` as ``cfg.scaling`` asks.
+
+    ``callbacks`` (picklable ``mtp.train.TrainCallback``s) run on rank 0; ``controller_callbacks``
+    run on the Train controller (a sweep forwards reports to Tune with one).
+    """
     scaling = cfg.scaling
     return TorchTrainer(
         worker_loop,
@@ -121,5 +129,28 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=logs.train_logging_config(),
+            callbacks=list(controller_callbacks),
         ),
     )
+
+
+@contextlib.contextmanager
+def fit_on_workers(
+    cfg: JobConfig,
+    storage_path: str | Path,
+    resume_from: str | Path | None = None,
+    controller_callbacks: Sequence[ray.train.UserCallback] = (),
+) -> Iterator[tuple[Path | None, ray.train.Result]]:
+    """Train on Ray Train workers; yields the final checkpoint as a local directory, and Ray's result.
+
+    The run is ``<storage_path>/<tracking.run_name>``: a rerun under the same name resumes
+    it from its last reported checkpoint. A failed fit raises its error.
+    """
+    result = build_trainer(cfg, storage_path, resume_from, controller_callbacks=controller_callbacks).fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        yield None, result
+        return
+    with result.checkpoint.as_directory() as directory:
+        yield Path(directory), result

@@ -110,3 +110,17 @@ def _prefix(benchmark_name: str, temperature: float) -> str:
     from mtp.evaluation.tracking import ScoredRun
 
     return ScoredRun(SimpleNamespace(benchmark=benchmark_name), temperature).prefix
+
+
+def log_evaluation(client, cfg, spec, checkpoint: Path | None) -> None:
+    """Score the final checkpoint (pass@k and verdict counts for an ``EvalSpec``, or a task's
+    metrics for an ``mtp.experiments.tasks.TaskSpec``); log them to the trial's run at the last step."""
+    import time
+
+    from mlflow.entities import Metric
+
+    if checkpoint is None:
+        raise RuntimeError("the sweep evaluates each trial, but training left no checkpoint")
+    scores = evaluate_checkpoint(checkpoint, spec) if isinstance(spec, EvalSpec) else spec.evaluate(checkpoint)
+    now = int(time.time() * 1000)
+    client.log_batch(cfg.tracking.run_id, metrics=[Metric(k, float(v), now, cfg.train.max_steps) for k, v in scores.items()])

@@ -72,11 +72,9 @@ def find_child(client: MlflowClient, experiment_id: str, parent_id: str, trial_i
     return runs[0].info.run_id if runs else None
 
 
-def tag_child(client: MlflowClient, run_id: str, parent_id: str, trial_id: str, name: str) -> None:
-    """Nest a trial's training run under the sweep's parent run."""
-    client.set_tag(run_id, PARENT_TAG, parent_id)
-    client.set_tag(run_id, TRIAL_TAG, trial_id)
-    client.set_tag(run_id, "mlflow.runName", name)
+def child_tags(parent_id: str, trial_id: str, name: str) -> dict[str, str]:
+    """Tags that nest a trial's training run under the sweep's parent run."""
+    return {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, "mlflow.runName": name}
 
 
 _CHILD_STATUS = {"ok": RunStatus.FINISHED, "stopped": RunStatus.KILLED, "error": RunStatus.FAILED}
