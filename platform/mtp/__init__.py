@@ -41,6 +41,7 @@ _EXPORTS = {
     "Engine": "mtp.decoding",
     "SamplingParams": "mtp.decoding",
     # evaluation
+    "evaluate_checkpoint": "mtp.evaluation",
     "load_benchmark": "mtp.evaluation",
     "pass_at_k": "mtp.evaluation",
     # the Ray layer: a training job, a sweep
@@ -70,7 +71,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from mtp.cluster.job import run_job
     from mtp.config import MODEL_PRESETS, ConfigError, JobConfig, ModelConfig, build_config, model_preset
     from mtp.decoding import Engine, SamplingParams
-    from mtp.evaluation import load_benchmark, pass_at_k
+    from mtp.evaluation import evaluate_checkpoint, load_benchmark, pass_at_k
     from mtp.model import MTPTransformer
     from mtp.sweep import load_spec, run_sweep
     from mtp.train import TrainResult

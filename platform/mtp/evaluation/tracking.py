@@ -38,12 +38,17 @@ class ScoredRun:
 
     @property
     def prefix(self) -> str:
-        name = re.sub(r"[^\w.\-/ ]", "_", self.result.benchmark)
-        return name if self.temperature is None else f"{name}/T{self.temperature:g}"
+        return metric_prefix(self.result.benchmark, self.temperature)
 
     @property
     def slug(self) -> str:
         return self.prefix.replace("/", "_")
+
+
+def metric_prefix(benchmark: str, temperature: float | None) -> str:
+    """``<benchmark>[/T<temperature>]``: the prefix of an evaluation's metric names."""
+    name = re.sub(r"[^\w.\-/ ]", "_", benchmark)
+    return name if temperature is None else f"{name}/T{temperature:g}"
 
 
 def training_run_id(model: str) -> str | None:
