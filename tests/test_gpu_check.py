@@ -163,3 +163,17 @@ def test_stages_selects_what_runs(monkeypatch):
     result = runner.run_check(torch.device("cpu"), tiny=True, budget_s=300, stages=[2, 4])
     assert ran == [runner.STAGES[1], runner.STAGES[3]] and result["passed"]
     assert [r["summary"] for r in result["rows"]] == ["skipped: not selected (--stages)", "ok"] * 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cpu", "--budget-s", "0"], "--budget-s must be positive"),
+    (["--device", "cpu", "--threads", "0"], "--threads must be positive"),
+    (["--device", "cpu", "--stages", "5"], "invalid choice: 5"),
+])
+def test_the_script_rejects_bad_arguments(argv, message, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check_job", REPO / "jobs" / "gpu_check.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit):
+        job.parse_args(argv)
+    assert message in capsys.readouterr().err
