@@ -1,0 +1,118 @@
+"""Self-speculative speed against n (the shape of the paper's Tables S2/S3, byte level).
+
+For one checkpoint, on held-out code (validation documents of the corpus it trained
+on, which no training block contains):
+
+* ``teacher_forced_tokens_per_forward``: what the heads promise without decoding;
+* greedy decoding, vanilla vs self-speculative, interleaved chunk by chunk: tokens
+  per forward, wall-clock speedup, and the fraction of distinct 8-grams of the output
+  (a model that repeats itself accepts every draft, which is not acceleration);
+* speculative sampling at T=0.8, whose output is not degenerate: the same measures;
+
+at batch 1 and 8. Wall-clock speedups on a shared CPU are noisy; tokens per forward
+are exact counts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.decoding.metrics import acceptance, distinct_ngrams, teacher_forced
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """What to measure: prompts cut from held-out code, generation length, batch sizes."""
+
+    name: str = "speed"
+    prompts: int = 16
+    prompt_tokens: int = 64
+    max_new_tokens: int = 96
+    heldout: int = 32
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    temperature: float = 0.8
+    threads: int = 1
+
+    @classmethod
+    def parse(cls, raw: dict) -> "SpeedSpec":
+        from mtp.experiments.tasks import TaskError
+
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TaskError(f"unknown task key(s) {sorted(unknown)} for speed; known: {sorted(cls.__dataclass_fields__)}")
+        spec = cls(**raw)
+        for name in ("prompts", "prompt_tokens", "max_new_tokens", "heldout", "threads"):
+            if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+                raise TaskError(f"task.{name}={getattr(spec, name)!r} must be a positive integer")
+        if not spec.batch_sizes or any(not isinstance(b, int) or b < 1 for b in spec.batch_sizes):
+            raise TaskError(f"task.batch_sizes={spec.batch_sizes!r} must be positive integers")
+        return spec
+
+    def metric_names(self) -> list[str]:
+        names = ["speed/teacher_forced_tokens_per_forward"]
+        for b in self.batch_sizes:
+            for mode in ("greedy", "sampled"):
+                names += [f"speed/b{b}/{mode}_{m}" for m in ("tokens_per_forward", "speedup", "distinct_8gram")]
+        return names
+
+    def write_corpus(self, cache_dir=None) -> None:
+        """Trains on the sweep's own ``data.source`` (the stdlib corpus by default)."""
+        return None
+
+    def evaluate(self, checkpoint) -> dict[str, float]:
+        from mtp.checkpoint import read_config
+        from mtp.config import from_dict
+        from mtp.data import prepare_data
+
+        torch.set_num_threads(self.threads)
+        cfg = from_dict(read_config(checkpoint))
+        held_out = heldout_texts(prepare_data(cfg.data, cfg.train.seq_len).val, self.heldout + self.prompts)
+        engine = Engine.from_checkpoint(str(checkpoint), max_batch_size=max(self.batch_sizes))
+        prompts = [ids[: self.prompt_tokens] for ids in held_out[: self.prompts]]
+        metrics = {"speed/teacher_forced_tokens_per_forward":
+                   teacher_forced(engine.model, held_out[self.prompts:])["teacher_forced_tokens_per_forward"]}
+        for b in self.batch_sizes:
+            for mode, temperature in (("greedy", 0.0), ("sampled", self.temperature)):
+                row = compare(engine, prompts, b, self.max_new_tokens, temperature)
+                metrics.update({f"speed/b{b}/{mode}_{k}": v for k, v in row.items()})
+        return metrics
+
+
+def heldout_texts(val_blocks: np.ndarray, count: int) -> list[list[int]]:
+    """Token lists from the validation blocks, padding removed (the split holds only held-out documents)."""
+    out = []
+    for block in val_blocks[:count]:
+        ids = [int(t) for t in block if t < 256]
+        if len(ids) > 8:
+            out.append(ids)
+    if len(out) < count:
+        raise ValueError(f"the validation split has {len(out)} usable blocks, {count} needed")
+    return out
+
+
+def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+            temperature: float) -> dict[str, float]:
+    """Vanilla vs self-speculative at one batch size and temperature, interleaved chunk by chunk."""
+    modes = {s: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, speculative=s)
+             for s in (False, True)}
+    engine.generate_ids(prompts[:1], SamplingParams(max_new_tokens=4))  # warm-up
+    gens: dict[bool, list[Generation]] = {False: [], True: []}
+    seconds = {False: 0.0, True: 0.0}
+    for n, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        for speculative in ((False, True) if n % 2 == 0 else (True, False)):
+            t0 = time.perf_counter()
+            gens[speculative].extend(engine.generate_ids(chunk, modes[speculative]))
+            seconds[speculative] += time.perf_counter() - t0
+    rate = {s: sum(len(g.tokens) for g in gens[s]) / seconds[s] for s in gens}
+    tokens_per_forward, _ = acceptance(gens[True])
+    return {
+        "tokens_per_forward": tokens_per_forward or 1.0,
+        "speedup": rate[True] / rate[False],
+        "distinct_8gram": float(np.mean([distinct_ngrams(g.tokens) for g in gens[True]])),
+    }
