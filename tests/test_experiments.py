@@ -189,3 +189,21 @@ def test_summary_pools_seeds_into_mean_and_std(tmp_path):
     assert "| 64 | 0.400 ± 0.200 (3) | 0.500 ± 0.000 (3) |" in table
     assert "| 128 | 0.800 ± 0.100 (3) | - |" in table
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+
+
+def test_speed_task_reports_every_declared_metric(tmp_path):
+    from _jobs import tiny_config
+    from mtp.experiments.speed import SpeedSpec
+    from mtp.train import train
+
+    checkpoint = train(tiny_config(tmp_path, **{"model.n_future": 3, "train.max_steps": 2})).checkpoint
+    spec = SpeedSpec.parse({"name": "speed", "prompts": 3, "prompt_tokens": 8, "max_new_tokens": 6, "heldout": 2,
+                            "batch_sizes": [1, 2]})
+    metrics = spec.evaluate(checkpoint)
+    assert sorted(metrics) == sorted(spec.metric_names())
+    for key, value in metrics.items():
+        assert np.isfinite(value), key
+        if key.endswith("tokens_per_forward"):
+            assert 1.0 <= value <= 3.0, key  # at most n_future tokens per forward
+    with pytest.raises(TaskError, match="batch_sizes"):
+        SpeedSpec.parse({"name": "speed", "batch_sizes": [0]})
