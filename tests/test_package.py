@@ -66,3 +66,10 @@ def _declared_version() -> str:
     found = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
     assert found, "pyproject.toml declares no version"
     return found.group(1)
+
+
+def test_readme_preset_table_is_what_jobs_presets_prints():
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "presets.py")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout in (REPO / "README.md").read_text(), "README's preset table is stale: paste `python jobs/presets.py`"
+    assert "| 0.6B | 1536 | 21 | 16 | 2048 | 0.60B |" in done.stdout  # the name says its size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=128, n_layers=6, n_heads=4, max_seq_len=256),
     "small": dict(dim=256, n_layers=8, n_heads=8, max_seq_len=512),
     "0.3B": dict(dim=1024, n_layers=24, n_heads=16, max_seq_len=2048, multiple_of=256),
-    "0.6B": dict(dim=1536, n_layers=24, n_heads=16, max_seq_len=2048, multiple_of=256),
+    "0.6B": dict(dim=1536, n_layers=21, n_heads=16, max_seq_len=2048, multiple_of=256),
     "1.3B": dict(dim=2048, n_layers=24, n_heads=32, max_seq_len=2048, multiple_of=256),
     "3B": dict(dim=3200, n_layers=26, n_heads=32, max_seq_len=2048, multiple_of=256),
     "7B": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096, multiple_of=256),
@@ -98,13 +99,23 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_preset(name: str, **overrides: Any) -> ModelConfig:
-    """Build a ModelConfig from a named preset; ``overrides`` win over the preset."""
+def preset_shape(name: str) -> dict[str, Any]:
+    """The ModelConfig fields of a named preset; an unknown name is a ConfigError listing them."""
     if name not in MODEL_PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    cfg = ModelConfig(**{**MODEL_PRESETS[name], **overrides})
+    return dict(MODEL_PRESETS[name])
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a ModelConfig from a named preset; ``overrides`` win over the preset."""
+    cfg = ModelConfig(**{**preset_shape(name), **overrides})
     cfg.validate()
     return cfg
+
+
+def cache_dir(kind: str) -> Path:
+    """``$MTP_CACHE_DIR/<kind>`` (default ``~/.cache/mtp/<kind>``): packed data, downloaded models, task corpora."""
+    return Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp")) / kind
 
 
 # ---------------------------------------------------------------------------- data
@@ -189,8 +200,7 @@ class TrainConfig:
             raise ConfigError(f"train.loss_chunk_size={self.loss_chunk_size} must be positive or null")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0")
-        if self.preset not in MODEL_PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        preset_shape(self.preset)
 
 
 @dataclass
@@ -375,10 +385,7 @@ def build_config(
 
     cfg = JobConfig()
     apply_overrides(cfg, {k: v for k, v in flat.items() if k == "train.preset"})
-    preset = cfg.train.preset
-    if preset not in MODEL_PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    cfg.model = ModelConfig(**MODEL_PRESETS[preset])
+    cfg.model = ModelConfig(**preset_shape(cfg.train.preset))
     apply_overrides(cfg, flat)
     return cfg.validate()
 

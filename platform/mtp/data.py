@@ -35,7 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mtp.config import DataConfig
+from mtp.config import DataConfig, cache_dir
 from mtp.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 CACHE_VERSION = 1
@@ -231,10 +231,6 @@ class PackedData:
     directory: Path
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp")) / "data"
-
-
 def _cache_key(cfg: DataConfig, source: Source, block_len: int) -> str:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "cache_dir", "source")}
     payload = json.dumps(
@@ -252,7 +248,7 @@ def prepare_data(cfg: DataConfig, seq_len: int) -> PackedData:
     """
     source = resolve_source(cfg.source)
     block_len = seq_len + 1
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_dir("data")
     directory = root / _cache_key(cfg, source, block_len)
     if not (directory / "meta.json").is_file():
         _build(cfg, block_len, directory)

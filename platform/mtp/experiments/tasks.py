@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mtp.config import cache_dir as mtp_cache_dir
 from mtp.experiments import induction, polynomial, stargraph, splits
 from mtp.experiments.problem import Problem
 
@@ -130,9 +131,9 @@ class TaskSpec:
         return evaluate_task(checkpoint, self.eval_sets(), self.eval_batch_size)
 
     def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
-        root = Path(cache_dir) if cache_dir else Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp"))
+        root = Path(cache_dir) / "tasks" if cache_dir else mtp_cache_dir("tasks")
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-        return root / "tasks" / f"{self.name}-{digest}.jsonl"
+        return root / f"{self.name}-{digest}.jsonl"
 
     def write_corpus(self, cache_dir: str | Path | None = None) -> Path:
         """The training corpus (train split only), written once and reused; returns its path."""
