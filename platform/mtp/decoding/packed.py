@@ -86,11 +86,18 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rotate_(x: torch.Tensor, rope: torch.Tensor) -> None:
-    """Rotary embedding in place (q and k of every group in one call), as complex products.
+    """Rotary embedding in place (q and k of every group in one call), as complex products
+    with ``rope`` (cos, sin pairs ``[..., head_dim/2, 2]``).
 
     Pairs of channels are rotated like ``mtp.model.apply_rope``; low-precision
-    inputs rotate in fp32, as there.
+    inputs rotate in fp32, as there. Under ``torch.compile`` the same product is
+    written out in real arithmetic, which inductor fuses (it has no complex codegen).
     """
+    if torch.compiler.is_compiling():
+        (re, im), (cos, sin) = x.float().unflatten(-1, (-1, 2)).unbind(-1), rope.unbind(-1)
+        x.copy_(torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2))
+        return
+    rope = torch.view_as_complex(rope)
     if x.dtype in (torch.float32, torch.float64):
         torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rope)
     else:
@@ -152,7 +159,7 @@ class PackedLayer:
         ``[B, 2, G, kv_heads, slots, head_dim]`` rows for the batch, a view), but only
         the positions ``outputs [B, Q]`` (all ``T`` when None) are carried through
         attention and the feed-forward: a prefill needs the last block's output at
-        the last prompt position only. ``rope`` is ``[B, T, 1, head_dim/2]`` complex.
+        the last prompt position only. ``rope`` is ``[B, T, 1, head_dim/2, 2]`` (cos, sin).
         """
         B, T = layout.slots.shape
         H, KV, hd = groups * self.n_heads, groups * self.kv_heads, self.head_dim
@@ -187,7 +194,7 @@ class PackedModel:
         self.norm = model.norm.weight.detach()
         self.output = model.output.weight.detach()
         self.eps = cfg.norm_eps
-        self.freqs = torch.complex(model.rope_cos.float(), model.rope_sin.float()).detach()
+        self.freqs = torch.stack((model.rope_cos.float(), model.rope_sin.float()), -1).detach()  # [L, head_dim/2, 2]
 
     @property
     def dtype(self) -> torch.dtype:
