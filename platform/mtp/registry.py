@@ -79,43 +79,50 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
     """Log the checkpoint as the run's pyfunc model; with ``registered_model``, register it
     as a new version tagged ``tags`` and move ``@newest`` to it (and ``@champion``, if unset).
 
+    Client API only (MLflow 3's logged model, linked to the run): the fluent
+    ``mlflow.pyfunc.log_model`` would change this process's tracking and registry URIs,
+    environment variables included, which Ray workers started later would inherit.
     Returns ``models:/<name>/<version>`` for a registered model, else None.
     """
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
     from mtp.checkpoint import TRAIN_STATE
 
     client = mlflow.MlflowClient(tracking_uri, tracking_uri)
-    status = client.get_run(run_id).info.status
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)  # log_model is fluent only: point it at the run's store
-    mlflow.set_registry_uri(tracking_uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment, name=MODEL_ARTIFACT, source_run_id=run_id, tags=tags)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inference = Path(tmp) / CHECKPOINT_KEY  # the optimizer state is for resuming, not for the model
             shutil.copytree(checkpoint_dir, inference, ignore=shutil.ignore_patterns(TRAIN_STATE))
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_ARTIFACT,
-                    python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code
-                    artifacts={CHECKPOINT_KEY: str(inference)},
-                    code_paths=[str(Path(__file__).resolve().parent)],  # `mtp`, wherever the model loads
-                    signature=signature(),
-                    input_example=(pd.DataFrame({"prompt": INPUT_EXAMPLE}), {"max_tokens": 16}),
-                    pip_requirements=_requirements(),
-                    registered_model_name=registered_model,
-                    await_registration_for=60,
-                )
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-        client.update_run(run_id, status=status)  # leaving start_run() ended the run; the job closes it
+            mlflow.pyfunc.save_model(
+                path=Path(tmp) / MODEL_ARTIFACT,
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
+                artifacts={CHECKPOINT_KEY: str(inference)},
+                code_paths=[str(Path(__file__).resolve().parent)],  # `mtp`, wherever the model loads
+                signature=signature(),
+                input_example=(pd.DataFrame({"prompt": INPUT_EXAMPLE}), {"max_tokens": 16}),
+                pip_requirements=_requirements(),
+            )
+            client.log_model_artifacts(logged.model_id, str(Path(tmp) / MODEL_ARTIFACT))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     if registered_model is None:
         return None
-    version = str(info.registered_model_version)
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(registered_model, version, key, value)
-    client.set_registered_model_alias(registered_model, NEWEST, version)
+    try:
+        client.create_registered_model(registered_model, description="Multi-token-prediction transformers trained with mtp")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # the artifact location, not models:/<model id>: MLflow resolves that one in the default store
+    version = client.create_model_version(registered_model, source=logged.artifact_location, run_id=run_id,
+                                          tags=tags, model_id=logged.model_id).version
+    client.set_registered_model_alias(registered_model, NEWEST, str(version))
     if CHAMPION not in client.get_registered_model(registered_model).aliases:
-        client.set_registered_model_alias(registered_model, CHAMPION, version)
+        client.set_registered_model_alias(registered_model, CHAMPION, str(version))
     return f"models:/{registered_model}/{version}"
 
 
