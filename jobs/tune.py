@@ -26,6 +26,7 @@ from mtp.sweep.summary import format_table  # noqa: E402
 from mtp.tracking import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
 from mtp.cluster.outputs import OutputError, check_durable  # noqa: E402
+from mtp.registry import register_run_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="Ray address; default: the running cluster or a local one")
     p.add_argument("--skip-resource-check", action="store_true",
                    help="do not reject trials larger than the cluster is now (autoscaling clusters)")
+    p.add_argument("--register", metavar="MODEL_NAME", default=None,
+                   help="register the best trial's model as a new version of MODEL_NAME and make it @champion")
     p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's INFO logs too")
     return p.parse_args(argv)
 
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"  browse: mlflow ui --backend-store-uri {result.tracking_uri}")
     print(f"sweep dir (for --resume): {result.sweep_dir}")
+    if args.register and result.best is not None and result.best.run_id:
+        model = register_run_model(result.best.run_id, args.register, result.tracking_uri)
+        print(f"best trial's model: {model} (now models:/{args.register}@champion)")
     return 1 if result.rows and failed == len(result.rows) else 0
 
 

@@ -142,6 +142,14 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert promote.returncode == 0 and "models:/mtp-test@champion -> models:/mtp-test/2" in promote.stdout, promote.stderr
     assert client.get_registered_model("mtp-test").aliases["champion"] == "2"
 
+    # A sweep's best trial (any run that logged a model) becomes @champion of a registered model.
+    from mtp.registry import register_run_model
+
+    assert register_run_model(run.info.run_id, "mtp-best", mlflow_server) == "models:/mtp-best/1"
+    assert client.get_registered_model("mtp-best").aliases == {"champion": "1"}
+    with pytest.raises(ValueError, match="logged no model"):
+        register_run_model(second, "mtp-best", mlflow_server)
+
 
 def test_source_tags_name_entry_point_commit_and_ray_job(monkeypatch):
     repo = Path(__file__).resolve().parents[1]

@@ -85,7 +85,6 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
     Returns ``models:/<name>/<version>`` for a registered model, else None.
     """
     from mlflow.entities import LoggedModelStatus
-    from mlflow.exceptions import MlflowException
 
     from mtp.checkpoint import TRAIN_STATE
 
@@ -112,18 +111,35 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     if registered_model is None:
         return None
+    return _register(client, logged, run_id, registered_model, tags, NEWEST)
+
+
+def register_run_model(run_id: str, registered_model: str, tracking_uri: str, alias: str = CHAMPION) -> str:
+    """Register the model a run logged (a sweep's best trial) and point ``alias`` at the new version."""
+    client = mlflow.MlflowClient(tracking_uri, tracking_uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    if not found:
+        raise ValueError(f"run {run_id} logged no model (did it finish with a checkpoint?)")
+    return _register(client, found[0], run_id, registered_model, dict(found[0].tags), alias)
+
+
+def _register(client, logged, run_id: str, name: str, tags: dict[str, str] | None, alias: str) -> str:
+    """A new version of ``name`` from a logged model; ``alias`` moves to it, ``@champion`` too if unset."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        client.create_registered_model(registered_model, description="Multi-token-prediction transformers trained with mtp")
+        client.create_registered_model(name, description="Multi-token-prediction transformers trained with mtp")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     # the artifact location, not models:/<model id>: MLflow resolves that one in the default store
-    version = client.create_model_version(registered_model, source=logged.artifact_location, run_id=run_id,
-                                          tags=tags, model_id=logged.model_id).version
-    client.set_registered_model_alias(registered_model, NEWEST, str(version))
-    if CHAMPION not in client.get_registered_model(registered_model).aliases:
-        client.set_registered_model_alias(registered_model, CHAMPION, str(version))
-    return f"models:/{registered_model}/{version}"
+    version = str(client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
+                                              model_id=logged.model_id).version)
+    client.set_registered_model_alias(name, alias, version)
+    if CHAMPION not in client.get_registered_model(name).aliases:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return f"models:/{name}/{version}"
 
 
 def _requirements() -> list[str]:
