@@ -555,8 +555,8 @@ class Engine:
             emitted, accepted = self._graphs.run((mode, B), lambda: self._device_step(rows, B), rows.buffers())
         elif self._compiled is not None:
             padded = next(b for b in self._buckets() if b >= B)
+            rows.lengths[B:padded] = 0  # padding rows (free, stale) write their keys/values in range
             emitted, accepted = self._compiled(rows, padded)
-            rows.lengths[B:padded] = 0  # the padding rows' slots stay in range (their rows are free)
             emitted, accepted = emitted[:B], accepted[:B] if accepted is not None else None
         else:
             emitted, accepted = self._device_step(rows, B)
