@@ -148,7 +148,7 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert register_run_model(run.info.run_id, "mtp-best", mlflow_server) == "models:/mtp-best/1"
     assert client.get_registered_model("mtp-best").aliases == {"champion": "1"}
     with pytest.raises(ValueError, match="logged no model"):
-        register_run_model(second, "mtp-best", mlflow_server)
+        register_run_model(client.create_run(run.info.experiment_id).info.run_id, "mtp-best", mlflow_server)
 
 
 def test_source_tags_name_entry_point_commit_and_ray_job(monkeypatch):
