@@ -158,6 +158,9 @@ def test_killed_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted
     assert sorted(logged) == list(range(1, 61))
     # killed after a checkpoint was registered: the restart resumes from it, not from step 0
     assert all(len(logged[s]) == 1 for s in range(1, 11)), "steps before the checkpoint must not be redone"
+    # steps replayed after the restart are not logged twice; the restart itself is counted
+    assert all(len(logged[s]) == 1 for s in range(1, 61)), {s: v for s, v in logged.items() if len(v) > 1}
+    assert [m.value for m in client.get_metric_history(result.run_id, "restarts")] == [1.0]
 
     for step in range(1, 61):
         assert logged[step][-1] == pytest.approx(reference[step], rel=1e-5), step
