@@ -28,6 +28,7 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 NOISY_LOGGERS = ("mlflow",)
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 RUN_LINK_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # the job prints its run's link once, in its summary
+MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"  # read when mlflow is imported, which resets its loggers' level
 
 
 def verbose() -> bool:
@@ -47,7 +48,8 @@ def ray_log_level() -> int:
 
 def worker_env_vars() -> dict[str, str]:
     """Environment for every worker of the job (merged into its ``runtime_env``)."""
-    env = {VERBOSE_ENV: "1" if verbose() else "0", PROGRESS_BAR_ENV: "true" if verbose() else "false"}
+    env = {VERBOSE_ENV: "1" if verbose() else "0", PROGRESS_BAR_ENV: "true" if verbose() else "false",
+           MLFLOW_LEVEL_ENV: "INFO" if verbose() else "WARNING"}
     if PREEMPTION_WATCHER_ENV in os.environ:  # the user's explicit choice wins
         env[PREEMPTION_WATCHER_ENV] = os.environ[PREEMPTION_WATCHER_ENV]
     elif not verbose():
@@ -68,6 +70,7 @@ def quiet_process() -> None:
     if not verbose():
         os.environ.setdefault(PROGRESS_BAR_ENV, "false")
         os.environ.setdefault(RUN_LINK_ENV, "true")
+        os.environ.setdefault(MLFLOW_LEVEL_ENV, "WARNING")
     names = list(NOISY_LOGGERS)
     try:  # Ray names this logger after its file (see the module docstring)
         from ray.train.v2._internal.execution import context
