@@ -197,7 +197,8 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
     wait_http(f"http://127.0.0.1:{ports['dashboard-port']}/api/version", 60, "the Ray dashboard", ray_log)
     wait_http(f"{mlflow_uri}/health", 120, "the MLflow server", mlflow_log)
     exports = "".join(f"export {k}={v}\n" for k, v in client_env.items())
-    (state_dir / "env.sh").write_text(exports + f"export MTP_SERVE_PORT={ports['serve']}\n")
+    exports += f"export MTP_SERVE_PORT={ports['serve']}\nexport PATH={bin_dir}:$PATH  # ray, serve, python: the venv's\n"
+    (state_dir / "env.sh").write_text(exports)
     return state
 
 
