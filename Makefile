@@ -32,7 +32,10 @@ cluster-down:
 
 # Ray test modules run one pytest process each (each with its one session-scoped local
 # Ray): in a single process the driver's GCS state accessor was seen to block forever
-# (`ray.cluster_resources()`) after earlier modules, in CI only; see the closing note.
+# (`ray.cluster_resources()`) after earlier modules, in CI only. Our own queries no longer
+# use that accessor (mtp/cluster/ray_env.py), but Ray's do: Tune's driver calls
+# ray.cluster_resources() (tune/utils/resource_updater.py), Serve's controller ray.nodes().
+# Its cause is not found, so one process per module stays the safe default.
 RAY_TEST_MODULES := tests/test_cluster.py tests/test_evaluation.py tests/test_serve.py tests/test_tune.py tests/test_cluster_path.py
 
 test: setup
