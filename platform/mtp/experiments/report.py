@@ -13,17 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mtp.sweep.summary import TrialRow, _line_order
-
-
-def pooled(rows: list[TrialRow], metric: str, x: str, lines: str) -> dict[Any, dict[Any, list[float]]]:
-    """``{line: {x: [metric of each finished trial]}}``, lines in size order."""
-    points: dict[Any, dict[Any, list[float]]] = {}
-    for row in rows:
-        value = row.value(metric)
-        if row.status == "ok" and value is not None:
-            points.setdefault(row.params.get(lines), {}).setdefault(row.params.get(x), []).append(value)
-    return {k: dict(sorted(points[k].items())) for k in sorted(points, key=_line_order)}
+from mtp.sweep.summary import TrialRow, _line_order, pooled
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -79,23 +79,25 @@ def format_table(rows: list[TrialRow], metric: str, params: list[str]) -> str:
     return "\n".join(lines)
 
 
-def figure_points(rows: list[TrialRow], metric: str, mode: str, x: str, lines: str) -> dict[Any, dict[Any, float]]:
-    """``{line label: {x value: metric}}`` for the plot, lines in size order.
+def pooled(rows: list[TrialRow], metric: str, x: str, lines: str) -> dict[Any, dict[Any, list[float]]]:
+    """``{line label: {x value: [metric of each finished trial]}}``, lines in size order, x sorted.
 
-    Several finished trials at one point (an lr sweep, repeated samples) collapse to the
-    best, so each line shows what the best-tuned run at that size and n reached; trials
-    that errored or were stopped early are left out.
+    Trials that errored or were stopped early are left out.
     """
-    pick = min if mode == "min" else max
-    points: dict[Any, dict[Any, float]] = {}
+    points: dict[Any, dict[Any, list[float]]] = {}
     for row in rows:
         value = row.value(metric)
-        if row.status != "ok" or value is None or x not in row.params:
-            continue
-        line = points.setdefault(row.params.get(lines), {})
-        xv = row.params[x]
-        line[xv] = pick(line[xv], value) if xv in line else value
+        if row.status == "ok" and value is not None and x in row.params:
+            points.setdefault(row.params.get(lines), {}).setdefault(row.params[x], []).append(value)
     return {label: dict(sorted(points[label].items())) for label in sorted(points, key=_line_order)}
+
+
+def figure_points(rows: list[TrialRow], metric: str, mode: str, x: str, lines: str) -> dict[Any, dict[Any, float]]:
+    """``{line label: {x value: metric}}`` for the plot: several finished trials at one point
+    (an lr sweep, repeated samples) collapse to the best, so each line shows what the
+    best-tuned run at that size and n reached."""
+    pick = min if mode == "min" else max
+    return {line: {xv: pick(values) for xv, values in by_x.items()} for line, by_x in pooled(rows, metric, x, lines).items()}
 
 
 def plot_metric(
