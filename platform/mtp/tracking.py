@@ -342,7 +342,7 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None, tracking: 
 
     store = tracking or tracking_uri(TrackingConfig())
     uri = pin_alias(uri, store)  # cache by version: an alias moves
-    root = Path(cache_dir) if cache_dir else mtp_cache_dir("models")
+    root = Path(cache_dir) / "models" if cache_dir else mtp_cache_dir("models")
     target = root / hashlib.sha256(f"{store}|{uri}".encode()).hexdigest()[:16]
     if not (target / "config.json").is_file():
         try:
