@@ -227,13 +227,18 @@ CORPUS = [
 ]
 
 
-@needs_isolation
-@pytest.mark.parametrize("name,program,status,detail,limits", CORPUS, ids=[c[0] for c in CORPUS])
-def test_hostile_corpus(host, name, program, status, detail, limits):
-    source = textwrap.dedent(program).format(
+def _corpus_source(host, program: str) -> str:
+    """A corpus program with this host's planted paths, port and bystander filled in."""
+    return textwrap.dedent(program).format(
         outside=host.outside_dir, victim=host.victim_file, secret=host.secret_file, port=host.port,
         bystander=host.bystander.pid,
     )
+
+
+@needs_isolation
+@pytest.mark.parametrize("name,program,status,detail,limits", CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_corpus(host, name, program, status, detail, limits):
+    source = _corpus_source(host, program)
     verdict = host.box.run(source, limits)
     assert verdict.status == status, verdict
     assert detail in verdict.detail, verdict
@@ -253,10 +258,7 @@ HARNESS_SPECIFIC = {"os_exit_0", "forged_pass_bytes", "forked_harness_copy", "sp
 @needs_isolation
 @pytest.mark.parametrize("name,program,status,detail,limits", CORPUS, ids=[c[0] for c in CORPUS])
 def test_hostile_corpus_as_the_trusted_oracles_candidate(host, name, program, status, detail, limits):
-    source = textwrap.dedent(program).format(
-        outside=host.outside_dir, victim=host.victim_file, secret=host.secret_file, port=host.port,
-        bystander=host.bystander.pid,
-    )
+    source = _corpus_source(host, program)
     oracle = OracleProgram(candidate=source + "\ndef answer():\n    return 42\n", prefix="",
                            tests="assert answer() == 42", names=("answer",))
     verdict = host.box.run("", limits, oracle)
@@ -339,6 +341,24 @@ def test_signals_are_named_and_do_not_restart_the_zygote(host):
         assert verdict.status == "crashed" and f"(signal {number})" in verdict.detail, verdict
         assert verdict.signal and verdict.signal.startswith("SIG"), verdict
     assert host.box._proc.pid == zygote, "the zygote was restarted"
+
+
+@needs_isolation
+def test_signals_the_host_ignores_or_blocks_still_kill_the_program():
+    """Ignored dispositions and blocked masks survive fork and exec: the sandbox must reset them."""
+    import signal
+
+    ignored, blocked = signal.SIGRTMIN + 6, signal.SIGRTMIN + 7
+    previous = signal.signal(ignored, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {blocked, signal.SIGUSR1})
+    try:
+        with Sandbox() as box:  # the zygote starts while the host ignores and blocks them
+            for number in (ignored, blocked, signal.SIGUSR1):
+                verdict = box.run(f"import os\nos.kill(os.getpid(), {number})")
+                assert verdict.status == "crashed" and f"(signal {number})" in verdict.detail, verdict
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {blocked, signal.SIGUSR1})
+        signal.signal(ignored, previous)
 
 
 @needs_isolation

@@ -345,8 +345,7 @@ class Zygote:
             os.umask(0o077)
             os.environ.clear()
             os.environ.update({"PATH": PATH, "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"})
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores the last two
-                signal.signal(sig, signal.SIG_DFL)
+            _default_signals()
             if "random" in sys.modules:  # forked from one zygote: reseed, or every sample shares a stream
                 sys.modules["random"].seed()
             sys.argv = ["program.py"]
@@ -441,6 +440,22 @@ def _kill_descendants(root: int) -> None:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
+            pass
+
+
+def _default_signals() -> None:
+    """Every signal at its default action and none blocked, whatever the host process had.
+
+    Ignored dispositions and the blocked mask survive fork and exec: a host that blocked
+    or ignored, say, a real-time signal would otherwise let a program survive it.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for number in range(1, signal.NSIG):
+        if number in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(number, signal.SIG_DFL)
+        except (OSError, ValueError):  # numbers the C library reserves for itself (32, 33)
             pass
 
 
