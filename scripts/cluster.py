@@ -92,6 +92,8 @@ def cluster_processes(session: int, marker: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):
             continue
+        if stat[0] == "Z":  # already dead, waiting for a (here slow) reaper: nothing to stop
+            continue
         parents[int(entry.name)] = int(stat[1])
         if int(stat[3]) == session or marker in cmdline:
             found.add(int(entry.name))
@@ -208,8 +210,13 @@ def down(state_dir: Path) -> list[int]:
     if not path.exists():
         raise ClusterError(f"no cluster state in {path}; nothing to stop")
     state = json.loads(path.read_text())
-    ray_pids = cluster_processes(state.get("ray_session", -1), state["ray_temp_dir"])
-    terminate(ray_pids)
+    ray_pids: list[int] = []
+    for _ in range(3):  # a dying raylet or Serve controller can start a process after the first look
+        found = cluster_processes(state.get("ray_session", -1), state["ray_temp_dir"])
+        if not found:
+            break
+        terminate(found)
+        ray_pids += found
     terminate([state["mlflow_pgid"]], group=True)
     shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
     path.unlink()
