@@ -14,6 +14,10 @@ What it silences, and why each needs its own switch:
   clusters its only output was an error-level line about its own constructor
   arguments (ray-project/ray#53727); it only observes spot-instance preemption.
   Set the variable to 1 in the job's environment where that matters.
+- Train's placement-group cleaner, a detached actor that polls the State API every few
+  seconds: without a dashboard (a local instance, which starts without one) every poll
+  fails with a warning that changes nothing. It is set to ERROR in every Ray worker by
+  ``quiet_process``, which ``runtime_env`` installs as the workers' setup hook.
 - MLflow's INFO lines (system-metrics monitor start/stop, model logging and
   registration), its run links (the job prints its own summary) and download progress bars.
 """
@@ -28,6 +32,7 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 NOISY_LOGGERS = ("mlflow",)
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 RUN_LINK_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # the job prints its run's link once, in its summary
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"  # read when mlflow is imported, which resets its loggers' level
 
 
@@ -72,6 +77,8 @@ def quiet_process() -> None:
         os.environ.setdefault(RUN_LINK_ENV, "true")
         os.environ.setdefault(MLFLOW_LEVEL_ENV, "WARNING")
     names = list(NOISY_LOGGERS)
+    if not verbose():
+        logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
     try:  # Ray names this logger after its file (see the module docstring)
         from ray.train.v2._internal.execution import context
 

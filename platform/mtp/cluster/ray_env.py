@@ -49,7 +49,8 @@ def runtime_env() -> dict[str, Any]:
     upload), with the job's log verbosity (``mtp.cluster.logs``)."""
     from mtp.cluster import logs
 
-    return {"py_modules": [str(MTP_PACKAGE)], "env_vars": logs.worker_env_vars()}
+    return {"py_modules": [str(MTP_PACKAGE)], "env_vars": logs.worker_env_vars(),
+            "worker_process_setup_hook": "mtp.cluster.logs.quiet_process"}
 
 
 def cluster_address() -> str | None:
