@@ -35,7 +35,6 @@ import yaml
 
 from mtp.config import JobConfig, TrackingConfig
 from mtp.config import cache_dir as mtp_cache_dir
-from mtp.model import count_parameters
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 METRIC_BATCH = 1000  # MLflow's per-request metric limit
@@ -160,6 +159,8 @@ def source_tags(argv: list[str] | None = None) -> dict[str, str]:
 
 def model_size(cfg: JobConfig) -> str:
     """The size tag: total parameters, e.g. ``1.30B`` or ``0.4M``."""
+    from mtp.model import count_parameters  # torch: not on the evaluate --samples path, which imports this module
+
     total = count_parameters(cfg.model)["total"]
     return f"{total / 1e9:.2f}B" if total >= 1e8 else f"{total / 1e6:.1f}M"
 
