@@ -229,8 +229,9 @@ class Handles:
             self._limits = (memory_bytes, max_processes, cpus)
 
     @property
-    def has_cpu_quota(self) -> bool:
-        return self._cpu_quota is not None
+    def counts_cpu(self) -> bool:
+        """Whether ``cpu_seconds`` can count the tree's CPU time (a cpuacct or v2 cpu controller)."""
+        return self._cpu_usage is not None
 
     def cpu_seconds(self) -> float | None:
         """CPU time the slot's processes have used so far (a running total; callers diff it), or None."""

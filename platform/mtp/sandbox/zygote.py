@@ -195,7 +195,7 @@ class Zygote:
 
     def _wall_seconds(self, limits: Limits) -> float:
         """Wall limit: a multiple of the CPU budget where the tree's CPU is counted, else the budget itself."""
-        counting = self.cgroups is not None and self.cgroups.cpu_seconds() is not None
+        counting = self.cgroups is not None and self.cgroups.counts_cpu
         return limits.timeout_s * limits.wall_factor if counting else limits.timeout_s
 
     def _fork_and_watch(self, source: str, oracle: dict | None, limits: Limits, scratch: str, start: float,
