@@ -103,11 +103,7 @@ def nodes(timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Node]:
 def resources(available: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, float]:
     """Total resources of the alive nodes, or what is free on them now (``available=True``)."""
     if not available:
-        totals: dict[str, float] = {}
-        for node in nodes(timeout_s):
-            for name, amount in node.resources.items():
-                totals[name] = totals.get(name, 0.0) + amount
-        return totals
+        return total_resources(nodes(timeout_s))
     alive = {node.node_id for node in nodes(timeout_s)}
     free: dict[str, float] = {}
     for usage in _query("get_all_resource_usage", timeout_s).resource_usage_data.batch:
@@ -115,6 +111,15 @@ def resources(available: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             for name, amount in usage.resources_available.items():
                 free[name] = free.get(name, 0.0) + amount
     return free
+
+
+def total_resources(alive: list[Node]) -> dict[str, float]:
+    """The sum of the given nodes' resources."""
+    totals: dict[str, float] = {}
+    for node in alive:
+        for name, amount in node.resources.items():
+            totals[name] = totals.get(name, 0.0) + amount
+    return totals
 
 
 def _query(method: str, timeout_s: float) -> Any:

@@ -88,8 +88,8 @@ def fitting_concurrency(demands: list[TrialDemand], cluster: dict[str, float]) -
 
 def cluster_view() -> tuple[dict[str, float], list[dict[str, float]]]:
     """Total resources and each alive node's resources, from the connected Ray cluster."""
-    nodes = [node.resources for node in ray_env.nodes()]
-    return ray_env.resources(), nodes
+    alive = ray_env.nodes()  # one snapshot for both, so they cannot disagree
+    return ray_env.total_resources(alive), [node.resources for node in alive]
 
 
 def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
