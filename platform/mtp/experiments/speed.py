@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
+from mtp.benchmarks import intra_op_threads
 from mtp.decoding import Engine, Generation, SamplingParams
 from mtp.decoding.metrics import acceptance, distinct_ngrams, teacher_forced
 
@@ -69,18 +69,18 @@ class SpeedSpec:
         from mtp.config import from_dict
         from mtp.data import prepare_data
 
-        torch.set_num_threads(self.threads)
-        cfg = from_dict(read_config(checkpoint))
-        held_out = heldout_texts(prepare_data(cfg.data, cfg.train.seq_len).val, self.heldout + self.prompts)
-        engine = Engine.from_checkpoint(str(checkpoint), max_batch_size=max(self.batch_sizes))
-        prompts = [ids[: self.prompt_tokens] for ids in held_out[: self.prompts]]
-        metrics = {"speed/teacher_forced_tokens_per_forward":
-                   teacher_forced(engine.model, held_out[self.prompts:])["teacher_forced_tokens_per_forward"]}
-        for b in self.batch_sizes:
-            for mode, temperature in (("greedy", 0.0), ("sampled", self.temperature)):
-                row = compare(engine, prompts, b, self.max_new_tokens, temperature)
-                metrics.update({f"speed/b{b}/{mode}_{k}": v for k, v in row.items()})
-        return metrics
+        with intra_op_threads(self.threads):  # the sweep's process keeps its own setting afterwards
+            cfg = from_dict(read_config(checkpoint))
+            held_out = heldout_texts(prepare_data(cfg.data, cfg.train.seq_len).val, self.heldout + self.prompts)
+            engine = Engine.from_checkpoint(str(checkpoint), max_batch_size=max(self.batch_sizes))
+            prompts = [ids[: self.prompt_tokens] for ids in held_out[: self.prompts]]
+            metrics = {"speed/teacher_forced_tokens_per_forward":
+                       teacher_forced(engine.model, held_out[self.prompts:])["teacher_forced_tokens_per_forward"]}
+            for b in self.batch_sizes:
+                for mode, temperature in (("greedy", 0.0), ("sampled", self.temperature)):
+                    row = compare(engine, prompts, b, self.max_new_tokens, temperature)
+                    metrics.update({f"speed/b{b}/{mode}_{k}": v for k, v in row.items()})
+            return metrics
 
 
 def heldout_texts(val_blocks: np.ndarray, count: int) -> list[list[int]]:
