@@ -244,7 +244,6 @@ class Engine:
                 self.packed.heads.qkv(1 + (len(tree.tree.widths) if tree is not None else 0))
         self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
         self.static_shapes = static_shapes or cuda_graphs or compile
-        self.cuda_graphs, self.compiled = cuda_graphs, compile
         self._graphs = CudaGraphs() if cuda_graphs else None
         self._compiled = CompiledSteps(self._device_step) if compile else None
         self._lock = threading.Lock()  # one step at a time
@@ -363,6 +362,14 @@ class Engine:
             for bucket in self._buckets():
                 self.generate_ids([[0]] * bucket, params)
         return time.perf_counter() - start
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphs is not None
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     @property
     def compile_s(self) -> float:
