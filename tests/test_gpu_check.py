@@ -129,6 +129,12 @@ def test_budget_lends_a_stage_what_earlier_stages_left():
     assert budget.spendable() == 90
 
 
+def test_a_budget_below_the_plan_shrinks_every_share_instead_of_starving_the_first():
+    budget = Budget(40, {"a": 20, "b": 140, "c": 100, "d": 190}, clock=lambda: 0.0)
+    budget.enter("a")
+    assert abs(budget.spendable() - 40 * 20 / 450) < 1e-9  # 1.8 s of 40, not 40 - 430 < 0
+
+
 def test_a_correctness_failure_stops_the_later_stages(monkeypatch):
     def failing(profile, device, budget):
         return [Row(runner.STAGES[0], "grads", FAIL, "rel err 1e+00")]

@@ -33,14 +33,17 @@ class Row:
 class Budget:
     """Wall-clock budget of the whole run, shared out over stages.
 
-    Each stage has a planned share; while it runs it may spend everything left
-    except what the later stages planned, so time a stage does not use flows on.
+    Each stage has a planned share, scaled so the shares add up to ``total_s`` (a
+    smaller ``--budget-s`` shrinks every stage rather than starving the first); while
+    a stage runs it may spend everything left except what the later stages planned,
+    so time a stage does not use flows on.
     An item starts only if its estimate fits (``allows``); a running item is never
     cut short, so estimates should be generous.
     """
 
     def __init__(self, total_s: float, plan: dict[str, float], clock: Callable[[], float] = time.monotonic):
-        self.total_s, self.plan, self.clock = total_s, dict(plan), clock
+        scale = total_s / sum(plan.values()) if plan else 1.0
+        self.total_s, self.plan, self.clock = total_s, {s: t * scale for s, t in plan.items()}, clock
         self.start = clock()
         self.stage: str | None = None
 
