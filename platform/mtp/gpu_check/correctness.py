@@ -218,9 +218,20 @@ def cuda_graph_rows(sizes: CorrectnessSizes, device: torch.device) -> list[Row]:
             rows.append(skipped(STAGE, f"CUDA graphs = eager, {name}", f"needs CUDA ({eager_note})"))
             continue
         same = sum(a == b for a, b in zip(outputs["graphs"], outputs["static"]))
-        rows.append(Row(
-            STAGE, f"CUDA graphs = eager, {name}", PASS if same == n else FAIL,
-            f"{same}/{n} generations identical to eager with static shapes (vanilla + speculative); {eager_note}",
-            "all identical", {"identical": same, "generations": n, "static_vs_plain_eager": vs_eager},
-        ))
+        metrics = {"identical": same, "generations": n, "static_vs_plain_eager": vs_eager}
+        summary = f"{same}/{n} generations identical to eager with static shapes (vanilla + speculative); {eager_note}"
+        if dtype == torch.float32:
+            rows.append(Row(STAGE, f"CUDA graphs = eager, {name}", PASS if same == n else FAIL, summary,
+                            "all identical", metrics))
+            continue
+        # bf16: cuBLAS may pick other GEMM algorithms while a graph is captured, and a
+        # near-tied argmax can flip on the rounding; reported with the tie margin, as
+        # for speculative vs vanilla above.
+        parted = [(i, k) for i, (a, b) in enumerate(zip(outputs["graphs"], outputs["static"]))
+                  if (k := first_divergence(a, b)) is not None]
+        gaps = [top2_gap(m, prompts[i % len(prompts)] + outputs["static"][i][:k]) for i, k in parted]
+        if gaps:
+            summary += f"; head-0 top-2 logit gap where they part: max {max(gaps):.3f}, median {sorted(gaps)[len(gaps) // 2]:.3f}"
+        rows.append(Row(STAGE, f"CUDA graphs vs eager, {name}", MEASURED, summary,
+                        "reported: near-tied argmaxes may flip (fp32 must match exactly)", {**metrics, "top2_gap": gaps}))
     return rows
