@@ -47,10 +47,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mtp.decoding.api import Generation, GenerationStats, RequestError, SamplingParams
 from mtp.decoding.graphs import CompiledSteps, CudaGraphs
@@ -58,6 +60,8 @@ from mtp.decoding.packed import PackedModel, StepLayout
 from mtp.decoding.sampling import RowSampling, sample, speculative_accept, target_probs
 from mtp.decoding.text import TextState
 from mtp.decoding.tree import DraftTree, TreeTensors
+
+CHANGING_SHAPE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 from mtp.model import MTPTransformer
 from mtp.tokenizer import Tokenizer
 
@@ -527,7 +531,8 @@ class Engine:
         heads = 1 + mode.drafts
         last = torch.tensor(lengths, device=self.device) - 1
         layout = self._layout(zero, T, T, None)
-        hidden = self.packed.forward(tokens, layout, self.cache, slice(start, start + len(new)), heads, last[:, None])
+        with self._changing_shapes():
+            hidden = self.packed.forward(tokens, layout, self.cache, slice(start, start + len(new)), heads, last[:, None])
         logits = self.packed.logits(hidden[:, :, 0].transpose(0, 1))  # [k, heads, V] at each prompt's end
         sampling = RowSampling.build([r.params for r in new], self.vocab_size, self.device)
         end = start + len(new)
@@ -565,13 +570,25 @@ class Engine:
             rows.lengths[B:padded] = 0  # padding rows (free, stale) write their keys/values in range
             emitted, accepted = self._compiled(rows, padded)
             emitted, accepted = emitted[:B], accepted[:B] if accepted is not None else None
-        else:
+        elif self.static_shapes:
             emitted, accepted = self._device_step(rows, B)
+        else:
+            with self._changing_shapes():
+                emitted, accepted = self._device_step(rows, B)
         steps = emitted.tolist() if accepted is None else torch.cat([accepted[:, None], emitted], 1).tolist()
         for i, (request, out) in enumerate(zip(rows.requests, steps)):
             n_accepted = 0 if accepted is None else out.pop(0)
             request.accept(out[: n_accepted + 1], n_accepted)
             rows.host_lengths[i] += n_accepted + 1
+
+    def _changing_shapes(self) -> AbstractContextManager:
+        """Attention kernels for a forward whose shapes are new (every prefill; every
+        eager step, whose key length grows): on CUDA, not cuDNN's, which builds an
+        execution plan per shape. Measured on an H200 (torch 2.11, 0.3B, batch 1):
+        3.9 ms of CPU per attention call, an eager step of 61 ms with it and 14 ms
+        without; static-shape steps keep it (a graph-replayed step 1.3 ms with it,
+        3.7 ms without)."""
+        return sdpa_kernel(CHANGING_SHAPE_ATTENTION) if self.device.type == "cuda" else nullcontext()
 
     def _device_step(self, rows: _Rows, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first ``B`` rows' step on the device: no host synchronisation and, with static

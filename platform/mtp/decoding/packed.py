@@ -22,21 +22,14 @@ after changing the ``MTPTransformer``'s parameters.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mtp.config import ModelConfig
 from mtp.model import Block, MTPTransformer
-
-# Decoding attention on CUDA leaves out cuDNN's kernel: it builds an execution plan for
-# every new shape, and eager decoding changes the key length every step (measured on an
-# H200, torch 2.11: 3.9 ms of CPU per call, a 0.3B b1 step 61-90 ms instead of ~2 ms).
-DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -181,8 +174,7 @@ class PackedLayer:
             q, mask = q[layout.rows, outputs], mask[layout.rows, 0, outputs][:, None]
             x = x.view(B, T, -1)[layout.rows, outputs].view(1, -1, x.shape[-1])
             T = outputs.shape[1]
-        with sdpa_kernel(DECODE_ATTENTION) if q.is_cuda else nullcontext():
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=H != KV)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=H != KV)
         out = out.view(B, groups, self.n_heads, T, hd).permute(1, 0, 3, 2, 4).reshape(groups, B * T, self.n_heads * hd)
         x = x + torch.bmm(out, self.wo[:groups])
         gate, up = torch.bmm(_rms(x, self.eps), self.w13[:groups]).chunk(2, dim=-1)
