@@ -175,6 +175,29 @@ def test_sweep_task_section_trains_on_the_corpus(tmp_path, monkeypatch):
         parse_spec({**sweep, "task": {"name": "sudoku"}})
 
 
+def test_task_metric_is_logged_over_training_at_each_intermediate_checkpoint(tmp_path):
+    from _jobs import tiny_config
+    from mlflow.tracking import MlflowClient
+    from mtp.sweep.evaluation import TaskProgress
+    from mtp.train import train
+
+    task = TaskSpec.parse({"name": "polynomial", "train_problems": 300, "test_problems": 12, "progress_problems": 5})
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("progress")).info.run_id
+    cfg = tiny_config(tmp_path, **{"data.source": str(task.write_corpus(tmp_path)), "train.max_steps": 8,
+                                   "train.checkpoint_every": 3})
+    train(cfg, callbacks=[TaskProgress(client, run_id, task, final_step=8)])
+    history = client.get_metric_history(run_id, "task/in_domain/exact_match")
+    assert [m.step for m in history] == [3, 6]  # step 8 is the final, full-set evaluation's
+    tokens = client.get_metric_history(run_id, "task/out_of_domain/token_accuracy")
+    assert [m.step for m in tokens] == [3, 6] and all(0.0 <= m.value <= 1.0 for m in tokens)
+    first = task.eval_sets(limit=5)
+    assert {k: [p.text for p in v] for k, v in first.items()} == {
+        k: [p.text for p in v[:5]] for k, v in task.eval_sets().items()}  # the same problems each time
+    with pytest.raises(TaskError, match="progress_problems"):
+        TaskSpec.parse({"name": "polynomial", "progress_problems": -1})
+
+
 def test_summary_pools_seeds_into_mean_and_std(tmp_path):
     from mtp.experiments.report import write_summary
     from mtp.sweep.summary import TrialRow

@@ -73,7 +73,11 @@ class TrainResult:
 
 
 class TrainCallback(Protocol):
-    """Receives metrics on rank 0 (MLflow logging, progress displays)."""
+    """Receives metrics on rank 0 (MLflow logging, progress displays).
+
+    A callback may also define ``on_checkpoint(step, directory)``, called on rank 0 right
+    after each checkpoint is written (e.g. to score it on a task while training runs).
+    """
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -279,6 +283,10 @@ class Trainer:
 
         path = self.store.save(self.step, write, {"step": self.step, **metrics}, self.info)
         self.last_checkpoint = path or self.last_checkpoint
+        if path is not None:
+            for callback in self.callbacks:
+                if hasattr(callback, "on_checkpoint"):
+                    callback.on_checkpoint(self.step, path)
 
     # -- one step -----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ A sweep file's ``task:`` section builds a ``TaskSpec``::
       params: {max_ops: 5}              # the generator's settings (see TASKS)
       train_problems: 100000            # documents in the training corpus
       test_problems: 500                # per evaluation set
+      progress_problems: 100            # of those, scored at each intermediate checkpoint (0: none)
 
 The corpus (one JSON line per training problem) is written once, under
 ``$MTP_CACHE_DIR/tasks``, named by a hash of everything that changes it, and
@@ -76,6 +77,7 @@ class TaskSpec:
     params: dict[str, Any] = field(default_factory=dict)
     train_problems: int = 100_000
     test_problems: int = 500
+    progress_problems: int = 100  # the first ones of each test set, scored at intermediate checkpoints
     seed: int = 0
     eval_batch_size: int = 64
 
@@ -99,6 +101,8 @@ class TaskSpec:
             value = getattr(spec, name)
             if not isinstance(value, int) or value < 1:
                 raise TaskError(f"task.{name}={value!r} must be a positive integer")
+        if not isinstance(spec.progress_problems, int) or spec.progress_problems < 0:
+            raise TaskError(f"task.progress_problems={spec.progress_problems!r} must be a non-negative integer")
         try:
             definition.train(spec.params)  # samplers check their settings when built
         except ValueError as exc:
@@ -114,9 +118,11 @@ class TaskSpec:
         make = self.definition.evals[eval_set] if eval_set else self.definition.train
         return list(splits.draw(make(self.params), problem_key, split, self.seed, count, stream=eval_set or ""))
 
-    def eval_sets(self) -> dict[str, list[Problem]]:
-        """Held-out test problems per evaluation set (never in any training corpus)."""
-        return {name: self.problems("test", self.test_problems, name) for name in self.definition.evals}
+    def eval_sets(self, limit: int | None = None) -> dict[str, list[Problem]]:
+        """Held-out test problems per evaluation set (never in any training corpus); the
+        first ``limit`` of each (the same problems every time) if given."""
+        count = self.test_problems if limit is None else min(limit, self.test_problems)
+        return {name: self.problems("test", self.test_problems, name)[:count] for name in self.definition.evals}
 
     def metric_names(self) -> list[str]:
         """What ``evaluate`` reports, for a sweep's ``metric``."""
@@ -124,11 +130,12 @@ class TaskSpec:
 
         return [f"task/{name}/{metric}" for name in self.definition.evals for metric in METRICS]
 
-    def evaluate(self, checkpoint: str | Path) -> dict[str, float]:
-        """Greedy answers of ``checkpoint`` on every held-out evaluation set, scored."""
+    def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]:
+        """Greedy answers of ``checkpoint`` on every held-out evaluation set (its first
+        ``limit`` problems if given), scored."""
         from mtp.experiments.scoring import evaluate_task
 
-        return evaluate_task(checkpoint, self.eval_sets(), self.eval_batch_size)
+        return evaluate_task(checkpoint, self.eval_sets(limit), self.eval_batch_size)
 
     def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
         root = Path(cache_dir) / "tasks" if cache_dir else mtp_cache_dir("tasks")

@@ -93,15 +93,37 @@ def check_metric(spec: EvalSpec, metric: str) -> None:
         raise SweepError(f"metric {metric!r} is not reported by the evaluation; use one of {names}")
 
 
-def log_evaluation(client, cfg, spec, checkpoint: Path | None) -> None:
-    """Score the final checkpoint (an ``EvalSpec``'s pass@k and verdict counts, or an
-    ``mtp.experiments.tasks.TaskSpec``'s metrics); log them to the trial's run at the last step."""
+class TaskProgress:
+    """The task metric over training: each intermediate checkpoint of a trial scored on
+    the first ``progress_problems`` test problems of every evaluation set, logged to the
+    trial's run at its step under the final metric's name (the last step's point, from
+    ``log_evaluation``, is on the full test sets)."""
+
+    def __init__(self, client, run_id: str, task, final_step: int):
+        self.client, self.run_id, self.task, self.final_step = client, run_id, task, final_step
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, directory: Path) -> None:
+        if step >= self.final_step or not self.task.progress_problems:
+            return
+        _log_scores(self.client, self.run_id, self.task.evaluate(directory, limit=self.task.progress_problems), step)
+
+
+def _log_scores(client, run_id: str, scores: dict[str, float], step: int) -> None:
     import time
 
     from mlflow.entities import Metric
 
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in scores.items()])
+
+
+def log_evaluation(client, cfg, spec, checkpoint: Path | None) -> None:
+    """Score the final checkpoint (an ``EvalSpec``'s pass@k and verdict counts, or an
+    ``mtp.experiments.tasks.TaskSpec``'s metrics); log them to the trial's run at the last step."""
     if checkpoint is None:
         raise RuntimeError("the sweep evaluates each trial, but training left no checkpoint")
     scores = spec.evaluate(checkpoint, cfg.tracking.tracking_uri) if isinstance(spec, EvalSpec) else spec.evaluate(checkpoint)
-    now = int(time.time() * 1000)
-    client.log_batch(cfg.tracking.run_id, metrics=[Metric(k, float(v), now, cfg.train.max_steps) for k, v in scores.items()])
+    _log_scores(client, cfg.tracking.run_id, scores, cfg.train.max_steps)

@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 from mtp.cluster.lifecycle import fit_here, run_tracked
 from mtp.config import JobConfig
 from mtp.sweep import runs
+from mtp.experiments.tasks import TaskSpec
+from mtp.sweep.evaluation import TaskProgress
 from mtp.sweep.resources import runs_inline
 from mtp.sweep.spec import SweepSpec
 
@@ -107,7 +109,10 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
 
     def fit(cfg: JobConfig):
         if runs_inline(cfg):
-            return fit_here(cfg, [TuneReporter(spec.metric, cfg.train.max_steps)], resumed=resumed)
+            callbacks = [TuneReporter(spec.metric, cfg.train.max_steps)]
+            if isinstance(spec.task, TaskSpec):  # a synthetic task: its metric over training too
+                callbacks.append(TaskProgress(client, cfg.tracking.run_id, spec.task, cfg.train.max_steps))
+            return fit_here(cfg, callbacks, resumed=resumed)
         return _fit_on_workers(cfg, tune_callback(spec.metric, cfg.train.max_steps))
 
     def after_fit(checkpoint: Path | None) -> None:
