@@ -361,3 +361,36 @@ def test_tune_job_rejects_a_bad_sweep_file_without_starting_ray(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "space.model.n_future.grid is empty" in done.stderr
     assert not (tmp_path / "ray").exists()  # no Ray session was started
+
+
+@pytest.mark.timeout(240)
+def test_a_task_sweep_logs_the_task_metric_over_training_and_a_summary_with_error_bars(
+    ray_cluster, mlflow_uri, tmp_path, monkeypatch
+):
+    """The reproduction experiments' path (tune_spaces/paper_*.yaml) on a toy star-graph task:
+    per-trial task metrics at an intermediate checkpoint and at the end, pooled over seeds
+    into the parent's table and figure."""
+    from mlflow.tracking import MlflowClient
+
+    from mtp.sweep import run_sweep
+
+    monkeypatch.setenv("MTP_CACHE_DIR", str(tmp_path / "cache"))
+    train = {**TINY_TRAIN["train"], "checkpoint_every": 3}
+    spec = parse_spec(sweep(
+        config={"train": train, "data": {"num_proc": 1}, "model": {"max_seq_len": 64}},
+        task={"name": "stargraph", "params": {"degree": 2, "arm_length": 2}, "train_problems": 200,
+              "test_problems": 6, "progress_problems": 3},
+        space={"model.n_future": {"grid": [1, 2]}, "train.seed": {"grid": [0, 1]}},
+        metric="task/in_domain/exact_match", mode="max",
+    ))
+    result = run_sweep(spec, storage_path=str(tmp_path / "sweeps"))
+    assert [row.status for row in result.rows] == ["ok"] * 4, [row.error for row in result.rows]
+    client = MlflowClient(mlflow_uri)
+    for row in result.rows:
+        history = client.get_metric_history(row.run_id, "task/in_domain/token_accuracy")
+        assert [m.step for m in history] == [3, 6]  # intermediate (3 problems), final (all 6)
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "task")}
+    assert {"task/task_summary.md", "task/task_summary.csv",
+            "task/task_in_domain_exact_match_vs_model.n_future.png"} <= artifacts
+    table = _artifact(client, result.parent_run_id, "task/task_summary.md").read_text()
+    assert "± " in table and "(2)" in table  # mean ± std over the 2 seeds of each n
