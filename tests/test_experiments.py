@@ -230,3 +230,13 @@ def test_speed_task_reports_every_declared_metric(tmp_path):
             assert 1.0 <= value <= 3.0, key  # at most n_future tokens per forward
     with pytest.raises(TaskError, match="batch_sizes"):
         SpeedSpec.parse({"name": "speed", "batch_sizes": [0]})
+
+
+def test_every_paper_sweep_file_belongs_to_one_named_experiment():
+    from pathlib import Path
+
+    from mtp.experiments.catalog import EXPERIMENTS
+
+    spaces = Path(__file__).resolve().parents[1] / "tune_spaces"
+    named = [f for files in EXPERIMENTS.values() for f in files]
+    assert sorted(named) == sorted(p.name for p in spaces.glob("paper_*.yaml") if p.name != "paper_grid.yaml")

@@ -1,0 +1,57 @@
+"""The five reproduction experiments by name: which sweep file(s) each runs, and running them.
+
+``jobs/reproduce.py NAME`` (or ``all``) is the one command per experiment; each is also
+runnable as its sweep file alone (``jobs/tune.py --space tune_spaces/paper_NAME.yaml``),
+except ``finetune``, whose second sweep is built from the first one's checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXPERIMENTS: dict[str, tuple[str, ...]] = {
+    "algorithmic": ("paper_algorithmic.yaml",),
+    "induction": ("paper_induction.yaml",),
+    "planning": ("paper_planning.yaml",),
+    "speed": ("paper_speed.yaml",),
+    "finetune": ("paper_finetune_pretrain.yaml", "paper_finetune.yaml"),
+}
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    name: str
+    tracking_uri: str
+    parent_run_id: str  # the experiment's parent run (finetune: the finetuning sweep's)
+    table: str  # markdown: task metrics, mean ± std over seeds, as logged to the parent run
+    trials: int
+    failed: int
+    seconds: float
+
+
+def run_experiment(name: str, spaces: Path, **sweep_options) -> ExperimentResult:
+    """Run one experiment (its files in the folder ``spaces``) on the connected Ray cluster;
+    ``sweep_options`` go to ``run_sweep``."""
+    import mlflow
+
+    from mtp.experiments.finetune import run_finetune
+    from mtp.sweep import load_spec, run_sweep
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; one of {', '.join(EXPERIMENTS)}")
+    files = [spaces / f for f in EXPERIMENTS[name]]
+    start = time.monotonic()
+    if name == "finetune":
+        both = run_finetune(*files, **sweep_options)
+        result, table = both.finetune, both.table
+        rows = both.pretrain.rows + both.finetune.rows
+    else:
+        result = run_sweep(load_spec(files[0]), sweep_file=files[0], **sweep_options)
+        rows = result.rows
+        table = Path(mlflow.artifacts.download_artifacts(
+            run_id=result.parent_run_id, artifact_path="task/task_summary.md", tracking_uri=result.tracking_uri,
+        )).read_text()
+    return ExperimentResult(name, result.tracking_uri, result.parent_run_id, table, len(rows),
+                            sum(r.status == "error" for r in rows), time.monotonic() - start)
