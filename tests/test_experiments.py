@@ -114,6 +114,21 @@ def test_induction_answer_is_the_earlier_names_second_byte():
         assert p.text.startswith(p.prompt + p.answer)
 
 
+def test_induction_short_templates_are_denser_and_checked():
+    params = {"n_names": 3, "n_sentences": 8, "templates": "short"}
+    t = spec("induction", params=params)
+    problems = t.problems("train", 200)
+    for p in problems:
+        first = p.prompt[-1]
+        earlier = re.findall(rf"{first}([a-z])", p.prompt[:-1])
+        assert earlier and set(earlier) == {p.answer}
+        assert len(p.text) < 128  # one story fits the sweep's context
+    assert problems == spec("induction", params=params).problems("train", 200)  # deterministic
+    assert t.corpus_path() != spec("induction", params={"n_names": 3, "n_sentences": 8}).corpus_path()
+    with pytest.raises(TaskError, match="templates"):
+        TaskSpec.parse({"name": "induction", "params": {"templates": "poems"}})
+
+
 def test_task_spec_errors_name_the_key():
     with pytest.raises(TaskError, match="task.name"):
         TaskSpec.parse({"name": "chess"})

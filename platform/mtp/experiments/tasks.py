@@ -53,9 +53,9 @@ TASKS: dict[str, TaskDef] = {
         evals={"in_domain": lambda p: stargraph.sampler(p["degree"], p["arm_length"])},
     ),
     "induction": TaskDef(
-        defaults={"n_names": 3, "n_sentences": 4},
-        train=lambda p: induction.sampler(p["n_names"], p["n_sentences"]),
-        evals={"in_domain": lambda p: induction.sampler(p["n_names"], p["n_sentences"])},
+        defaults={"n_names": 3, "n_sentences": 4, "templates": "story"},
+        train=lambda p: induction.sampler(p["n_names"], p["n_sentences"], p["templates"]),
+        evals={"in_domain": lambda p: induction.sampler(p["n_names"], p["n_sentences"], p["templates"])},
     ),
 }
 
