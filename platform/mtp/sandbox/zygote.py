@@ -241,6 +241,13 @@ class Zygote:
             self._reap()
             ended_alone = self.children.get(candidate)  # before our kill: how the candidate ended by itself
             self._end_tree()
+            if ended_alone is None and candidate is not None:
+                # The judge can see the candidate's socket close before the candidate's exit status
+                # is reapable (a loaded machine widens that window). A death already under way keeps
+                # its own signal through our kill, and we send only SIGKILL, so any other is its own.
+                after = self.children.get(candidate)
+                if after is not None and os.WIFSIGNALED(after) and os.WTERMSIG(after) != signal.SIGKILL:
+                    ended_alone = after
             status = self.children.pop(main)
             if os.WIFSIGNALED(status):
                 outcome.signal = os.WTERMSIG(status)
