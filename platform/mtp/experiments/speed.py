@@ -15,14 +15,16 @@ are exact counts.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mtp.benchmarks import intra_op_threads
-from mtp.decoding import Engine, Generation, SamplingParams
-from mtp.decoding.metrics import acceptance, distinct_ngrams, teacher_forced
+from mtp.decoding import Engine
+from mtp.decoding.benchmark import compare
+from mtp.decoding.metrics import teacher_forced
+
+SPEED_METRICS = ("tokens_per_forward", "speedup", "distinct_8gram")  # of each batch size and mode
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class SpeedSpec:
         names = ["speed/teacher_forced_tokens_per_forward"]
         for b in self.batch_sizes:
             for mode in ("greedy", "sampled"):
-                names += [f"speed/b{b}/{mode}_{m}" for m in ("tokens_per_forward", "speedup", "distinct_8gram")]
+                names += [f"speed/b{b}/{mode}_{m}" for m in SPEED_METRICS]
         return names
 
     def write_corpus(self, cache_dir=None) -> None:
@@ -79,7 +81,8 @@ class SpeedSpec:
             for b in self.batch_sizes:
                 for mode, temperature in (("greedy", 0.0), ("sampled", self.temperature)):
                     row = compare(engine, prompts, b, self.max_new_tokens, temperature)
-                    metrics.update({f"speed/b{b}/{mode}_{k}": v for k, v in row.items()})
+                    row["tokens_per_forward"] = row["tokens_per_forward"] or 1.0  # no drafts: one per forward
+                    metrics.update({f"speed/b{b}/{mode}_{k}": row[k] for k in SPEED_METRICS})
             return metrics
 
 
@@ -93,26 +96,3 @@ def heldout_texts(val_blocks: np.ndarray, count: int) -> list[list[int]]:
     if len(out) < count:
         raise ValueError(f"the validation split has {len(out)} usable blocks, {count} needed")
     return out
-
-
-def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-            temperature: float) -> dict[str, float]:
-    """Vanilla vs self-speculative at one batch size and temperature, interleaved chunk by chunk."""
-    modes = {s: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, speculative=s)
-             for s in (False, True)}
-    engine.generate_ids(prompts[:1], SamplingParams(max_new_tokens=4))  # warm-up
-    gens: dict[bool, list[Generation]] = {False: [], True: []}
-    seconds = {False: 0.0, True: 0.0}
-    for n, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start : start + batch_size]
-        for speculative in ((False, True) if n % 2 == 0 else (True, False)):
-            t0 = time.perf_counter()
-            gens[speculative].extend(engine.generate_ids(chunk, modes[speculative]))
-            seconds[speculative] += time.perf_counter() - t0
-    rate = {s: sum(len(g.tokens) for g in gens[s]) / seconds[s] for s in gens}
-    tokens_per_forward, _ = acceptance(gens[True])
-    return {
-        "tokens_per_forward": tokens_per_forward or 1.0,
-        "speedup": rate[True] / rate[False],
-        "distinct_8gram": float(np.mean([distinct_ngrams(g.tokens) for g in gens[True]])),
-    }

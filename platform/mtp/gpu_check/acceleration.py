@@ -29,9 +29,8 @@ import torch
 from mtp.benchmarks.schedules import release
 from mtp.config import build_config
 from mtp.data import prepare_data
-from mtp.decoding import Engine, Generation, SamplingParams
-from mtp.decoding.benchmark import humaneval_prompts, timed
-from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams
+from mtp.decoding import Engine
+from mtp.decoding.benchmark import compare, humaneval_prompts
 from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
 from mtp.model import count_parameters
 from mtp.tokenizer import Tokenizer
@@ -141,39 +140,11 @@ def train_model(sizes: AccelerationSizes, device: torch.device, train_s: float, 
 # --------------------------------------------------------------------------- decoding
 
 
-def compare(engine: Engine, prompts: list[list[int]], batch: int, temperature: float, max_new_tokens: int,
-            cap_s: float) -> dict[str, Any]:
-    """Vanilla vs speculative over chunks of ``batch`` prompts, alternating, until ``cap_s``."""
-    modes = {s: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, speculative=s)
-             for s in (False, True)}
-    engine.warm_up(list(modes.values()))  # CUDA graphs: every batch size a shrinking batch passes through
-    gens: dict[bool, list[Generation]] = {False: [], True: []}
-    seconds = {False: 0.0, True: 0.0}
-    start = time.perf_counter()
-    for n, first in enumerate(range(0, len(prompts), batch)):
-        for speculative in ((False, True) if n % 2 == 0 else (True, False)):
-            out, dt = timed(engine, prompts[first : first + batch], modes[speculative])
-            gens[speculative] += out
-            seconds[speculative] += dt
-        if time.perf_counter() - start > cap_s:
-            break
-    van, spec = gens[False], gens[True]
-    real = [g for g in spec if distinct_ngrams(g.tokens) >= NONREPETITIVE]
-    tpf, hist = acceptance(spec)
-    rate = {s: sum(len(g.tokens) for g in gens[s]) / seconds[s] for s in gens}
-    return {
-        "batch": batch, "temperature": temperature, "prompts": len(van), "vanilla_tokens_per_s": rate[False],
-        "speculative_tokens_per_s": rate[True], "speedup": rate[True] / rate[False], "tokens_per_forward": tpf,
-        "tokens_per_forward_nonrepetitive": acceptance(real)[0], "nonrepetitive": len(real), "accepted_histogram": hist,
-        "identical": sum(a.tokens == b.tokens for a, b in zip(van, spec)),
-    }
-
-
 def _row(m: dict[str, Any], graphs: bool) -> Row:
     """One comparison; greedy rows pass only when every output is token-identical (fp32)."""
     greedy = m["temperature"] == 0
     nonrep = m["tokens_per_forward_nonrepetitive"]
-    summary = (f"{m['tokens_per_forward']:.2f} tok/fwd (non-repetitive {nonrep:.2f} on {m['nonrepetitive']}/"
+    summary = (f"{m['tokens_per_forward']:.2f} tok/fwd (non-repetitive {nonrep:.2f} on {m['nonrepetitive_prompts']}/"
                f"{m['prompts']})" if nonrep is not None else f"{m['tokens_per_forward']:.2f} tok/fwd (no non-repetitive output)")
     summary += (f", speedup x{m['speedup']:.2f} ({m['vanilla_tokens_per_s']:,.0f} -> {m['speculative_tokens_per_s']:,.0f} tok/s"
                 f"{', CUDA graphs' if graphs and greedy else ''})")
@@ -181,7 +152,7 @@ def _row(m: dict[str, Any], graphs: bool) -> Row:
     if greedy:
         summary += f", identical {m['identical']}/{m['prompts']}"
         status = PASS if m["identical"] == m["prompts"] else FAIL
-    name = f"{'greedy' if greedy else 'T=' + format(m['temperature'], 'g')} b{m['batch']} (fp32)"
+    name = f"{'greedy' if greedy else 'T=' + format(m['temperature'], 'g')} b{m['batch_size']} (fp32)"
     return Row(STAGE, name, status, summary, PAPER, m)
 
 
@@ -209,7 +180,7 @@ def run(sizes: AccelerationSizes, device: torch.device, budget: Budget) -> list[
             rows.append(skipped(STAGE, name, "budget"))
             continue
         try:
-            rows.append(_row(compare(engine, prompts, batch, temperature, sizes.max_new_tokens, cap), graphs))
+            rows.append(_row(compare(engine, prompts, batch, sizes.max_new_tokens, temperature, cap), graphs))
         except Exception as exc:  # noqa: BLE001
             rows.append(error_row(STAGE, name, exc))
     del engine, model
