@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 from mtp.config import TrackingConfig  # noqa: E402
 from mtp.registry import CHAMPION, set_alias  # noqa: E402
 from mtp.tracking import tracking_uri  # noqa: E402
+from mtp.uris import ModelRef  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing model or version
         print(f"promote: {exc}", file=sys.stderr)
         return 2
-    name = pinned[len("models:/"):].split("/")[0]
-    print(f"models:/{name}@{args.alias} -> {pinned}")
+    print(f"{ModelRef(ModelRef.parse(pinned).name, alias=args.alias)} -> {pinned}")
     return 0
 
 

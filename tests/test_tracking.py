@@ -179,3 +179,16 @@ def test_unreachable_server_and_unknown_model_fail_clearly(mlflow_server, tmp_pa
     check_tracking(mlflow_server)
     with pytest.raises(TrackingError, match="cannot resolve 'models:/no-such-model/1'"):
         resolve_checkpoint("models:/no-such-model/1", cache_dir=tmp_path, tracking=mlflow_server)
+
+
+@pytest.mark.parametrize("uri,name,version,alias", [
+    ("models:/mtp/3", "mtp", "3", None), ("models:/mtp@champion", "mtp", None, "champion"),
+    ("models:/mtp/3/", "mtp", "3", None), ("models:/mtp", "mtp", None, None),
+])
+def test_model_uris_parse_and_print_back(uri, name, version, alias):
+    from mtp.uris import ModelRef
+
+    ref = ModelRef.parse(uri)
+    assert (ref.name, ref.version, ref.alias) == (name, version, alias)
+    assert str(ref) == uri.rstrip("/")
+    assert ModelRef.parse("runs:/abc/model") is None and ModelRef.parse("/tmp/checkpoint") is None

@@ -23,6 +23,8 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 
+from mtp.uris import ModelRef
+
 MODEL_ARTIFACT = "model"  # the logged model's name inside the run
 CHECKPOINT_KEY = "checkpoint"  # its artifact holding the mtp checkpoint
 NEWEST, CHAMPION = "newest", "champion"
@@ -139,7 +141,7 @@ def _register(client, logged, run_id: str, name: str, tags: dict[str, str] | Non
     client.set_registered_model_alias(name, alias, version)
     if CHAMPION not in client.get_registered_model(name).aliases:
         client.set_registered_model_alias(name, CHAMPION, version)
-    return f"models:/{name}/{version}"
+    return str(ModelRef(name, version=version))
 
 
 def _requirements() -> list[str]:
@@ -154,18 +156,18 @@ def pin_alias(model_uri: str, tracking_uri: str | None) -> str:
 
     Raises ValueError naming the alias when the registry does not know it.
     """
-    if not model_uri.startswith("models:/") or "@" not in model_uri:
+    ref = ModelRef.parse(model_uri)
+    if ref is None or ref.alias is None:
         return model_uri
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    name, _, alias = model_uri[len("models:/"):].partition("@")
     try:
-        version = MlflowClient(tracking_uri, tracking_uri).get_model_version_by_alias(name, alias).version
+        version = MlflowClient(tracking_uri, tracking_uri).get_model_version_by_alias(ref.name, ref.alias).version
     except MlflowException as exc:
         raise ValueError(f"{model_uri}: the registry at {tracking_uri or 'the default store'} "
                          f"has no such alias ({exc.message})") from None
-    return f"models:/{name}/{version}"
+    return str(ModelRef(ref.name, version=str(version)))
 
 
 def set_alias(model_uri: str, alias: str, tracking_uri: str) -> str:
@@ -173,8 +175,8 @@ def set_alias(model_uri: str, alias: str, tracking_uri: str) -> str:
     from mlflow import MlflowClient
 
     pinned = pin_alias(model_uri, tracking_uri)
-    if not pinned.startswith("models:/") or pinned.count("/") != 2:
+    ref = ModelRef.parse(pinned)
+    if ref is None or ref.version is None or "/" in ref.version:
         raise ValueError(f"{model_uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
-    name, version = pinned[len("models:/"):].split("/")
-    MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(name, alias, version)
+    MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(ref.name, alias, ref.version)
     return pinned

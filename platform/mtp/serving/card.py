@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from mtp.checkpoint import CONFIG, WEIGHTS, read_config
+from mtp.uris import ModelRef
 
 FINGERPRINT_BYTES = 1 << 20
 
 
 def model_version(uri: str, directory: Path) -> str:
     """``models:/name/3`` -> ``3``; ``runs:/<id>/path`` -> ``<id>``; a path -> a content fingerprint."""
-    if uri.startswith("models:/"):
-        return uri[len("models:/"):].rstrip("/").split("/", 1)[-1]
+    ref = ModelRef.parse(uri)
+    if ref is not None:
+        return ref.version or f"{ref.name}@{ref.alias}"
     if uri.startswith("runs:/"):
         return uri[len("runs:/"):].split("/", 1)[0]
     return fingerprint(directory)

@@ -17,6 +17,7 @@ from typing import Any
 
 from mtp.checkpoint import URI_SCHEMES
 from mtp.config import ConfigError
+from mtp.uris import ModelRef
 
 API_KEY_ENV = "MTP_SERVE_API_KEY"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -73,9 +74,8 @@ class ServeConfig:
         if self.model_name:
             return self.model_name
         text = str(self.model).rstrip("/")
-        if text.startswith("models:/"):
-            return text[len("models:/"):].split("/")[0].split("@")[0]
-        return Path(text).name or text
+        ref = ModelRef.parse(text)
+        return ref.name if ref else Path(text).name or text
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ from typing import Any
 
 from mtp.config import ConfigError
 from mtp.registry import pin_alias
+from mtp.uris import ModelRef
 
 APP_IMPORT_PATH = "mtp.serving.app:build_app"
 MODEL_DEPLOYMENT = "ModelServer"
@@ -49,7 +50,8 @@ def deploy_config(
             served = pin_alias(model, tracking_uri)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    name = model[len("models:/"):].split("@")[0].split("/")[0] if model.startswith("models:/") else None
+    ref = ModelRef.parse(model)
+    name = ref.name if ref else None
     args = app.setdefault("args", {})
     args["model"] = served
     if name and not args.get("model_name"):
