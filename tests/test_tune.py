@@ -394,3 +394,41 @@ def test_a_task_sweep_logs_the_task_metric_over_training_and_a_summary_with_erro
             "task/task_in_domain_exact_match_vs_model.n_future.png"} <= artifacts
     table = _artifact(client, result.parent_run_id, "task/task_summary.md").read_text()
     assert "± " in table and "(2)" in table  # mean ± std over the 2 seeds of each n
+
+
+@pytest.mark.timeout(300)
+def test_the_finetune_experiment_finetunes_every_pretrained_model_with_every_n(ray_cluster, mlflow_uri, tmp_path,
+                                                                              monkeypatch):
+    """``jobs/reproduce.py finetune`` on toy files: two sweeps, the second over the first's checkpoints
+    (``--init-from`` per trial), its table pooled by pretraining n, lineage tagged."""
+    from mlflow.tracking import MlflowClient
+
+    from mtp.experiments.catalog import EXPERIMENTS, run_experiment
+
+    monkeypatch.setenv("MTP_CACHE_DIR", str(tmp_path / "cache"))
+    task = {"name": "stargraph", "params": {"degree": 2, "arm_length": 2}, "train_problems": 200,
+            "test_problems": 4, "progress_problems": 2}
+    config = {"train": TINY_TRAIN["train"], "data": {"num_proc": 1},
+              "model": {"max_seq_len": 64, "n_layers": 3, "param_matched": False}}
+    pretrain, finetune = EXPERIMENTS["finetune"]
+    (tmp_path / pretrain).write_text(yaml.safe_dump(sweep(
+        name="pre", config=config, task=task, space={"model.n_future": {"grid": [1, 2]}},
+        metric="task/in_domain/exact_match", mode="max")))
+    (tmp_path / finetune).write_text(yaml.safe_dump(sweep(
+        name="ft", config=config, task=task, space={"model.n_future": {"grid": [1, 2]}},
+        metric="task/in_domain/exact_match", mode="max", plot={"x": "model.n_future", "lines": "train.init_from"})))
+    result = run_experiment("finetune", tmp_path, storage_path=str(tmp_path / "sweeps"))
+    assert (result.trials, result.failed) == (2 + 4, 0)
+    assert "| pretrain.n_future | n_future=1 | n_future=2 |" in result.table
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    pre_parent = parent.data.tags["pretrain_parent_run_id"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    sources = {r.data.params["train.init_from"] for r in children}
+    pretrained = client.search_runs([parent.info.experiment_id],
+                                    filter_string=f"tags.`mlflow.parentRunId` = '{pre_parent}'")
+    assert sources == {r.data.tags["checkpoint"] for r in pretrained}
+    assert {r.data.tags["init_from_run_id"] for r in children} == {r.info.run_id for r in pretrained}
+    assert "task_by_pretraining/task_summary.md" in {a.path for a in client.list_artifacts(result.parent_run_id,
+                                                                                            "task_by_pretraining")}
