@@ -92,6 +92,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per line (samples, per-sample results), the format every tool here reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def humaneval_problem(row: dict[str, Any]) -> Problem:
     """``check(candidate)`` gets the entry point; in the oracle the prompt (its imports, helpers and the
     entry point's signature) runs on the benchmark's side too, then the entry point becomes the proxy."""

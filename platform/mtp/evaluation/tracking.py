@@ -8,7 +8,6 @@ the same store.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtp.evaluation.benchmarks import write_jsonl
 from mtp.evaluation.scoring import EvaluationResult, result_rows
 from mtp.tracking import experiment_id as experiment_for
 from mtp.tracking import source_tags
@@ -101,13 +101,11 @@ def log_evaluation(
                 table = scored.result.per_problem()
                 columns = {key: [row.get(key) for row in table] for key in table[0]}
                 client.log_table(run_id, data=columns, artifact_file=f"{scored.slug}_per_problem.json")
-                samples = Path(tmp) / f"{scored.slug}_samples.jsonl"
-                samples.write_text("".join(json.dumps(row) + "\n" for row in result_rows(scored.result)))
+                samples = write_jsonl(Path(tmp) / f"{scored.slug}_samples.jsonl", result_rows(scored.result))
                 client.log_artifact(run_id, str(samples))
                 if scored.generation:  # per sample: was the prompt cut, was the generation clipped
-                    generation = Path(tmp) / f"{scored.slug}_generation.jsonl"
-                    generation.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "completion"}) + "\n"
-                                                  for row in scored.generation))
+                    generation = write_jsonl(Path(tmp) / f"{scored.slug}_generation.jsonl",
+                                             ({k: v for k, v in row.items() if k != "completion"} for row in scored.generation))
                     client.log_artifact(run_id, str(generation))
         if training_run:
             _link_back(client, training_run, run_id)
