@@ -120,9 +120,10 @@ class TaskSpec:
 
     def eval_sets(self, limit: int | None = None) -> dict[str, list[Problem]]:
         """Held-out test problems per evaluation set (never in any training corpus); the
-        first ``limit`` of each (the same problems every time) if given."""
+        first ``limit`` of each if given (a seeded stream: the same problems every time,
+        and drawing fewer draws a prefix of the full set)."""
         count = self.test_problems if limit is None else min(limit, self.test_problems)
-        return {name: self.problems("test", self.test_problems, name)[:count] for name in self.definition.evals}
+        return {name: self.problems("test", count, name) for name in self.definition.evals}
 
     def metric_names(self) -> list[str]:
         """What ``evaluate`` reports, for a sweep's ``metric``."""
