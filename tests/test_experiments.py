@@ -149,6 +149,7 @@ def test_corpus_holds_train_problems_once(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert t.write_corpus(tmp_path) == path and path.stat().st_mtime_ns == mtime  # cached
     assert spec("polynomial", train_problems=301).corpus_path(tmp_path) != path
+    assert spec("polynomial", test_problems=7, progress_problems=3).corpus_path(tmp_path) == path  # same lines
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -140,7 +140,9 @@ class TaskSpec:
 
     def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
         root = Path(cache_dir) / "tasks" if cache_dir else mtp_cache_dir("tasks")
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        # named by what decides its lines only: how many test problems are scored, and when, does not
+        makes = {"name": self.name, "params": self.params, "train_problems": self.train_problems, "seed": self.seed}
+        digest = hashlib.sha256(json.dumps(makes, sort_keys=True).encode()).hexdigest()[:12]
         return root / f"{self.name}-{digest}.jsonl"
 
     def write_corpus(self, cache_dir: str | Path | None = None) -> Path:
