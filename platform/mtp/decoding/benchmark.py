@@ -237,7 +237,6 @@ def speculation(engine: Engine, prompts: list[list[int]], batch_sizes: Sequence[
     if tree:
         tree_engine = Engine(engine.model, engine.tokenizer, max_batch_size=1, tree=tree,
                              cuda_graphs=engine.cuda_graphs, compile=engine.compiled)
-        tree_engine.warm_up([SamplingParams(), SamplingParams(speculative=False)])
         row = {**common, "mode": f"tree{tuple(tree)}", **compare(tree_engine, prompts, 1, max_new_tokens)}
         results.append(with_efficiency(row, layer_ratio))
     return results

@@ -21,7 +21,7 @@ from typing import Callable
 import requests
 import torch
 
-from mtp.decoding import Engine, SamplingParams
+from mtp.decoding import Engine
 from mtp.decoding.benchmark import compare, humaneval_prompts
 
 RETENTION_TARGET = 0.85
@@ -44,8 +44,7 @@ def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> tuple[Engine,
 
 
 def engine_speedup(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict[str, object]:
-    """bench_decoding's batch-1 comparison (vanilla vs speculative greedy, interleaved)."""
-    engine.warm_up([SamplingParams(), SamplingParams(speculative=False)])
+    """bench_decoding's batch-1 comparison (vanilla vs speculative greedy, interleaved, after warm-up)."""
     result = compare(engine, prompts, 1, max_tokens)
     return {k: v for k, v in result.items() if not isinstance(v, list)}
 
