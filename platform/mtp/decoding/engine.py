@@ -60,10 +60,10 @@ from mtp.decoding.packed import PackedModel, StepLayout
 from mtp.decoding.sampling import RowSampling, sample, speculative_accept, target_probs
 from mtp.decoding.text import TextState
 from mtp.decoding.tree import DraftTree, TreeTensors
-
-CHANGING_SHAPE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 from mtp.model import MTPTransformer
 from mtp.tokenizer import Tokenizer
+
+CHANGING_SHAPE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # One of each step kind: greedy or sampled, speculative or head 0 alone.

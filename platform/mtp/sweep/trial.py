@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from mtp.cluster.lifecycle import fit_here, run_tracked
 from mtp.config import JobConfig
-from mtp.sweep import runs
 from mtp.experiments.tasks import TaskSpec
+from mtp.sweep import runs
 from mtp.sweep.evaluation import TaskProgress
 from mtp.sweep.resources import runs_inline
 from mtp.sweep.spec import SweepSpec
