@@ -1,0 +1,93 @@
+"""The comparison machinery: verdicts from the numbers, floors on known toy test sets, arms' FLOPs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtp.compare.floors import induction_floors, polynomial_floors, stargraph_floors, strongest
+from mtp.compare.stats import bootstrap_difference, verdict
+from mtp.experiments.problem import Problem
+
+# ----------------------------------------------------------------------- verdicts
+
+
+def _seeds(mean: float, spread: float, n: int = 5, seed: int = 0) -> list[float]:
+    return list(mean + spread * np.random.default_rng(seed).standard_normal(n))
+
+
+def test_known_effect_is_better_and_reversed_is_worse():
+    base, arm = _seeds(0.50, 0.02), _seeds(0.60, 0.02, seed=1)
+    v = verdict(arm, base, floor=0.30, margin=0.05)
+    assert v.word == "better" and v.interval.low > 0 and "excludes 0" in v.text()
+    assert verdict(base, arm, floor=0.30, margin=0.05).word == "worse"
+    # lower is better for a loss: the same numbers are "worse"
+    assert verdict(arm, base, floor=None, margin=0.0, mode="min").word == "worse"
+
+
+def test_no_effect_is_no_difference_with_a_detectable_size():
+    base, arm = _seeds(0.50, 0.05), _seeds(0.50, 0.05, seed=1)
+    v = verdict(arm, base, floor=0.30, margin=0.05)
+    assert v.word == "no difference detected"
+    assert v.interval.low < 0 < v.interval.high
+    detectable = float(v.reason.split()[-1])
+    assert 0.03 < detectable < 0.2  # 2.8 standard errors of a difference of two 5-seed means with std 0.05
+
+
+def test_baseline_under_its_floor_is_inconclusive_whatever_the_arm():
+    base, arm = _seeds(0.33, 0.01), _seeds(0.60, 0.01, seed=1)
+    v = verdict(arm, base, floor=0.347, margin=0.02)
+    assert v.word == "inconclusive" and v.interval is None and "floor 0.347" in v.reason
+    # just above the floor but not by the margin fixed beforehand: still inconclusive
+    assert verdict(arm, _seeds(0.36, 0.01), floor=0.347, margin=0.05).word == "inconclusive"
+    assert verdict(arm, [0.5], floor=0.3, margin=0.0).word == "inconclusive"  # one seed: no interval
+
+
+def test_bootstrap_is_seeded_and_brackets_the_difference():
+    a, b = _seeds(0.6, 0.05), _seeds(0.5, 0.05, seed=1)
+    first, again = bootstrap_difference(a, b, seed=3), bootstrap_difference(a, b, seed=3)
+    assert first == again
+    assert first.low < first.diff < first.high
+    assert bootstrap_difference(a, b, seed=4) != first
+
+
+def test_verdict_rejects_bad_settings():
+    with pytest.raises(ValueError, match="mode"):
+        verdict([1, 2], [1, 2], floor=None, margin=0, mode="best")
+    with pytest.raises(ValueError, match="margin"):
+        verdict([1, 2], [1, 2], floor=None, margin=-1)
+
+
+# ------------------------------------------------------------------------- floors
+
+
+def test_induction_floors_on_a_toy_test_set():
+    problems = [
+        # names seen Ab, Cd, Ef; second bytes {b, d, f}; query "A" in a sentence that already holds Cd
+        Problem("Ab met Cd. Ef saw Ab. Cd paid A", "b"),
+        # only Ab and Cd seen, the query's sentence holds Cd: guess_seen_other has one candidate, b
+        Problem("Ab met Cd. Cd hit A", "b"),
+    ]
+    floors = induction_floors(problems)
+    assert floors["guess_seen"]["exact_match"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert floors["guess_seen_other"]["exact_match"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_polynomial_floors_fit_on_training_problems_only():
+    fit = [Problem("o3x=", "30000"), Problem("+xx=", "02000"), Problem("*x2=", "02000"), Problem("~1=", "60000")]
+    test = [Problem("o5+x1=", "50000"), Problem("+x~x=", "00000"), Problem("+1x=", "11000"), Problem("*xx=", "00100")]
+    floors = polynomial_floors(test, fit)
+    assert floors["constant"]["exact_match"] == 0.0  # "02000" is right on none of them
+    assert floors["two_rule_lookup"]["exact_match"] == 0.25  # the o-constant rule gets the first
+    # token accuracy: per answer byte, as the models are scored
+    assert floors["constant"]["token_accuracy"] == pytest.approx((3 + 4 + 3 + 3) / 20)
+    assert strongest(floors, "exact_match") == ("two_rule_lookup", 0.25)
+
+
+def test_stargraph_floors_on_a_toy_graph():
+    # start k, arms k-q-a and k-z-c, goal c: path kzc
+    test = [Problem("kq,zc,qa,kz|kc=", "kzc")]
+    floors = stargraph_floors(test)
+    assert floors["copy_start_goal"] == {"exact_match": 0.0, "token_accuracy": pytest.approx(2 / 3)}
+    assert floors["shortcut"]["exact_match"] == 0.5
+    assert floors["shortcut"]["token_accuracy"] == pytest.approx((1 + 2 * 0.5) / 3)
