@@ -141,8 +141,14 @@ class DataConfig:
     num_proc: int = 2
     seed: int = 0
     cache_dir: str | None = None
+    pack: str = "stream"  # "stream": cut every block; "whole": a document never straddles a block (mtp.packing)
+    prompt_column: str | None = None  # with pack=whole: that column's text (a prefix) is input only, never a target
 
     def validate(self) -> None:
+        if self.pack not in ("stream", "whole"):
+            raise ConfigError(f"data.pack={self.pack!r} must be 'stream' or 'whole'")
+        if self.prompt_column is not None and self.pack != "whole":
+            raise ConfigError("data.prompt_column masks the loss per document: it needs data.pack: whole")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         _positive(self, "num_proc", "bpe_vocab_size")
@@ -170,6 +176,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     head_weights: list[float] | None = None  # per-head loss weights; uniform when None
+    head_targets: str = "future"  # "future": head i predicts t+1+i; "next": every head t+1 (a control)
     schedule: str = "sequential"  # "sequential" (memory-efficient) or "naive"
     loss_chunk_size: int | None = 1024  # positions per CE chunk; None = whole sequence
     dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
@@ -192,6 +199,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.head_targets not in ("future", "next"):
+            raise ConfigError(f"train.head_targets={self.head_targets!r} must be 'future' or 'next'")
         if self.schedule not in ("sequential", "naive"):
             raise ConfigError(f"train.schedule={self.schedule!r} must be 'sequential' or 'naive'")
         if self.dtype not in ("auto", "bf16", "fp32"):

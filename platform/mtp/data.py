@@ -141,8 +141,12 @@ def load_corpus(cfg: DataConfig):
             f"data.source={cfg.source!r} has no column data.text_column={cfg.text_column!r}; "
             f"its columns are {ds.column_names}"
         )
-    ds = ds.select_columns([cfg.text_column])
-    return ds.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else ds
+    columns = {cfg.text_column: "text", **({cfg.prompt_column: "prompt"} if cfg.prompt_column else {})}
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"data.source={cfg.source!r} has no column {missing[0]!r}; its columns are {ds.column_names}")
+    ds = ds.select_columns(list(columns))
+    return ds.rename_columns({k: v for k, v in columns.items() if k != v})
 
 
 # ------------------------------------------------------------------ tokenization
@@ -229,6 +233,7 @@ class PackedData:
     token_bytes: np.ndarray
     n_documents: int
     directory: Path
+    masked: bool = False  # prompt tokens carry mtp.packing.LOSS_MASK_FLAG: inputs only
 
 
 def _cache_key(cfg: DataConfig, source: Source, block_len: int) -> str:
@@ -283,8 +288,11 @@ def _build(cfg: DataConfig, block_len: int, directory: Path) -> None:
     train_docs = _select(docs, 0, split)
     val_docs = _select(docs, split, len(docs))
     tokenizer = build_tokenizer(cfg, train_docs if isinstance(train_docs, list) else train_docs["text"])
-    train = pack(_token_stream(train_docs, tokenizer, cfg.num_proc), block_len)
-    val = pack(_token_stream(val_docs, tokenizer, cfg.num_proc), block_len, pad_id=tokenizer.pad_id)
+    if cfg.pack == "whole":
+        train, val = (_pack_whole(d, tokenizer, block_len, cfg.prompt_column is not None) for d in (train_docs, val_docs))
+    else:
+        train = pack(_token_stream(train_docs, tokenizer, cfg.num_proc), block_len)
+        val = pack(_token_stream(val_docs, tokenizer, cfg.num_proc), block_len, pad_id=tokenizer.pad_id)
     if len(train) == 0:
         raise DataError(f"data.source={cfg.source!r} yields no training block of {block_len} tokens; use a shorter train.seq_len")
 
@@ -293,7 +301,8 @@ def _build(cfg: DataConfig, block_len: int, directory: Path) -> None:
     np.save(tmp / "train.npy", train)
     np.save(tmp / "val.npy", val)
     tokenizer.save(tmp)
-    meta = {"source": cfg.source, "n_documents": len(docs), "n_val_documents": n_val, "block_len": block_len}
+    meta = {"source": cfg.source, "n_documents": len(docs), "n_val_documents": n_val, "block_len": block_len,
+            "masked": cfg.prompt_column is not None}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     try:
         os.replace(tmp, directory)
@@ -313,7 +322,21 @@ def _load(directory: Path) -> PackedData:
         token_bytes=token_byte_lengths(tokenizer),
         n_documents=meta["n_documents"],
         directory=directory,
+        masked=meta.get("masked", False),
     )
+
+
+def _pack_whole(docs, tokenizer: Tokenizer, block_len: int, masked: bool) -> np.ndarray:
+    """A task corpus: each document whole in one block, its prompt input-only if ``masked`` (``mtp.packing``)."""
+    from mtp.packing import PackingError, document_units, pack_whole
+
+    texts = docs if isinstance(docs, list) else docs["text"]
+    prompts = (None if isinstance(docs, list) else docs["prompt"]) if masked else None
+    try:
+        return pack_whole(document_units(list(texts), tokenizer, None if prompts is None else list(prompts)),
+                          block_len, tokenizer.pad_id)
+    except PackingError as exc:
+        raise DataError(f"data.pack=whole: {exc}") from None
 
 
 # ---------------------------------------------------------------------- sharding

@@ -21,21 +21,32 @@ import torch
 import torch.nn.functional as F
 
 from mtp.model import MTPTransformer
+from mtp.packing import LOSS_MASK_FLAG
 
 IGNORE_INDEX = -100
 
 
-def mtp_targets(tokens: torch.Tensor, n_future: int, pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mtp_targets(tokens: torch.Tensor, n_future: int, pad_id: int | None = None, *, next_token_only: bool = False,
+                masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a block ``[B, T+1]`` into inputs ``[B, T]`` and per-head targets ``[n, B, T]``.
 
-    Head ``i`` at position ``t`` targets ``tokens[t + 1 + i]``; positions past the
-    block's end, and targets equal to ``pad_id``, are ``IGNORE_INDEX``.
+    Head ``i`` at position ``t`` targets ``tokens[t + 1 + i]`` (``tokens[t + 1]`` for
+    every head with ``next_token_only``: the control that keeps the extra heads and
+    compute but not the lookahead); positions past the block's end, and targets equal to
+    ``pad_id``, are ``IGNORE_INDEX``. With ``masked``, tokens carrying ``LOSS_MASK_FLAG``
+    (a task's prompt, ``mtp.packing``) are inputs only, never targets.
     """
+    if masked:
+        keep = tokens < LOSS_MASK_FLAG
+        tokens = tokens.where(keep, tokens - LOSS_MASK_FLAG)
     inputs = tokens[:, :-1]
     B, T = inputs.shape
     targets = torch.full((n_future, B, T), IGNORE_INDEX, dtype=torch.long, device=tokens.device)
     for i in range(min(n_future, T)):
-        targets[i, :, : T - i] = tokens[:, 1 + i :]
+        shift = 0 if next_token_only else i
+        targets[i, :, : T - shift] = tokens[:, 1 + shift :]
+        if masked:
+            targets[i, :, : T - shift].masked_fill_(~keep[:, 1 + shift :], IGNORE_INDEX)
     if pad_id is not None:
         targets.masked_fill_(targets == pad_id, IGNORE_INDEX)  # not boolean indexing: that waits for the device
     return inputs, targets

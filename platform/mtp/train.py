@@ -296,7 +296,8 @@ class Trainer:
         if self.device.type == "cuda":
             tokens = tokens.pin_memory()
         tokens = tokens.to(self.device, non_blocking=True)
-        return mtp_targets(tokens, self.cfg.model.n_future, self.data.tokenizer.pad_id)
+        return mtp_targets(tokens, self.cfg.model.n_future, self.data.tokenizer.pad_id,
+                           next_token_only=self.cfg.train.head_targets == "next", masked=self.data.masked)
 
     def _autocast(self):
         if self.amp is None:
