@@ -91,3 +91,47 @@ def test_stargraph_floors_on_a_toy_graph():
     assert floors["copy_start_goal"] == {"exact_match": 0.0, "token_accuracy": pytest.approx(2 / 3)}
     assert floors["shortcut"]["exact_match"] == 0.5
     assert floors["shortcut"]["token_accuracy"] == pytest.approx((1 + 2 * 0.5) / 3)
+
+
+# --------------------------------------------------------------------------- arms
+
+
+def _cfg(n_future: int, steps: int = 100, batch: int = 8, param_matched: bool = False):
+    from mtp.config import build_config
+
+    return build_config(None, {**_base_fields(), "model.param_matched": param_matched, "model.n_future": n_future,
+                               "train.max_steps": steps, "train.batch_size": batch})
+
+
+def test_compute_matched_steps_by_hand():
+    from mtp.compare.arms import compute_matched_steps
+
+    # dim 64, 4 heads of 16, SwiGLU width 192: a block has 64*16*16 + 3*64*192 + 2*64 = 53376 parameters;
+    # the unembedding 260*64 = 16640 per head; causal attention 2*4*16*64 = 8192 per layer (6x for fwd+bwd).
+    n1 = 6 * (3 * 53376 + 16640 + 3 * 8192)  # trunk 2 + head 1
+    n2 = 6 * (4 * 53376 + 2 * 16640 + 4 * 8192)  # trunk 2 + heads 2 (not param-matched)
+    assert compute_matched_steps(_cfg(1), _cfg(2)) == -(-100 * n2 // n1) == 139
+    # more tokens per step on the baseline: fewer steps for the same FLOPs
+    assert compute_matched_steps(_cfg(1, batch=16), _cfg(2)) == 70
+    # param-matched n=2 costs only its second unembedding: a few steps more
+    assert 100 < compute_matched_steps(_cfg(1, param_matched=True), _cfg(2, param_matched=True)) < 110
+
+
+def test_arms_expand_to_labelled_configs():
+    from mtp.compare.arms import ArmsSpec, overrides
+    from mtp.config import build_config
+
+    arms = ArmsSpec(compute_matched=True, next_token_heads=True).arms([1, 2])
+    assert [a.label for a in arms] == ["n=1", "n=2", "n=1 compute-matched to n=2", "n=2 all heads t+1"]
+    build = lambda fields: build_config(None, {**_base_fields(), **fields})
+    assert overrides(arms[2], build) == {"model.n_future": 1, "train.max_steps": 139}
+    assert overrides(arms[3], build) == {"model.n_future": 2, "train.head_targets": "next"}
+    with pytest.raises(ValueError, match="n=1 baseline"):
+        ArmsSpec(compute_matched=True).arms([2, 4])
+    with pytest.raises(ValueError, match="unknown arms key"):
+        ArmsSpec.parse({"compute_match": True})
+
+
+def _base_fields():
+    return {"model.dim": 64, "model.n_layers": 3, "model.n_heads": 4, "model.multiple_of": 32, "model.max_seq_len": 64,
+            "model.param_matched": False, "train.seq_len": 64, "train.max_steps": 100, "train.batch_size": 8}

@@ -1,0 +1,102 @@
+"""Arms of an n_future comparison: what each trial is, beside the plain param-matched n.
+
+- ``n=k`` (``param_matched``): the sweep's own n_future values.
+- ``n=1 compute-matched to n=k``: the next-token model trained for more steps, so its
+  training FLOPs (``mtp.model.training_flops_per_token``) equal the n=k arm's. A gain of
+  n=k over this arm is not extra compute.
+- ``n=k all heads t+1``: the n=k architecture and compute, every head trained on the
+  next token (``train.head_targets: next``). A gain of n=k over this arm is the
+  lookahead, not the extra head parameters.
+
+A sweep file lists the controls in ``arms:``; the arm becomes one grid dimension
+(``arm``, its label) in place of ``model.n_future``, and ``overrides`` turns a label into
+the config fields the trial trains with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mtp.config import JobConfig
+from mtp.model import training_flops_per_token
+
+KINDS = ("param_matched", "compute_matched", "next_token_heads")
+ARM = "arm"  # the grid dimension's name, and the summary's column
+
+
+@dataclass(frozen=True)
+class Arm:
+    n_future: int
+    kind: str = "param_matched"
+    controls: int | None = None  # the n of the arm a control stands beside
+
+    @property
+    def label(self) -> str:
+        if self.kind == "compute_matched":
+            return f"n=1 compute-matched to n={self.controls}"
+        if self.kind == "next_token_heads":
+            return f"n={self.n_future} all heads t+1"
+        return f"n={self.n_future}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.kind == "param_matched" and self.n_future == 1
+
+
+@dataclass(frozen=True)
+class ArmsSpec:
+    """A sweep file's ``arms:`` section: which controls to add for every n > 1 of the grid."""
+
+    compute_matched: bool = False
+    next_token_heads: bool = False
+
+    @classmethod
+    def parse(cls, raw: Any) -> "ArmsSpec":
+        if not isinstance(raw, dict):
+            raise ValueError(f"arms must be a mapping like {{compute_matched: true, next_token_heads: true}}, got {raw!r}")
+        unknown = set(raw) - {"compute_matched", "next_token_heads"}
+        if unknown:
+            raise ValueError(f"unknown arms key(s) {sorted(unknown)}; known: compute_matched, next_token_heads")
+        for key, value in raw.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"arms.{key}={value!r} must be true or false")
+        return cls(**raw)
+
+    def arms(self, n_futures: list[int]) -> list[Arm]:
+        """The param-matched arms of ``n_futures`` (which must hold 1, the baseline), then the controls."""
+        if 1 not in n_futures:
+            raise ValueError(f"arms need the n=1 baseline among model.n_future {n_futures}")
+        out = [Arm(n) for n in n_futures]
+        for n in (n for n in n_futures if n > 1):
+            if self.compute_matched:
+                out.append(Arm(1, "compute_matched", n))
+            if self.next_token_heads:
+                out.append(Arm(n, "next_token_heads", n))
+        return out
+
+
+def compute_matched_steps(baseline: JobConfig, controlled: JobConfig) -> int:
+    """Steps that give ``baseline`` the training FLOPs ``controlled`` spends in its ``max_steps``
+    (same tokens per step; rounded up, so the control never gets less compute)."""
+    for cfg in (baseline, controlled):
+        cfg.validate()
+    per_step = [training_flops_per_token(c.model, c.train.seq_len) * c.train.seq_len * c.train.batch_size
+                * c.train.grad_accum for c in (baseline, controlled)]
+    return math.ceil(controlled.train.max_steps * per_step[1] / per_step[0] - 1e-9)
+
+
+def overrides(arm: Arm, build: Callable[[dict[str, Any]], JobConfig]) -> dict[str, Any]:
+    """Config fields of ``arm``; ``build(fields)`` makes the trial's config from fields (for the
+    compute-matched arm's FLOPs, which depend on the rest of the trial's config)."""
+    if arm.kind == "compute_matched":
+        steps = compute_matched_steps(build({"model.n_future": 1}), build({"model.n_future": arm.controls}))
+        return {"model.n_future": 1, "train.max_steps": steps}
+    if arm.kind == "next_token_heads":
+        return {"model.n_future": arm.n_future, "train.head_targets": "next"}
+    return {"model.n_future": arm.n_future}
+
+
+def by_label(arms: list[Arm]) -> dict[str, Arm]:
+    return {a.label: a for a in arms}
