@@ -135,3 +135,45 @@ def test_arms_expand_to_labelled_configs():
 def _base_fields():
     return {"model.dim": 64, "model.n_layers": 3, "model.n_heads": 4, "model.multiple_of": 32, "model.max_seq_len": 64,
             "model.param_matched": False, "train.seq_len": 64, "train.max_steps": 100, "train.batch_size": 8}
+
+
+# ------------------------------------------------------------------- sweep tables
+
+
+def _fake_sweep(effect: float, baseline: float, seeds: int = 5):
+    """Trials of a sweep: two widths, arms n=1 and n=2, ``effect`` added to n=2 at width 64 only."""
+    from mtp.sweep.summary import TrialRow
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for dim in (32, 64):
+        for n in (1, 2):
+            for seed in range(seeds):
+                value = baseline + (effect if (n == 2 and dim == 64) else 0.0) + 0.01 * rng.standard_normal()
+                rows.append(TrialRow(f"t{dim}{n}{seed}", "ok", {"model.dim": dim, "model.n_future": n, "train.seed": seed},
+                                     {"task/in_domain/exact_match": value}))
+    rows.append(TrialRow("broken", "error", {"model.dim": 32, "model.n_future": 2, "train.seed": 9}, {}, error="boom"))
+    return rows
+
+
+def test_a_fake_sweep_gets_its_verdicts_from_the_numbers(tmp_path):
+    from mtp.compare.table import VerdictSpec, comparisons, write_comparison
+
+    metric = "task/in_domain/exact_match"
+    floors = {"guess_seen": 0.347, "guess_seen_other": 0.512}
+    spec = VerdictSpec(margin=0.05)
+    records = comparisons(_fake_sweep(effect=0.1, baseline=0.7), metric, floors, spec)
+    by = {(r["model.dim"], r["arm"]): r for r in records}
+    assert by[(64, "n=2")]["verdict"].startswith("better") and by[(64, "n=2")]["low"] > 0
+    assert by[(32, "n=2")]["verdict"].startswith("no difference detected (smallest detectable effect")
+    assert by[(32, "n=2")]["n"] == 5  # the errored trial is left out
+    assert by[(32, "n=1")]["verdict"] == "baseline"
+    under = comparisons(_fake_sweep(effect=0.1, baseline=0.53), metric, floors, spec)
+    assert all(r["verdict"].startswith("inconclusive") for r in under if r["arm"] == "n=2")
+    # the floor the sweep file names, not the strongest one, when it names one
+    named = comparisons(_fake_sweep(effect=0.1, baseline=0.53), metric, floors, VerdictSpec(0.05, "guess_seen"))
+    assert [r["verdict"].split()[0] for r in named if r["arm"] == "n=2"] == ["no", "better"]
+    paths = write_comparison(_fake_sweep(0.1, 0.7), [metric], {metric: floors}, spec, "max", tmp_path)
+    text = paths[1].read_text()
+    assert "guess_seen_other 0.512" in text and "clear guess_seen_other (0.512) by 0.05" in text
+    assert "| 64 | n=2 |" in text
