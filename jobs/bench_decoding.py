@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from mtp.decoding import Engine  # noqa: E402
 from mtp.decoding.benchmark import EFFICIENCY_TARGET, default_checkpoint, humaneval_prompts, peers, speculation  # noqa: E402
+from mtp.tracking.registry import resolve_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     checkpoint = args.checkpoint or default_checkpoint(args.device, REPO / "runs")
     graphs = args.device == "cuda" and args.cuda_graphs and not args.compile
-    engine = Engine.from_checkpoint(checkpoint, device=args.device, dtype=dtype, max_batch_size=max(args.batch_sizes),
+    engine = Engine.from_checkpoint(str(resolve_checkpoint(checkpoint)), device=args.device, dtype=dtype, max_batch_size=max(args.batch_sizes),
                                     cuda_graphs=graphs, compile=args.compile)
     room = engine.cfg.max_seq_len - args.max_new_tokens
     if room < 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from mtp.checkpoint import local_checkpoint_dir  # noqa: E402
+from mtp.tracking.registry import resolve_checkpoint  # noqa: E402
 from mtp.decoding.benchmark import default_checkpoint  # noqa: E402
 from mtp.serving.loadtest import (  # noqa: E402
     REPLICA_CPUS, RETENTION_TARGET, Cell, bench_prompts, checks, engine_speedup, measure, scrape_metrics,
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = args.checkpoint or default_checkpoint("cpu", REPO / "runs")
-    checkpoint = str(local_checkpoint_dir(checkpoint))
+    checkpoint = str(resolve_checkpoint(checkpoint))
     bare, prompt_ids = bench_prompts(checkpoint, args.prompts, args.max_tokens)
     prompts = [bare.tokenizer.decode(ids) for ids in prompt_ids]
 

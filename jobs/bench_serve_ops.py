@@ -43,10 +43,10 @@ from mtp.checkpoint import save_checkpoint  # noqa: E402
 from mtp.cluster.logs import quiet_process  # noqa: E402
 from mtp.config import build_config  # noqa: E402
 from mtp.model import MTPTransformer  # noqa: E402
-from mtp.registry import CHAMPION, log_model, set_alias  # noqa: E402
+from mtp.tracking.registry import CHAMPION, log_model, set_alias  # noqa: E402
 from mtp.serving.deploy import MODEL_DEPLOYMENT, ServeAdmin, deploy_config  # noqa: E402
 from mtp.tokenizer import ByteTokenizer  # noqa: E402
-from mtp.tracking import experiment_id  # noqa: E402
+from mtp.tracking.store import experiment_id  # noqa: E402
 
 MODEL = "serve-ops-bench"
 PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Stack:\n", "# sort a list\n"]

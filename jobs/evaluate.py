@@ -35,7 +35,7 @@ from mtp.evaluation.pipeline import MLflowTarget, ScoringConfig, evaluate_checkp
 from mtp.evaluation.sandbox_pool import BACKENDS  # noqa: E402
 from mtp.evaluation.scoring import ORACLES  # noqa: E402
 from mtp.sandbox import SandboxUnavailable  # noqa: E402
-from mtp.tracking import TrackingError  # noqa: E402
+from mtp.tracking.store import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from mtp.config import TrackingConfig  # noqa: E402
-from mtp.registry import CHAMPION, set_alias  # noqa: E402
-from mtp.tracking import tracking_uri  # noqa: E402
-from mtp.uris import ModelRef  # noqa: E402
+from mtp.tracking.registry import CHAMPION, ModelRef, set_alias  # noqa: E402
+from mtp.tracking.store import tracking_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from mtp.cluster.ray_env import connect  # noqa: E402
 from mtp.data import DataError  # noqa: E402
 from mtp.experiments.catalog import EXPERIMENTS, run_experiment  # noqa: E402
 from mtp.sweep import SweepError  # noqa: E402
-from mtp.tracking import TrackingError  # noqa: E402
+from mtp.tracking.store import TrackingError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from mtp.cluster.job import JobError, run_job  # noqa: E402
 from mtp.cluster.trainer import PlacementError  # noqa: E402
 from mtp.config import ConfigError, build_config  # noqa: E402
 from mtp.data import DataError  # noqa: E402
-from mtp.tracking import TrackingError  # noqa: E402
+from mtp.tracking.store import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
 from mtp.cluster.outputs import OutputError, check_durable  # noqa: E402
 

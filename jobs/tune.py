@@ -23,10 +23,10 @@ from mtp.cluster.ray_env import connect  # noqa: E402
 from mtp.data import DataError  # noqa: E402
 from mtp.sweep import SweepError, load_spec, run_sweep  # noqa: E402
 from mtp.sweep.summary import format_table  # noqa: E402
-from mtp.tracking import TrackingError  # noqa: E402
+from mtp.tracking.store import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
 from mtp.cluster.outputs import OutputError, check_durable  # noqa: E402
-from mtp.registry import register_run_model  # noqa: E402
+from mtp.tracking.registry import register_run_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

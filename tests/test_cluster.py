@@ -17,7 +17,7 @@ from conftest import REPO, SOURCE_ROOT
 from mtp.cluster.job import newest_checkpoint, run_job
 from mtp.cluster.trainer import PlacementError, check_placement
 from mtp.data import DataError
-from mtp.tracking import TrackingError
+from mtp.tracking.store import TrackingError
 
 
 def test_two_ranks_average_gradients_once_per_step(tmp_path):

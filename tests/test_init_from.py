@@ -11,7 +11,7 @@ from mtp.checkpoint import load_model, load_train_state, save_checkpoint, transf
 from mtp.config import JobConfig, model_preset
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
-from mtp.tracking import start_run
+from mtp.tracking.runs import start_run
 from mtp.train import train
 
 

@@ -52,7 +52,7 @@ def registered(checkpoint, tmp_path_factory) -> tuple[str, str]:
     """(tracking URI, models:/ URI) of the checkpoint registered in a fresh sqlite store."""
     from mlflow import MlflowClient
 
-    from mtp.tracking import CHECKPOINT_ARTIFACT, register_checkpoint
+    from mtp.tracking.runs import CHECKPOINT_ARTIFACT, register_checkpoint
 
     root = tmp_path_factory.mktemp("mlflow")
     store = f"sqlite:///{root / 'mlflow.db'}"

@@ -12,17 +12,9 @@ import yaml
 
 from _jobs import free_port, tiny_config
 from mtp.checkpoint import load_model
-from mtp.tracking import (
-    MLflowCallback,
-    TrackingError,
-    check_tracking,
-    finish_run,
-    register_checkpoint,
-    resolve_checkpoint,
-    source_tags,
-    start_run,
-    tracking_uri,
-)
+from mtp.tracking.registry import resolve_checkpoint
+from mtp.tracking.runs import MLflowCallback, finish_run, register_checkpoint, source_tags, start_run
+from mtp.tracking.store import TrackingError, check_tracking, tracking_uri
 from mtp.train import train
 
 
@@ -115,7 +107,7 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     local = resolve_checkpoint("models:/mtp-test@champion", cache_dir=tmp_path / "models")
     model, _, config = load_model(local)
     assert config["tracking"]["run_id"] == run.info.run_id and model.cfg.n_future == 2
-    assert load_model(f"runs:/{run.info.run_id}/checkpoint")[2]["train"]["max_steps"] == 6
+    assert load_model(resolve_checkpoint(f"runs:/{run.info.run_id}/checkpoint"))[2]["train"]["max_steps"] == 6
 
     # The registered model is an MLflow pyfunc model: completions straight from the registry,
     # the same greedy text the engine gives for the checkpoint.
@@ -143,7 +135,7 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     assert client.get_registered_model("mtp-test").aliases["champion"] == "2"
 
     # A sweep's best trial (any run that logged a model) becomes @champion of a registered model.
-    from mtp.registry import register_run_model
+    from mtp.tracking.registry import register_run_model
 
     assert register_run_model(run.info.run_id, "mtp-best", mlflow_server) == "models:/mtp-best/1"
     assert client.get_registered_model("mtp-best").aliases == {"champion": "1"}
@@ -186,7 +178,7 @@ def test_unreachable_server_and_unknown_model_fail_clearly(mlflow_server, tmp_pa
     ("models:/mtp/3/", "mtp", "3", None), ("models:/mtp", "mtp", None, None),
 ])
 def test_model_uris_parse_and_print_back(uri, name, version, alias):
-    from mtp.uris import ModelRef
+    from mtp.tracking.registry import ModelRef
 
     ref = ModelRef.parse(uri)
     assert (ref.name, ref.version, ref.alias) == (name, version, alias)

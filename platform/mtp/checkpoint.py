@@ -7,8 +7,9 @@ A checkpoint directory holds
 * the tokenizer (``tokenizer_meta.json``, plus ``tokenizer.json`` for BPE);
 * ``train_state.pt`` (optional): optimizer, scheduler, RNG and data position, for resuming.
 
-``load_model`` also takes MLflow URIs (``models:/name/version``, ``runs:/id/path``),
-resolved to a local directory in one place, ``mtp.tracking.resolve_checkpoint``.
+Every function here takes a local directory: an MLflow URI (``models:/name@alias``,
+``runs:/id/path``) is resolved first, by the caller, with
+``mtp.tracking.registry.resolve_checkpoint``. So the core imports no MLflow.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from mtp.tokenizer import Tokenizer, load_tokenizer
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
-URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "dbfs:/")
 
 
 def save_checkpoint(
@@ -72,7 +72,8 @@ def _rmtree(path: Path) -> None:
 def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} is not a checkpoint: it has no {CONFIG}")
+        raise FileNotFoundError(f"{str(directory)!r} is not a checkpoint directory: it has no {CONFIG} "
+                                "(an MLflow URI is resolved first: mtp.tracking.registry.resolve_checkpoint)")
     return json.loads(path.read_text())
 
 
@@ -80,26 +81,13 @@ def model_config(directory: str | Path) -> ModelConfig:
     return model_config_from_dict(read_config(directory)["model"])
 
 
-def local_checkpoint_dir(path_or_uri: str | Path) -> Path:
-    """A local checkpoint directory for a path or an MLflow URI."""
-    text = str(path_or_uri)
-    if text.startswith(URI_SCHEMES):
-        from mtp.tracking import resolve_checkpoint
-
-        return resolve_checkpoint(text)
-    path = Path(text).expanduser()
-    if not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{text!r} is not a checkpoint directory (no {CONFIG} in it)")
-    return path
-
-
 def load_model(
-    path_or_uri: str | Path,
+    directory: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[MTPTransformer, Tokenizer, dict[str, Any]]:
     """Load (model in eval mode, tokenizer, full config dict) for inference."""
-    directory = local_checkpoint_dir(path_or_uri)
+    directory = Path(directory)
     config = read_config(directory)
     model = MTPTransformer(model_config_from_dict(config["model"]))
     state = load_file(str(directory / WEIGHTS), device="cpu")
@@ -132,7 +120,7 @@ def transfer_weights(model: MTPTransformer, source: str | Path) -> dict[str, lis
     dropped and newly initialised. A trunk of another shape raises ValueError naming
     the setting.
     """
-    directory = local_checkpoint_dir(source)
+    directory = Path(source)
     src_cfg = model_config(directory)
     mismatched = [f"{name}: {getattr(src_cfg, name)} in the source, {getattr(model.cfg, name)} here"
                   for name in _TRUNK_FIELDS if getattr(src_cfg, name) != getattr(model.cfg, name)]
@@ -152,6 +140,6 @@ def transfer_weights(model: MTPTransformer, source: str | Path) -> dict[str, lis
     return {"kept_heads": kept, "dropped_heads": list(range(n_dst, n_src)), "new_heads": list(range(n_src, n_dst))}
 
 
-def source_run_id(source: str | Path) -> str | None:
+def source_run_id(directory: str | Path) -> str | None:
     """The MLflow run that trained a checkpoint (recorded in its config), if any."""
-    return read_config(local_checkpoint_dir(source)).get("tracking", {}).get("run_id")
+    return read_config(directory).get("tracking", {}).get("run_id")

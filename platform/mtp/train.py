@@ -203,7 +203,8 @@ def _fmt_duration(seconds: float) -> str:
 class Trainer:
     """State of one run on one rank; ``train()`` is the public entry point."""
 
-    def __init__(self, cfg: JobConfig, data: PackedData, store: CheckpointStore, callbacks: Sequence[TrainCallback]):
+    def __init__(self, cfg: JobConfig, data: PackedData, store: CheckpointStore, callbacks: Sequence[TrainCallback],
+                 init_dir: str | Path | None = None):
         self.cfg, self.data, self.store, self.callbacks = cfg, data, store, list(callbacks)
         self.info = dist_info()
         try:
@@ -219,7 +220,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model = MTPTransformer(cfg.model)
         if cfg.train.init_from:  # every rank loads the same weights; a fresh optimizer follows
-            heads = transfer_weights(self.model, cfg.train.init_from)
+            heads = transfer_weights(self.model, init_dir or cfg.train.init_from)
             self._print(f"initialised from {cfg.train.init_from}: {heads}")
         self.model = self.model.to(self.device)
         broadcast_parameters(self.model)
@@ -459,8 +460,12 @@ def train(
     callbacks: Sequence[TrainCallback] = (),
     store: CheckpointStore | None = None,
     data: PackedData | None = None,
+    init_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg`` in this process (one rank of a process group, or alone).
+
+    ``init_dir`` is the local checkpoint directory ``train.init_from`` names, when that is
+    an MLflow URI (``mtp.tracking.registry.resolve_checkpoint``); the config keeps the URI.
 
     The run continues from ``store.latest()`` when the store already holds a
     checkpoint (a restarted Ray attempt, or a re-run into the same run directory),
@@ -473,7 +478,7 @@ def train(
     cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
     store = store or LocalCheckpoints(Path(cfg.train.output_dir) / cfg.tracking.run_name)
     data = data or prepare_data(cfg.data, cfg.train.seq_len)
-    trainer = Trainer(cfg, data, store, callbacks)
+    trainer = Trainer(cfg, data, store, callbacks, init_dir)
     with store.latest() as latest:
         source = latest if latest is not None else (Path(resume_from) if resume_from is not None else None)
         if source is not None:

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mtp.checkpoint import CONFIG, local_checkpoint_dir, read_config
+from mtp.checkpoint import CONFIG, read_config
 from mtp.cluster.lifecycle import run_tracked
 from mtp.cluster.ray_env import connect
 from mtp.cluster.trainer import check_placement, fit_on_workers
 from mtp.config import JobConfig
 from mtp.data import prepare_data
-from mtp.tracking import FinishedRun, check_tracking, tracking_uri
+from mtp.tracking.registry import resolve_checkpoint
+from mtp.tracking.runs import FinishedRun
+from mtp.tracking.store import check_tracking, tracking_uri
 from mtp.train import default_run_name
 
 
@@ -43,7 +45,7 @@ def find_checkpoint(path_or_uri: str | Path) -> Path:
         newest = newest_checkpoint(path)
         if newest is not None:
             return newest
-    return local_checkpoint_dir(path_or_uri)
+    return resolve_checkpoint(path_or_uri)
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:

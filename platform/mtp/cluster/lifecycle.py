@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Sequence
 
 from mtp.config import JobConfig
-from mtp.tracking import FinishedRun, MLflowCallback, finish_run, start_run
+from mtp.tracking.runs import FinishedRun, MLflowCallback, finish_run, init_dir, start_run
 from mtp.train import TrainCallback
 
 # Trains ``cfg`` (whose ``tracking.run_id`` is set when tracked); yields the final checkpoint directory.
@@ -54,11 +54,11 @@ def fit_here(cfg: JobConfig, callbacks: Sequence[TrainCallback] = (), resumed: b
     from mtp.train import train
 
     if not cfg.tracking.run_id:
-        yield train(cfg, callbacks=callbacks).checkpoint
+        yield train(cfg, callbacks=callbacks, init_dir=init_dir(cfg)).checkpoint
         return
     logger = MLflowCallback(cfg.tracking.run_id, cfg.tracking.tracking_uri, resumed=resumed)
     try:
-        result = train(cfg, callbacks=[logger, *callbacks])
+        result = train(cfg, callbacks=[logger, *callbacks], init_dir=init_dir(cfg))
     finally:
         logger.close()
     yield result.checkpoint

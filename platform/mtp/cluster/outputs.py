@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtp.tracking import ray_job_id
+from mtp.tracking.runs import ray_job_id
 
 
 class OutputError(ValueError):

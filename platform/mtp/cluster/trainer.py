@@ -16,7 +16,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from mtp.cluster import logs, ray_env
 from mtp.config import JobConfig, ScalingConfig, from_dict
 from mtp.parallel import DistInfo, dist_info
-from mtp.tracking import MLflowCallback, tracking_uri
+from mtp.tracking.runs import MLflowCallback, init_dir
+from mtp.tracking.store import tracking_uri
 from mtp.train import train
 
 
@@ -93,7 +94,8 @@ def worker_loop(payload: dict[str, Any]) -> None:
         callbacks.append(MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), resumed=resumed,
                                         restarted=restarted))
     try:
-        train(cfg, resume_from=payload.get("resume_from"), callbacks=callbacks, store=RayCheckpoints())
+        train(cfg, resume_from=payload.get("resume_from"), callbacks=callbacks, store=RayCheckpoints(),
+              init_dir=init_dir(cfg))
     finally:
         for callback in callbacks:
             callback.close()

@@ -257,11 +257,13 @@ class Engine:
 
     @classmethod
     def from_checkpoint(
-        cls, path_or_uri: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch_size: int = 8, **kwargs
+        cls, directory: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch_size: int = 8, **kwargs
     ) -> "Engine":
+        """An engine over a local checkpoint directory (an MLflow URI is resolved first, by
+        ``mtp.tracking.registry.resolve_checkpoint``)."""
         from mtp.checkpoint import load_model
 
-        model, tokenizer, _ = load_model(path_or_uri, device=device, dtype=dtype)
+        model, tokenizer, _ = load_model(directory, device=device, dtype=dtype)
         return cls(model, tokenizer, max_batch_size=max_batch_size, device=device, **kwargs)
 
     # ------------------------------------------------------------------ public API

@@ -79,10 +79,11 @@ class ContextFit:
 
 def context_fit(checkpoint: str, benchmark: Benchmark, max_new_tokens: int) -> ContextFit:
     """Check every prompt against the checkpoint's context, before any generation (tokenizer only)."""
-    from mtp.checkpoint import local_checkpoint_dir, model_config
+    from mtp.checkpoint import model_config
+    from mtp.tracking.registry import resolve_checkpoint
     from mtp.tokenizer import load_tokenizer
 
-    directory = local_checkpoint_dir(checkpoint)
+    directory = resolve_checkpoint(checkpoint)
     context, tokenizer = model_config(directory).max_seq_len, load_tokenizer(directory)
     fit = ContextFit(context, max_new_tokens, len(benchmark.problems))
     for problem in benchmark.problems:
@@ -105,8 +106,9 @@ def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], co
     in one process."""
     from mtp.decoding import Engine, SamplingParams
     from mtp.device import resolve_device
+    from mtp.tracking.registry import resolve_checkpoint
 
-    engine = Engine.from_checkpoint(checkpoint, device=str(resolve_device(config.device)), max_batch_size=config.batch_size)
+    engine = Engine.from_checkpoint(str(resolve_checkpoint(checkpoint)), device=str(resolve_device(config.device)), max_batch_size=config.batch_size)
     limit = engine.cfg.max_seq_len
     ids, params, keys, flags = [], [], [], {}
     for problem in problems:

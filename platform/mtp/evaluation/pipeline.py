@@ -41,7 +41,7 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class MLflowTarget:
-    """Where the evaluation run goes; ``tracking_uri`` None: ``mtp.tracking.tracking_uri``'s default."""
+    """Where the evaluation run goes; ``tracking_uri`` None: ``mtp.tracking.store.tracking_uri``'s default."""
 
     tracking_uri: str | None = None
     experiment: str = "mtp-eval"
@@ -49,7 +49,7 @@ class MLflowTarget:
 
     def resolved(self) -> str:
         from mtp.config import TrackingConfig
-        from mtp.tracking import check_tracking, tracking_uri
+        from mtp.tracking.store import check_tracking, tracking_uri
 
         uri = tracking_uri(TrackingConfig(tracking_uri=self.tracking_uri))
         check_tracking(uri)

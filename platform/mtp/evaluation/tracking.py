@@ -17,8 +17,8 @@ from typing import Any
 
 from mtp.evaluation.benchmarks import write_jsonl
 from mtp.evaluation.scoring import EvaluationResult, result_rows
-from mtp.tracking import experiment_id as experiment_for
-from mtp.tracking import source_tags
+from mtp.tracking.runs import source_tags
+from mtp.tracking.store import experiment_id as experiment_for
 
 
 @dataclass
@@ -56,9 +56,10 @@ def training_run_id(model: str) -> str | None:
 
     Resolving the checkpoint here also checks it before any generation starts.
     """
-    from mtp.checkpoint import local_checkpoint_dir, read_config
+    from mtp.checkpoint import read_config
+    from mtp.tracking.registry import resolve_checkpoint
 
-    config = read_config(local_checkpoint_dir(model))
+    config = read_config(resolve_checkpoint(model))
     match = re.match(r"runs:/([^/]+)/", model)
     return (config.get("tracking") or {}).get("run_id") or (match.group(1) if match else None)
 

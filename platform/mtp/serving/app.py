@@ -27,7 +27,6 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mtp.checkpoint import local_checkpoint_dir
 from mtp.decoding import Engine, Generation, RequestError, SamplingParams
 from mtp.device import resolve_device
 from mtp.serving.card import model_card
@@ -46,6 +45,7 @@ from mtp.serving.protocol import (
     sse,
     stream_choice,
 )
+from mtp.tracking.registry import resolve_checkpoint
 
 logger = logging.getLogger("ray.serve")
 
@@ -87,9 +87,7 @@ class ModelServer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = ServeConfig(**config).validate()
-        if self.cfg.tracking_uri:  # this process serves one model: its MLflow store is process-wide
-            os.environ["MLFLOW_TRACKING_URI"] = self.cfg.tracking_uri
-        directory = local_checkpoint_dir(self.cfg.model)
+        directory = resolve_checkpoint(self.cfg.model, self.cfg.tracking_uri)
         device, dtype = placement(self.cfg)
         self.engine = Engine.from_checkpoint(
             str(directory), device=device, dtype=dtype, max_batch_size=self.cfg.max_batch_size, compile=self.cfg.compile

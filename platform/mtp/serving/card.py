@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.checkpoint import CONFIG, WEIGHTS, read_config
-from mtp.uris import ModelRef
+from mtp.tracking.registry import ModelRef
 
 FINGERPRINT_BYTES = 1 << 20
 

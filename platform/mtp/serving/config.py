@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtp.checkpoint import URI_SCHEMES
 from mtp.config import ConfigError
-from mtp.uris import ModelRef
+from mtp.tracking.registry import URI_SCHEMES, ModelRef
 
 API_KEY_ENV = "MTP_SERVE_API_KEY"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -34,7 +33,7 @@ class ServeConfig:
 
     model: str | None = None  # checkpoint dir or MLflow URI (models:/name@alias, runs:/id/path)
     model_name: str | None = None  # id in /v1/models; None: derived from ``model``
-    tracking_uri: str | None = None  # MLflow store for models:/ and runs:/; None: the replica's MLFLOW_TRACKING_URI
+    tracking_uri: str | None = None  # MLflow store for models:/ and runs:/, passed to resolve_checkpoint; None: its default
     device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
     dtype: str = "auto"  # "auto": bf16 on a GPU, fp32 on a CPU
     max_batch_size: int = 8  # rows the engine decodes together

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.config import ConfigError
-from mtp.registry import pin_alias
-from mtp.uris import ModelRef
+from mtp.tracking.registry import ModelRef, pin_alias
 
 APP_IMPORT_PATH = "mtp.serving.app:build_app"
 MODEL_DEPLOYMENT = "ModelServer"

@@ -24,9 +24,9 @@ from mtp.sweep.resources import (
 from mtp.sweep.spec import SweepError, SweepSpec
 from mtp.sweep.summary import TrialRow
 from mtp.sweep.trial import TrialContext, run_trial
-from mtp.tracking import experiment_id as experiment_for
-from mtp.tracking import check_tracking
-from mtp.tracking import tracking_uri as resolve_tracking_uri
+from mtp.tracking.store import check_tracking
+from mtp.tracking.store import experiment_id as experiment_for
+from mtp.tracking.store import tracking_uri as resolve_tracking_uri
 
 DEFAULT_STORAGE = "runs/sweeps"
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""MLflow: one run per training job, the model registry, and MLflow URIs -> checkpoints.
+"""MLflow runs: one per training job, with its config, metrics, checkpoint and model.
 
 The driver (``mtp.cluster.job``) opens the run (``start_run``), logs the full config
 as params and the config file as an artifact, and hands the run id to the workers in
@@ -6,10 +6,9 @@ as params and the config file as an artifact, and hands the run id to the worker
 run (``MLflowCallback``); the id is also saved in every checkpoint, so a restarted
 attempt, or ``--resume``, continues the same run. At the end the driver logs the
 final checkpoint and a per-head loss plot, logs the MLflow model and registers it
-(``mtp.registry``: ``models:/<name>@newest``, tagged with n_future and size) and
+(``mtp.tracking.registry``: ``models:/<name>@newest``, tagged with n_future and size) and
 closes the run (``finish_run``). Runs carry their source (``source_tags``), and the
-experiment is marked as model training for MLflow 3's UI. ``resolve_checkpoint`` turns any MLflow URI into a local
-checkpoint directory, for evaluation and serving.
+experiment is marked as model training for MLflow 3's UI (``mtp.tracking.store``).
 
 Metric names are the same in every run: ``train/loss_head_<i>``, ``train/loss``,
 ``val/loss_head_<i>``, ``val/bpb``, ``perf/tokens_per_s``, ...
@@ -17,90 +16,26 @@ Metric names are the same in every run: ``train/loss_head_<i>``, ``train/loss``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from mtp.config import JobConfig, TrackingConfig
-from mtp.config import cache_dir as mtp_cache_dir
+from mtp.config import JobConfig
+from mtp.tracking.registry import log_model, resolve_checkpoint
+from mtp.tracking.store import client as mlflow_client
+from mtp.tracking.store import experiment_id, tracking_uri
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 METRIC_BATCH = 1000  # MLflow's per-request metric limit
 RESTARTS_METRIC = "restarts"
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used (unreachable server, bad URI, missing model)."""
-
-
-def tracking_uri(cfg: TrackingConfig) -> str:
-    """``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
-
-    Relative sqlite paths are made absolute, so workers in other directories write
-    to the same store.
-    """
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    return uri
-
-
-def check_tracking(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any work, when the store cannot be reached or written."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                if response.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {response.status}")
-        except (urllib.error.URLError, OSError) as exc:
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {exc}") from None
-    elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///") :]).parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise TrackingError(f"MLflow store {uri}: directory {parent} does not exist or is not writable")
-    elif uri.startswith(("file:", "/")) or "://" not in uri:
-        raise TrackingError(
-            f"tracking URI {uri!r}: MLflow 3 file stores are deprecated; use sqlite:///path/mlflow.db or a server"
-        )
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-# MLflow 3's UI opens an experiment as "GenAI apps & agents" or "Machine learning" by
-# this tag (its values in the 3.17 UI bundle: genai_development, custom_model_development,
-# finetuning, ...); without it, it infers GenAI from our evaluation runs.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING_KIND = "custom_model_development"
-
-
-def experiment_id(client, name: str, uri: str) -> str:
-    """Get or create the experiment, on the driver, with artifacts beside a sqlite store,
-    marked as model development so that the UI shows its runs as training runs."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -165,6 +100,11 @@ def model_size(cfg: JobConfig) -> str:
     return f"{total / 1e9:.2f}B" if total >= 1e8 else f"{total / 1e6:.1f}M"
 
 
+def init_dir(cfg: JobConfig) -> Path | None:
+    """The local checkpoint directory ``train.init_from`` names (a path or an MLflow URI), for ``train``."""
+    return resolve_checkpoint(cfg.train.init_from, tracking_uri(cfg.tracking)) if cfg.train.init_from else None
+
+
 def start_run(cfg: JobConfig, config_file: str | Path | None = None, tags: dict[str, str] | None = None) -> str:
     """Open (or, with ``cfg.tracking.run_id`` set, reopen) the job's run; returns its id.
 
@@ -173,7 +113,7 @@ def start_run(cfg: JobConfig, config_file: str | Path | None = None, tags: dict[
     immutable); changed values are recorded as ``resume.*`` tags.
     """
     uri = tracking_uri(cfg.tracking)
-    client = _client(uri)
+    client = mlflow_client(uri)
     params = {k: "" if v is None else str(v) for k, v in cfg.flat().items() if k != "tracking.run_id"}
     if cfg.tracking.run_id:
         run = client.get_run(cfg.tracking.run_id)
@@ -190,7 +130,7 @@ def start_run(cfg: JobConfig, config_file: str | Path | None = None, tags: dict[
         from mtp.checkpoint import source_run_id
 
         tags["init_from"] = cfg.train.init_from
-        tags["init_from_run_id"] = source_run_id(cfg.train.init_from) or ""
+        tags["init_from_run_id"] = source_run_id(init_dir(cfg)) or ""
     name = tags.pop("mlflow.runName", cfg.tracking.run_name)  # a display name other than the run name
     run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri), run_name=name, tags=tags)
     run_id = run.info.run_id
@@ -218,7 +158,7 @@ class MLflowCallback:
 
     def __init__(self, run_id: str, uri: str, system_metrics: bool = True, resumed: bool = False,
                  restarted: bool = False):
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         self.run_id = run_id
         self.logged_through = self._last_logged_step() if resumed or restarted else -1
         if restarted:
@@ -307,7 +247,7 @@ def finish_run(
     its checkpoint (to resume from) but logs no model and moves no alias.
     """
     uri = tracking_uri(cfg.tracking)
-    client = _client(uri)
+    client = mlflow_client(uri)
     model_uri = None
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
@@ -324,42 +264,5 @@ def finish_run(
 def register_checkpoint(cfg: JobConfig, run_id: str, checkpoint_dir: str | Path) -> str | None:
     """Log ``checkpoint_dir`` as the run's MLflow model and, with ``tracking.registered_model``
     set, register it as a new version (moving ``@newest``); returns ``models:/name/version``."""
-    from mtp.registry import log_model
-
     tags = {"n_future": str(cfg.model.n_future), "size": model_size(cfg), "preset": cfg.train.preset}
     return log_model(run_id, checkpoint_dir, tracking_uri(cfg.tracking), cfg.tracking.registered_model, tags)
-
-
-def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None, tracking: str | None = None) -> Path:
-    """Download (once) the checkpoint behind an MLflow URI; returns its local directory.
-
-    Accepts ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``runs:/<run_id>/<path>``
-    and artifact URIs; a registered MLflow model yields the checkpoint inside it.
-    The tracking store is ``tracking``, else ``MLFLOW_TRACKING_URI``, else the local default.
-    """
-    import mlflow
-
-    from mtp.registry import pin_alias
-
-    store = tracking or tracking_uri(TrackingConfig())
-    uri = pin_alias(uri, store)  # cache by version: an alias moves
-    root = Path(cache_dir) / "models" if cache_dir else mtp_cache_dir("models")
-    target = root / hashlib.sha256(f"{store}|{uri}".encode()).hexdigest()[:16]
-    if not (target / "config.json").is_file():
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(target.with_suffix(".part")), tracking_uri=store, registry_uri=store
-            )
-        except Exception as exc:  # MLflow raises several types for a missing model/run/artifact
-            raise TrackingError(f"cannot resolve {uri!r} in {store}: {exc}") from exc
-        local = Path(local)
-        if (local / "MLmodel").is_file():  # an MLflow model (mtp.registry): the checkpoint is inside
-            local = local / "artifacts" / "checkpoint"
-        if not (local / "config.json").is_file():
-            raise TrackingError(f"{uri!r} resolved to {local}, which is not an mtp checkpoint (no config.json)")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(local, target)
-        shutil.rmtree(target.with_suffix(".part"), ignore_errors=True)
-    return target
-

@@ -1,62 +1,72 @@
-"""The trained model as an MLflow model, and its place in the Model Registry.
+"""The trained model as an MLflow model, its place in the Model Registry, and URIs -> checkpoints.
 
 A training run logs the final checkpoint as an MLflow ``pyfunc`` model: the
 inference files (weights, config, tokenizer; not the optimizer state) plus the
 decoding engine, with a signature and an input example. So the runs table shows
 the model, ``mlflow.pyfunc.load_model("models:/mtp-tiny@champion").predict(...)``
 returns completions, and ``mlflow models serve`` gives a quick local endpoint;
-evaluation and Serve still load the checkpoint inside it directly
-(``mtp.tracking.resolve_checkpoint``).
+evaluation and Serve still load the checkpoint inside it directly: ``resolve_checkpoint``
+is the one place an MLflow URI becomes a local checkpoint directory (the core,
+``mtp.checkpoint`` and ``mtp.decoding``, takes directories only). The decoding engine
+behind the model is in ``mtp.tracking.pyfunc``.
 
 Versions are addressed by alias, never by number: every successful run registers
 a version and moves ``@newest`` to it; ``@champion`` is what a user promotes (a
 sweep's best trial, or ``jobs/promote.py``), and is set by the first version of a
 model so that a fresh setup has one. (MLflow reserves the alias ``latest``.)
+
+MLflow and pandas are imported where they are used: ``ModelRef`` and ``URI_SCHEMES``
+are read by the serving config and the model card, which stay light.
 """
 
+from __future__ import annotations
+
+import hashlib
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import mlflow
-import mlflow.pyfunc
-import pandas as pd
+from mtp.config import TrackingConfig
+from mtp.config import cache_dir as mtp_cache_dir
+from mtp.tracking import store
 
-from mtp.uris import ModelRef
+MODELS = "models:/"
+URI_SCHEMES = (MODELS, "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "dbfs:/")  # what resolve_checkpoint downloads
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model's URI, parsed: ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, uri: str) -> "ModelRef | None":
+        """None for anything that is not a ``models:/`` URI."""
+        if not uri.startswith(MODELS):
+            return None
+        rest = uri[len(MODELS):].rstrip("/")
+        if "@" in rest:
+            name, _, alias = rest.partition("@")
+            return cls(name, alias=alias)
+        name, _, version = rest.partition("/")
+        return cls(name, version=version or None)
+
+    def __str__(self) -> str:
+        if self.alias:
+            return f"{MODELS}{self.name}@{self.alias}"
+        return f"{MODELS}{self.name}/{self.version}" if self.version else f"{MODELS}{self.name}"
+
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the run
 CHECKPOINT_KEY = "checkpoint"  # its artifact holding the mtp checkpoint
 NEWEST, CHAMPION = "newest", "champion"
 DEFAULT_MAX_TOKENS = 128
 INPUT_EXAMPLE = ["def fibonacci(n):\n"]
-
-
-class MTPCompletions(mlflow.pyfunc.PythonModel):
-    """Prompts in (a ``prompt`` column), completions out, decoded by the MTP engine.
-
-    Params (all optional): ``max_tokens``, ``temperature``, ``top_p``, ``seed``,
-    ``speculative`` (draft with the extra heads; greedy text is the same either way).
-    """
-
-    def load_context(self, context) -> None:
-        from mtp.decoding import Engine
-
-        self.engine = Engine.from_checkpoint(context.artifacts[CHECKPOINT_KEY])
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        from mtp.decoding import SamplingParams
-
-        params = params or {}
-        prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
-        sampling = SamplingParams(
-            max_new_tokens=int(params.get("max_tokens", DEFAULT_MAX_TOKENS)),
-            temperature=float(params.get("temperature", 0.0)),
-            top_p=float(params.get("top_p", 1.0)),
-            seed=params.get("seed"),
-            speculative=bool(params.get("speculative", True)),
-        )
-        return [g.text for g in self.engine.generate([str(p) for p in prompts], sampling)]
 
 
 def signature():
@@ -86,11 +96,13 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
     environment variables included, which Ray workers started later would inherit.
     Returns ``models:/<name>/<version>`` for a registered model, else None.
     """
+    import mlflow.pyfunc
+    import pandas as pd
     from mlflow.entities import LoggedModelStatus
 
     from mtp.checkpoint import TRAIN_STATE
 
-    client = mlflow.MlflowClient(tracking_uri, tracking_uri)
+    client = store.client(tracking_uri)
     experiment = client.get_run(run_id).info.experiment_id
     logged = client.create_logged_model(experiment, name=MODEL_ARTIFACT, source_run_id=run_id, tags=tags)
     try:
@@ -99,9 +111,9 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
             shutil.copytree(checkpoint_dir, inference, ignore=shutil.ignore_patterns(TRAIN_STATE))
             mlflow.pyfunc.save_model(
                 path=Path(tmp) / MODEL_ARTIFACT,
-                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
+                python_model=str(Path(__file__).with_name("pyfunc.py")),  # models from code: no pickle
                 artifacts={CHECKPOINT_KEY: str(inference)},
-                code_paths=[str(Path(__file__).resolve().parent)],  # `mtp`, wherever the model loads
+                code_paths=[str(Path(__file__).resolve().parents[1])],  # `mtp`, wherever the model loads
                 signature=signature(),
                 input_example=(pd.DataFrame({"prompt": INPUT_EXAMPLE}), {"max_tokens": 16}),
                 pip_requirements=_requirements(),
@@ -118,7 +130,7 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
 
 def register_run_model(run_id: str, registered_model: str, tracking_uri: str, alias: str = CHAMPION) -> str:
     """Register the model a run logged (a sweep's best trial) and point ``alias`` at the new version."""
-    client = mlflow.MlflowClient(tracking_uri, tracking_uri)
+    client = store.client(tracking_uri)
     experiment = client.get_run(run_id).info.experiment_id
     found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     if not found:
@@ -159,11 +171,10 @@ def pin_alias(model_uri: str, tracking_uri: str | None) -> str:
     ref = ModelRef.parse(model_uri)
     if ref is None or ref.alias is None:
         return model_uri
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        version = MlflowClient(tracking_uri, tracking_uri).get_model_version_by_alias(ref.name, ref.alias).version
+        version = store.client(tracking_uri).get_model_version_by_alias(ref.name, ref.alias).version
     except MlflowException as exc:
         raise ValueError(f"{model_uri}: the registry at {tracking_uri or 'the default store'} "
                          f"has no such alias ({exc.message})") from None
@@ -172,11 +183,50 @@ def pin_alias(model_uri: str, tracking_uri: str | None) -> str:
 
 def set_alias(model_uri: str, alias: str, tracking_uri: str) -> str:
     """Point ``alias`` at the version ``model_uri`` names (``models:/name/3`` or ``models:/name@other``)."""
-    from mlflow import MlflowClient
-
     pinned = pin_alias(model_uri, tracking_uri)
     ref = ModelRef.parse(pinned)
     if ref is None or ref.version is None or "/" in ref.version:
         raise ValueError(f"{model_uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
-    MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(ref.name, alias, ref.version)
+    store.client(tracking_uri).set_registered_model_alias(ref.name, alias, ref.version)
     return pinned
+
+
+def resolve_checkpoint(path_or_uri: str | Path, tracking: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The local checkpoint directory for a path or an MLflow URI: what callers hand the core.
+
+    A URI's checkpoint is downloaded once: ``models:/<name>/<version>``, ``models:/<name>@<alias>``,
+    ``runs:/<run_id>/<path>`` and artifact URIs; a registered MLflow model yields the checkpoint
+    inside it. The tracking store is ``tracking``, else ``MLFLOW_TRACKING_URI``, else the local default.
+    """
+    from mtp.checkpoint import CONFIG
+
+    text = str(path_or_uri)
+    if not text.startswith(URI_SCHEMES):
+        path = Path(text).expanduser()
+        if not (path / CONFIG).is_file():
+            raise FileNotFoundError(f"{text!r} is not a checkpoint directory (no {CONFIG} in it)")
+        return path
+    import mlflow
+
+    source = tracking or store.tracking_uri(TrackingConfig())
+    uri = pin_alias(text, source)  # cache by version: an alias moves
+    root = Path(cache_dir) / "models" if cache_dir else mtp_cache_dir("models")
+    target = root / hashlib.sha256(f"{source}|{uri}".encode()).hexdigest()[:16]
+    if not (target / "config.json").is_file():
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(target.with_suffix(".part")), tracking_uri=source, registry_uri=source
+            )
+        except Exception as exc:  # MLflow raises several types for a missing model/run/artifact
+            raise store.TrackingError(f"cannot resolve {uri!r} in {source}: {exc}") from exc
+        local = Path(local)
+        if (local / "MLmodel").is_file():  # an MLflow model (log_model): the checkpoint is inside
+            local = local / "artifacts" / "checkpoint"
+        if not (local / CONFIG).is_file():
+            raise store.TrackingError(f"{uri!r} resolved to {local}, which is not an mtp checkpoint (no {CONFIG})")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(local, target)
+        shutil.rmtree(target.with_suffix(".part"), ignore_errors=True)
+    return target
+
