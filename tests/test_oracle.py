@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mtp.evaluation import RunnerConfig, load_benchmark, score_samples
-from mtp.evaluation.benchmarks import humaneval, humaneval_problem
+from mtp.evaluation.benchmarks import humaneval, humaneval_problem, mbpp_problem
 from mtp.sandbox import Limits, Sandbox, isolation_problem
 from mtp.sandbox import codec
 
@@ -175,11 +175,29 @@ def test_codec_refuses_what_is_not_plain_data(value, message):
 
 @pytest.mark.parametrize("raw", [
     b'["x", 1]', b'{"a": 1}', b"1", b'["f", 1.5]', b'["d", [[["l", []], 1]]]', b'["s", [["l", []]]]',
-    b"[" * 100000 + b"]" * 100000, b'["i", "0xzz"]', b"\xff", b'["t", [1]]',
+    b"[" * 100000 + b"]" * 100000, b'["i", "0xzz"]', b"\xff", b'["t", [1]]', b'["f","0x1p+99999"]',
+    b'["c", "0x1p+99999", "0x0p+0"]', b'["f", "nan(1)"]', b'["b", "0"]', b'["d", [[["s", []], 1]]]', b'"\\ud800"x',
 ])
 def test_codec_decoding_never_builds_anything_but_plain_data(raw):
     with pytest.raises(codec.CodecError):
         codec.decode(raw)
+
+
+@needs_isolation
+@pytest.mark.parametrize("code,tests,wrong", [
+    ("def max(a, b):\n    return a if a > b else b", ["assert max(1, 2) == 2", "assert max(5, 3) == 5"],
+     "def max(a, b):\n    return a"),
+    ("def round(x):\n    return int(x + 0.5)", ["assert round(2.5) == 3", "assert round(0.4) == 0"],
+     "def round(x):\n    return int(x)"),
+    ("def calendar(n):\n    return n * 7", ["assert calendar(2) == 14"], "def calendar(n):\n    return n"),
+], ids=["max", "round", "calendar"])
+def test_entry_points_named_like_builtins_or_modules_are_the_candidates(box, code, tests, wrong):
+    """MBPP names a function max, round or calendar: the tests must call the completion's, not Python's."""
+    problem = mbpp_problem({"task_id": "B", "text": "t", "code": code, "test_list": tests})
+    assert problem.candidate_names == (code.split("(")[0][4:],) and not problem.in_process_reason, problem
+    right = box.run("", LIMITS, problem.oracle_program(code))
+    assert right.passed and right.oracle == "trusted", right
+    assert box.run("", LIMITS, problem.oracle_program(wrong)).status == "failed"
 
 
 @needs_isolation

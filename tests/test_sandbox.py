@@ -426,25 +426,61 @@ def test_cpu_hog_in_a_neighbour_slot_cannot_time_out_a_correct_program(host):
     assert hogged.duration_s >= 0.85 * hog_limits.timeout_s / hog_limits.cpus, hogged
 
 
+# Run inside the /tmp venv below, with the checkout copied under /tmp: prints one line per check.
+UNDER_TMP_SCRIPT = """
+import sys
+from mtp.sandbox import Limits, OracleProgram, Sandbox
+root = sys.argv[1]  # the copied checkout's source root, hidden inside the sandbox
+planted = (
+    "import os\\nos.umask(0)\\nos.makedirs(%r, exist_ok=True)\\n"
+    "open(%r + '/cmath.py', 'w').write('import sys\\\\nf = sys._getframe()\\\\n"
+    "while f is not None and \\"_report\\" not in f.f_globals: f = f.f_back\\\\n"
+    "f.f_globals[\\"_report\\"](f.f_globals[\\"PASS\\"])\\\\n')\\n"
+    "def answer():\\n    return 0\\n" % (root, root))
+paths = "import os, sys\\nbad = [p for p in sys.path if not os.path.isdir(p) or os.access(p, os.W_OK)]\\n"
+with Sandbox() as box:
+    zygote = box._proc.pid
+    first = box.run("open('/tmp/left', 'w').write('x')\\nimport json\\nprint(sorted(__import__('os').listdir('/tmp')))")
+    second = box.run("import os\\nprint(os.path.exists('/tmp/left'))")
+    print("left", first.status, first.stdout.strip(), second.status, second.stdout.strip())
+    deep = box.run("import os\\nos.chdir('/tmp')\\nfor _ in range(1500):\\n    os.mkdir('d')\\n    os.chdir('d')\\n"
+                   "open('f', 'w').close()\\nprint('deep')", Limits(timeout_s=10))
+    after = box.run("import os\\nprint(sorted(os.listdir('/tmp')))")
+    print("deep", deep.status, deep.stdout.strip(), after.status, after.stdout.strip(), box._proc.pid == zygote)
+    forged = box.run("", Limits(timeout_s=5), OracleProgram(planted, "", "x = answer()\\nimport cmath\\nassert x == 1", ("answer",)))
+    print("planted", forged.status, forged.oracle, repr(forged.detail))
+    program = box.run(paths + "print(bad)")
+    judge = box.run("", Limits(), OracleProgram("def answer():\\n    return 1\\n", "", paths + "assert answer() == 1 and bad == [], bad", ("answer",)))
+    print("paths", program.status, program.stdout.strip(), judge.status, judge.oracle)
+"""
+
+
 @needs_isolation
-def test_root_filesystem_works_when_the_interpreter_lives_under_tmp():
+def test_checkout_and_venv_under_tmp_no_planting_deep_trees_cleaned():
+    """The interpreter (a venv made with --copies) and the checkout both under /tmp, in different
+    directories: /tmp inside the sandbox is then writable and holds the venv, while the checkout's
+    source root is hidden there. No program may recreate it and plant a module the judge imports;
+    every sys.path entry of a program and of the judge exists and is read-only; a /tmp chain
+    deeper than Python's recursion limit is cleaned up without harming the worker."""
     base = Path(tempfile.mkdtemp(prefix="mtp-sandbox-venv-", dir="/tmp"))
+    checkout = Path(tempfile.mkdtemp(prefix="mtp-sandbox-checkout-", dir="/tmp"))
     try:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--copies", str(base / "venv")], check=True,
                        timeout=120)
-        script = textwrap.dedent("""
-            from mtp.sandbox import Sandbox
-            with Sandbox() as box:
-                first = box.run("open('/tmp/left', 'w').write('x')\\nimport json\\nprint(sorted(__import__('os').listdir('/tmp')))")
-                second = box.run("import os\\nprint(os.path.exists('/tmp/left'))")
-            print(first.status, first.stdout.strip(), second.status, second.stdout.strip())
-        """)
-        done = subprocess.run([str(base / "venv" / "bin" / "python"), "-c", script], capture_output=True, text=True,
-                              env={"PYTHONPATH": str(SOURCE_ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+        shutil.copytree(SOURCE_ROOT / "mtp", checkout / "platform" / "mtp", ignore=shutil.ignore_patterns("__pycache__"))
+        root = str(checkout / "platform")
+        done = subprocess.run([str(base / "venv" / "bin" / "python"), "-c", UNDER_TMP_SCRIPT, root],
+                              capture_output=True, text=True, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"},
+                              timeout=300)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.split() == ["passed", f"['left',", f"'{base.name}']", "passed", "False"], done.stdout
+        lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+        assert lines["left"] == f"passed ['left', '{base.name}'] passed False", done.stdout
+        assert lines["deep"] == f"passed deep passed ['{base.name}'] True", done.stdout
+        assert lines["planted"] == "failed trusted 'AssertionError: '", done.stdout
+        assert lines["paths"] == "passed [] passed trusted", done.stdout
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(checkout, ignore_errors=True)
 
 
 @needs_isolation

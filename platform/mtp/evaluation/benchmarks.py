@@ -125,14 +125,22 @@ def _compilable_prompt(prompt: str) -> tuple[str, str]:
 def _names_for_oracle(tests: str, canonical: str | None) -> tuple[tuple[str, ...], str, str]:
     """(names the tests call in the completion, imports the tests need, why they cannot be proxied or "").
 
-    A free name of the tests that is a standard-library module is imported on the
-    benchmark's side (the completion imported it for them); any other free name must
-    only ever be called, and must not be a class in the canonical solution.
+    A name the canonical solution defines at top level is the completion's, even where it
+    shadows a builtin or a standard-library module (MBPP's ``def max``, ``def calendar``).
+    Any other free name of the tests that is a standard-library module is imported on the
+    benchmark's side (the completion imported it for them); the rest must only ever be
+    called, and must not be a class in the canonical solution.
     """
     try:
         tree = ast.parse(tests)
     except SyntaxError as exc:
         return (), "", f"the tests do not parse ({exc.msg})"
+    try:
+        top = ast.parse(canonical or "").body
+    except SyntaxError:
+        top = []
+    defined = {n.name for n in top if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    classes = {n.name for n in top if isinstance(n, ast.ClassDef)}
     bound, loads, called = set(), [], set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
@@ -145,16 +153,12 @@ def _names_for_oracle(tests: str, canonical: str | None) -> tuple[tuple[str, ...
             bound.add(node.arg)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             called.add(id(node.func))
-    free = {n.id for n in loads} - bound - set(dir(builtins))
-    modules = sorted(free & set(sys.stdlib_module_names))
+    free = {n.id for n in loads} - bound - (set(dir(builtins)) - defined)
+    modules = sorted(free & set(sys.stdlib_module_names) - defined)
     names = sorted(free - set(modules))
     for node in loads:
         if node.id in names and id(node) not in called:
             return tuple(names), "", f"the tests use {node.id} as a value, not only by calling it"
-    try:
-        classes = {n.name for n in ast.walk(ast.parse(canonical or "")) if isinstance(n, ast.ClassDef)}
-    except SyntaxError:
-        classes = set()
     if classes & set(names):
         return tuple(names), "", f"{sorted(classes & set(names))[0]} is a class: its instances are not plain data"
     return tuple(names), "".join(f"import {m}\n" for m in modules), ""

@@ -10,7 +10,6 @@ writable tmpfs holding the interpreter's read-only binds, emptied after every pr
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 from mtp.sandbox import _libc as libc
@@ -94,11 +93,73 @@ def clean_tmp(kept: list[str]) -> None:
     """Remove what a program left in a shared /tmp (only when the interpreter lives there)."""
     for name in os.listdir("/tmp"):
         if name not in kept:
-            path = os.path.join("/tmp", name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
+            remove_tree(os.path.join("/tmp", name))
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(path: str) -> None:
+    """Remove ``path`` (a file, a link or a directory tree of any depth) without recursion.
+
+    A program can leave a chain deeper than Python's recursion limit (``shutil.rmtree``
+    then raises ``RecursionError``) or longer than PATH_MAX, so this walks down by
+    directory fds, one open at a time, keeping only the names on the way back up.
+    Called after the program's tree is dead, so nothing changes under it; links are
+    removed, never followed.
+    """
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except NotADirectoryError:  # a file, or a link (O_NOFOLLOW on a link: ELOOP or ENOTDIR)
+        os.unlink(path)
+        return
+    except OSError as exc:
+        if not os.path.islink(path):
+            raise
+        os.unlink(path)
+        return
+    names: list[str] = []  # the directories we are inside of, below ``path``
+    try:
+        while True:
+            child = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if child is None and not names:
+                break
+            step = os.open(child if child is not None else "..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = step
+            if child is not None:
+                names.append(child)
             else:
-                os.unlink(path)
+                os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def safe_sys_path() -> None:
+    """Keep only ``sys.path`` entries that exist on a read-only mount.
+
+    An entry that is missing after the pivot (the hidden source root, a zip that was never
+    there) could be created by a program wherever its parent is writable (a /tmp that holds
+    the interpreter): a module planted there would run in the next import of that name, in
+    any process of the slot, the judge included. Run in each zygote after the pivot.
+    """
+    kept = []
+    for entry in sys.path:
+        try:
+            read_only = bool(entry) and os.path.isdir(entry) and bool(os.statvfs(entry).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            kept.append(entry)
+    sys.path[:] = kept
+    sys.path_importer_cache.clear()
 
 
 def mount_scratch(uid: int, size_mb: int) -> str:

@@ -241,4 +241,4 @@ class Sandbox:
                     return Verdict.from_dict(reply["verdict"])
                 self._stop()
             return Verdict(status="crashed", detail=f"the sandbox worker failed twice on this program: {reply['error']}",
-                           isolation="full" if self.isolated else "insecure")
+                           isolation="full" if self.isolated else "insecure", oracle="trusted" if oracle else "inprocess")

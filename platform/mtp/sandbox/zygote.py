@@ -25,7 +25,6 @@ import os
 import resource
 import secrets
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -136,6 +135,7 @@ class Zygote:
         if self.isolated:
             self.cgroups: Handles | None = Handles(SlotCgroups(**config["cgroups"]))
             self.tmp_kept = rootfs.build_and_enter(config["root_dir"], rootfs.python_binds(config["hidden"]), self.uid)
+            rootfs.safe_sys_path()
         else:
             self.cgroups = None
             libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
@@ -176,7 +176,7 @@ class Zygote:
                     rootfs.clean_tmp(self.tmp_kept)
                 remove_ipc_objects()
             else:
-                shutil.rmtree(scratch, ignore_errors=True)
+                rootfs.remove_tree(scratch)
         if self.isolated:
             after = self.cgroups.counters()
             outcome.oom_kills, outcome.refused_forks = after[0] - before[0], after[1] - before[1]
