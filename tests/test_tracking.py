@@ -108,6 +108,10 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     model, _, config = load_model(local)
     assert config["tracking"]["run_id"] == run.info.run_id and model.cfg.n_future == 2
     assert load_model(resolve_checkpoint(f"runs:/{run.info.run_id}/checkpoint"))[2]["train"]["max_steps"] == 6
+    with monkeypatch.context() as env:  # the store named wins over the environment's (what a Serve replica does)
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+        named = resolve_checkpoint("models:/mtp-test/1", mlflow_server, cache_dir=tmp_path / "named")
+    assert load_model(named)[2]["tracking"]["run_id"] == run.info.run_id
 
     # The registered model is an MLflow pyfunc model: completions straight from the registry,
     # the same greedy text the engine gives for the checkpoint.

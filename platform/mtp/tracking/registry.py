@@ -212,10 +212,15 @@ def resolve_checkpoint(path_or_uri: str | Path, tracking: str | None = None, cac
     uri = pin_alias(text, source)  # cache by version: an alias moves
     root = Path(cache_dir) / "models" if cache_dir else mtp_cache_dir("models")
     target = root / hashlib.sha256(f"{source}|{uri}".encode()).hexdigest()[:16]
-    if not (target / "config.json").is_file():
+    if not (target / CONFIG).is_file():
+        ref = ModelRef.parse(uri)
         try:
+            # MLflow 3.17 looks models:/ URIs up in its default registry whatever registry_uri
+            # says: ask the named store for the version's artifacts instead
+            artifacts = store.client(source).get_model_version_download_uri(ref.name, ref.version) if ref and ref.version else uri
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(target.with_suffix(".part")), tracking_uri=source, registry_uri=source
+                artifact_uri=artifacts, dst_path=str(target.with_suffix(".part")), tracking_uri=source,
+                registry_uri=source,
             )
         except Exception as exc:  # MLflow raises several types for a missing model/run/artifact
             raise store.TrackingError(f"cannot resolve {uri!r} in {source}: {exc}") from exc
