@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 import torch  # noqa: E402
 
-from mtp.decoding import Engine  # noqa: E402
+from mtp.decoding import Engine, EngineConfig  # noqa: E402
 from mtp.decoding.benchmark import EFFICIENCY_TARGET, default_checkpoint, humaneval_prompts, peers, speculation  # noqa: E402
 from mtp.tracking.registry import resolve_checkpoint  # noqa: E402
 
@@ -79,16 +79,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     checkpoint = args.checkpoint or default_checkpoint(args.device, REPO / "runs")
     graphs = args.device == "cuda" and args.cuda_graphs and not args.compile
-    engine = Engine.from_checkpoint(str(resolve_checkpoint(checkpoint)), device=args.device, dtype=dtype, max_batch_size=max(args.batch_sizes),
-                                    cuda_graphs=graphs, compile=args.compile)
+    engine = Engine.from_checkpoint(str(resolve_checkpoint(checkpoint)), EngineConfig(
+        max_batch_size=max(args.batch_sizes), device=args.device, dtype=args.dtype, cuda_graphs=graphs, compile=args.compile))
     room = engine.cfg.max_seq_len - args.max_new_tokens
     if room < 1:
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in max_seq_len={engine.cfg.max_seq_len}")
     prompts = humaneval_prompts(engine.tokenizer, args.prompts, room)
-    context = {"checkpoint": checkpoint, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+    context = {"checkpoint": checkpoint, "device": args.device, "dtype": str(engine.packed.dtype).removeprefix("torch."),
                "threads": torch.get_num_threads() if args.device == "cpu" else None, "cuda_graphs": graphs}
 
     if args.peers:

@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from mtp.evaluation import DEFAULT_LIMITS, BenchmarkError, RunnerConfig  # noqa: E402
+from mtp.decoding.config import EngineConfig  # noqa: E402
 from mtp.evaluation.generation import GenerationConfig  # noqa: E402
 from mtp.evaluation.pipeline import MLflowTarget, ScoringConfig, evaluate_checkpoint, evaluate_samples  # noqa: E402
 from mtp.evaluation.sandbox_pool import BACKENDS  # noqa: E402
@@ -66,13 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--max-new-tokens", type=int, default=512)
-    gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop sequence, repeatable (default: the benchmark's protocol)")
     gen.add_argument("--no-speculative", action="store_true", help="decode with head 0 only")
     gen.add_argument("--allow-truncation", action="store_true",
                      help="score even where prompt + max-new-tokens exceeds the model's context (cut prompts and "
                           "clipped generations are counted in the run)")
+    EngineConfig.add_arguments(p, GenerationConfig.engine)
     run = p.add_argument_group("execution")
     run.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s, help="CPU seconds per program, its whole process tree; wall time gets 3x (default %(default)s)")
     run.add_argument("--memory-mb", type=int, default=DEFAULT_LIMITS.memory_mb)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.output or (Path("eval_out") / time.strftime("%Y%m%d-%H%M%S") if args.no_mlflow else None)
             generation = GenerationConfig(
                 n_samples=args.n_samples, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                seed=args.seed, batch_size=args.batch_size, stop=tuple(args.stop) if args.stop else None,
+                seed=args.seed, stop=tuple(args.stop) if args.stop else None, engine=EngineConfig.from_args(args),
                 speculative=not args.no_speculative, allow_truncation=args.allow_truncation, backend=args.backend,
             )
             evaluate_checkpoint(args.model, args.benchmark, generation, scoring, temperatures=args.temperature,

@@ -13,7 +13,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from mtp.config import ModelConfig
-from mtp.decoding import DraftTree, Engine, Generation, RequestError, SamplingParams, reference
+from mtp.decoding import DraftTree, Engine, EngineConfig, Generation, RequestError, SamplingParams, reference
 from mtp.decoding.packed import PackedModel, StepLayout
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
@@ -125,8 +125,8 @@ def test_speculative_greedy_equals_vanilla_greedy(n_future, tree, agreeing):
     model = _successor_model(n_future) if agreeing else _model(n_future)
     prompts = _prompts(14, vocab=model.cfg.vocab_size)
     params = SamplingParams(max_new_tokens=40)
-    spec = Engine(model, TOKENIZER, max_batch_size=4, tree=tree).generate_ids(prompts, params)
-    vanilla = Engine(model, TOKENIZER, max_batch_size=1).generate_ids(prompts, SamplingParams(max_new_tokens=40, speculative=False))
+    spec = Engine(model, TOKENIZER, EngineConfig(max_batch_size=4, tree=tree)).generate_ids(prompts, params)
+    vanilla = Engine(model, TOKENIZER, EngineConfig(max_batch_size=1)).generate_ids(prompts, SamplingParams(max_new_tokens=40, speculative=False))
     for i, (s, v) in enumerate(zip(spec, vanilla)):
         assert s.tokens == v.tokens, f"prompt {i}: speculative output diverged from vanilla greedy"
         assert s.finish_reason == v.finish_reason == "length"
@@ -147,7 +147,7 @@ def test_engine_matches_reference_step_for_step(n_future, tree):
     model = _successor_model(n_future, right=0.3, seed=1)
     prompts = _prompts(6, seed=11, max_len=20, vocab=16)
     widths = tree or (1,) * (n_future - 1)
-    engine = Engine(model, TOKENIZER, max_batch_size=3, tree=tree).generate_ids(prompts, SamplingParams(max_new_tokens=40))
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, tree=tree)).generate_ids(prompts, SamplingParams(max_new_tokens=40))
     for i, (prompt, g) in enumerate(zip(prompts, engine)):
         spec = reference.greedy(model, prompt, 40, widths, TOKENIZER.eos_id)
         assert g.tokens == spec.tokens, f"prompt {i}: tokens differ from the reference"
@@ -163,7 +163,7 @@ def test_engine_sampling_matches_reference(speculative):
     model = _model(n_future=3, seed=4, init_std=0.3, vocab=16)
     prompts = _prompts(6, seed=12, max_len=20, vocab=16)
     params = [SamplingParams(max_new_tokens=30, temperature=0.8, seed=100 + i, speculative=speculative) for i in range(6)]
-    engine = Engine(model, TOKENIZER, max_batch_size=3).generate_ids(prompts, params)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3)).generate_ids(prompts, params)
     for i, (prompt, g) in enumerate(zip(prompts, engine)):
         spec = reference.sample(model, prompt, 30, 0.8, 100 + i, speculative, TOKENIZER.eos_id)
         assert (g.tokens, g.stats.accepted_histogram) == (spec.tokens, spec.accepted_histogram), f"prompt {i}"
@@ -179,16 +179,16 @@ def test_compiled_engine_matches_eager():
     prompts = _prompts(2, seed=11, max_len=20, vocab=16) + _prompts(1, seed=12, max_len=1, vocab=16)
     prompts[2] = prompts[2] * 86  # fills the context and finishes first: later steps pad with its stale row
     lengths = [40, 40, 10]
-    engine = Engine(model, TOKENIZER, max_batch_size=3, compile=True)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, compile=True))
     assert engine.warm_up([SamplingParams()]) >= engine.compile_s > 0
     compiled = engine.compile_s
     params = [SamplingParams(max_new_tokens=n) for n in lengths]
-    eager = Engine(model, TOKENIZER, max_batch_size=3).generate_ids(prompts, params)  # itself held to the reference
+    eager = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3)).generate_ids(prompts, params)  # itself held to the reference
     for g, e in zip(engine.generate_ids(prompts, params), eager):
         assert (g.tokens, g.stats.accepted_histogram) == (e.tokens, e.stats.accepted_histogram)
     assert engine.compile_s == compiled, "after warm_up, no request may wait for a compile"
     with pytest.raises(ValueError, match="one of cuda_graphs and compile"):
-        Engine(model, TOKENIZER, compile=True, cuda_graphs=True)
+        Engine(model, TOKENIZER, EngineConfig(compile=True, cuda_graphs=True))
 
 
 def _stored_histograms() -> dict[str, list[list[int]]]:
@@ -197,7 +197,7 @@ def _stored_histograms() -> dict[str, list[list[int]]]:
     prompts = _prompts(4, seed=11, max_len=20, vocab=16)
     kinds = {"chain": (SamplingParams(max_new_tokens=48), None), "tree(3,2,1)": (SamplingParams(max_new_tokens=48), (3, 2, 1)),
              "sampled(T=0.8)": (SamplingParams(max_new_tokens=48, temperature=0.8, seed=7), None)}
-    return {name: [g.stats.accepted_histogram for g in Engine(model, TOKENIZER, max_batch_size=4, tree=tree).generate_ids(prompts, params)]
+    return {name: [g.stats.accepted_histogram for g in Engine(model, TOKENIZER, EngineConfig(max_batch_size=4, tree=tree)).generate_ids(prompts, params)]
             for name, (params, tree) in kinds.items()}
 
 
@@ -215,11 +215,11 @@ def test_static_shapes_give_the_same_tokens(tree):
     model = _successor_model(4)
     prompts = _prompts(6, seed=2, vocab=16)
     params = SamplingParams(max_new_tokens=30)
-    dynamic = Engine(model, TOKENIZER, max_batch_size=3, tree=tree).generate_ids(prompts, params)
-    static = Engine(model, TOKENIZER, max_batch_size=3, tree=tree, static_shapes=True).generate_ids(prompts, params)
+    dynamic = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, tree=tree)).generate_ids(prompts, params)
+    static = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, tree=tree, static_shapes=True)).generate_ids(prompts, params)
     assert [g.tokens for g in static] == [g.tokens for g in dynamic]
     with pytest.raises(ValueError, match="CUDA"):
-        Engine(model, TOKENIZER, device="cpu", cuda_graphs=True)
+        Engine(model, TOKENIZER, EngineConfig(device="cpu", cuda_graphs=True))
 
 
 def test_tree_accepts_at_least_as_much_as_chain():
@@ -227,8 +227,8 @@ def test_tree_accepts_at_least_as_much_as_chain():
     model = _successor_model(4, right=0.5)
     prompts = _prompts(6, seed=3, vocab=16)
     params = SamplingParams(max_new_tokens=40)
-    chain = Engine(model, TOKENIZER, max_batch_size=6).generate_ids(prompts, params)
-    tree = Engine(model, TOKENIZER, max_batch_size=6, tree=(3, 2, 1)).generate_ids(prompts, params)
+    chain = Engine(model, TOKENIZER, EngineConfig(max_batch_size=6)).generate_ids(prompts, params)
+    tree = Engine(model, TOKENIZER, EngineConfig(max_batch_size=6, tree=(3, 2, 1))).generate_ids(prompts, params)
     assert [g.tokens for g in tree] == [g.tokens for g in chain]
     assert sum(g.stats.forwards for g in tree) < sum(g.stats.forwards for g in chain)
     assert DraftTree((3, 2, 1)).size == 16 and DraftTree.chain(3).is_chain
@@ -284,7 +284,7 @@ def test_speculative_sampling_keeps_head0_distribution():
     model = _model(n_future=3, vocab=5, seed=4, init_std=0.3)
     prompt, length, temperature, n = [1, 3, 2], 3, 0.8, 6000
     torch.manual_seed(0)
-    engine = Engine(model, TOKENIZER, max_batch_size=64)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=64))
     results = engine.generate_ids([prompt] * n, SamplingParams(max_new_tokens=length, temperature=temperature))
     counts: dict[tuple, int] = {}
     for g in results:
@@ -302,11 +302,11 @@ def test_vanilla_sampling_respects_top_k_and_seed():
         allowed = set(model(torch.tensor([[7, 8, 9]]))[0, -1].topk(3).indices.tolist())
     for speculative in (False, True):
         params = SamplingParams(max_new_tokens=1, temperature=1.5, top_k=3, speculative=speculative)
-        engine = Engine(model, TOKENIZER, max_batch_size=8)
+        engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=8))
         firsts = {g.tokens[0] for g in engine.generate_ids([[7, 8, 9]] * 200, params)}
         assert firsts <= allowed and len(firsts) > 1
     seeded = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=123)
-    engine = Engine(model, TOKENIZER, max_batch_size=4)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=4))
     alone = engine.generate_ids([[5, 6]], seeded)[0].tokens
     other = SamplingParams(max_new_tokens=20, temperature=1.0)
     batched = engine.generate_ids([[1], [5, 6], [2, 3, 4]], [other, seeded, other])
@@ -318,7 +318,7 @@ def test_vanilla_sampling_respects_top_k_and_seed():
 
 def test_stop_sequences_max_tokens_and_stream():
     model = _model(4)
-    engine = Engine(model, TOKENIZER, max_batch_size=2)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=2))
     prompt = "def f(x):"
     full = engine.generate([prompt], SamplingParams(max_new_tokens=40, speculative=False))[0]
     assert full.finish_reason == "length" and len(full.tokens) == 40
@@ -338,7 +338,7 @@ def test_stop_sequences_max_tokens_and_stream():
 
 def test_per_request_stats():
     model = _successor_model(4)
-    engine = Engine(model, TOKENIZER, max_batch_size=3)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3))
     gens = engine.generate_ids(_prompts(5, seed=7, vocab=16), SamplingParams(max_new_tokens=30))
     for g in gens:
         s = g.stats
@@ -354,7 +354,7 @@ def test_per_request_stats():
 
 def test_bad_requests_raise_clear_errors():
     model = _model(2)
-    engine = Engine(model, TOKENIZER, max_batch_size=2)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=2))
     with pytest.raises(RequestError, match=r"90 prompt tokens \+ max_new_tokens=10 = 100 exceeds the model's max_seq_len=96") as exc:
         engine.generate_ids([[1] * 90], SamplingParams(max_new_tokens=10))
     assert (exc.value.field, exc.value.code) == ("max_new_tokens", "context_length_exceeded")
@@ -370,9 +370,9 @@ def test_bad_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         engine.generate(["a"], [SamplingParams(), SamplingParams()])
     with pytest.raises(ValueError, match="n_future - 1 = 1"):
-        Engine(model, TOKENIZER, tree=(2, 2))
+        Engine(model, TOKENIZER, EngineConfig(tree=(2, 2)))
     with pytest.raises(ValueError, match="max_batch_size"):
-        Engine(model, TOKENIZER, max_batch_size=0)
+        Engine(model, TOKENIZER, EngineConfig(max_batch_size=0))
     assert engine.generate(["ok"], SamplingParams(max_new_tokens=3))[0].finish_reason == "length"  # still usable
 
 
@@ -384,7 +384,7 @@ def test_concurrent_streams_and_generate_share_the_batch_exactly():
     and vanilla rows mixed, give token for token what separate calls give, and each stream's
     deltas add up to its final text. A stream closed early leaves the others untouched."""
     model = _successor_model(4)
-    engine = Engine(model, TOKENIZER, max_batch_size=3, tree=(3, 2, 1))
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, tree=(3, 2, 1)))
     prompts = [TOKENIZER.decode(p) for p in _prompts(7, seed=8, max_len=12, vocab=16)]
     kinds = [SamplingParams(max_new_tokens=30, speculative=s) for s in (True, True, False, True, False, True, True)]
     alone = [engine.generate([p], k)[0].tokens for p, k in zip(prompts, kinds)]
@@ -413,7 +413,7 @@ def test_submitted_rows_interleave_and_join_as_rows_free():
     """With listeners (how a server drives the engine): a request submitted while others run
     starts before they finish, a third waits for a free row, and events arrive per step."""
     model = _successor_model(4)
-    engine = Engine(model, TOKENIZER, max_batch_size=2)
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=2))
     log: list[tuple[str, str]] = []
 
     def listen(name: str):
@@ -449,7 +449,7 @@ def test_llama_port_has_equal_logits_and_greedy_tokens(monkeypatch):
     hf = peers.to_llama(model)
     prompts = _prompts(3, seed=13, max_len=12, vocab=256)
     tokens, _ = peers.hf_generate(hf, prompts, 12, TOKENIZER.eos_id, do_sample=False)
-    engine = Engine(model, TOKENIZER, max_batch_size=3).generate_ids(prompts, SamplingParams(max_new_tokens=12, speculative=False))
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3)).generate_ids(prompts, SamplingParams(max_new_tokens=12, speculative=False))
     assert tokens == [g.tokens for g in engine]
     monkeypatch.setattr(peers, "_halves", lambda w, heads: w)
     with pytest.raises(RuntimeError, match="logits differ"):

@@ -11,7 +11,7 @@ import torch
 from numpy.polynomial import Polynomial
 
 from mtp.config import model_preset
-from mtp.decoding import Engine
+from mtp.decoding import Engine, EngineConfig
 from mtp.experiments import polynomial, splits, stargraph
 from mtp.experiments.scoring import score
 from mtp.experiments.tasks import TASKS, TaskError, TaskSpec, problem_key
@@ -169,7 +169,7 @@ def test_engine_scoring_matches_plain_greedy_decoding():
         exact += got == answer
         correct += sum(a == b for a, b in zip(answer, got))
         total += len(answer)
-    result = score(Engine(model, tok, max_batch_size=5), problems)
+    result = score(Engine(model, tok, EngineConfig(max_batch_size=5)), problems)
     assert result == {"exact_match": exact / len(problems), "token_accuracy": correct / total}
 
 

@@ -105,16 +105,20 @@ def test_serve_config_from_args(tmp_path, monkeypatch):
     from mtp.serving.config import ServeConfig
 
     monkeypatch.chdir(tmp_path)
-    cfg = ServeConfig.from_args({"model": "ckpt", "max_batch_size": 4})
+    cfg = ServeConfig.from_args({"model": "ckpt", "engine": {"max_batch_size": 4, "tree": [2, 1]}})
     assert cfg.model == str(tmp_path / "ckpt") and cfg.served_name == "ckpt"  # absolute for the replicas
+    assert cfg.engine.max_batch_size == 4 and cfg.engine.tree == (2, 1)
+    assert ServeConfig.from_args(cfg.to_dict()) == cfg  # what the replicas receive
     cfg = ServeConfig.from_args({"model": "models:/mtp-model/3"})
     assert cfg.model == "models:/mtp-model/3" and cfg.served_name == "mtp-model"
     with pytest.raises(ConfigError, match="max_bach_size"):
         ServeConfig.from_args({"max_bach_size": 4})
-    with pytest.raises(ConfigError, match="max_batch_size"):
-        ServeConfig.from_args({"model": "m", "max_batch_size": 0})
+    with pytest.raises(ConfigError, match="engine.max_batch_size=0"):
+        ServeConfig.from_args({"model": "m", "engine": {"max_batch_size": 0}})
+    with pytest.raises(ConfigError, match="unknown serve.engine key.*max_bach_size"):
+        ServeConfig.from_args({"model": "m", "engine": {"max_bach_size": 4}})
     with pytest.raises(ConfigError, match="dtype"):
-        ServeConfig.from_args({"model": "m", "dtype": "int4"})
+        ServeConfig.from_args({"model": "m", "engine": {"dtype": "int4"}})
     with pytest.raises(ConfigError, match="args.model"):
         ServeConfig.from_args({})
 

@@ -12,6 +12,7 @@ small one trained once with ``mtp.train`` and cached.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from mtp.decoding.api import Generation, SamplingParams
+from mtp.decoding.config import EngineConfig
 from mtp.decoding.engine import Engine
 from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams, teacher_forced
 from mtp.tokenizer import Tokenizer
@@ -181,7 +183,7 @@ def peers(model, tokenizer: Tokenizer, prompts: list[list[int]], batch_sizes: Se
     rows: list[dict[str, object]] = []
     settings = [(b, 0.0) for b in batch_sizes] + ([(1, temperature)] if temperature > 0 else [])
     for batch_size, temp in settings:
-        engine = Engine(model, tokenizer, max_batch_size=batch_size, compile=True)
+        engine = Engine(model, tokenizer, EngineConfig.matching(model, max_batch_size=batch_size, compile=True))
         warm = engine.warm_up([SamplingParams(temperature=temp, speculative=s) for s in (True, False)])
         methods: dict[str, tuple[Generate, float]] = {
             "engine_vanilla": (_engine_method(engine, max_new_tokens, temp, False), warm),
@@ -235,8 +237,7 @@ def speculation(engine: Engine, prompts: list[list[int]], batch_sizes: Sequence[
     results = [with_efficiency({**common, "mode": "chain", **compare(engine, prompts, b, max_new_tokens)}, layer_ratio)
                for b in batch_sizes]
     if tree:
-        tree_engine = Engine(engine.model, engine.tokenizer, max_batch_size=1, tree=tree,
-                             cuda_graphs=engine.cuda_graphs, compile=engine.compiled)
+        tree_engine = Engine(engine.model, engine.tokenizer, dataclasses.replace(engine.config, max_batch_size=1, tree=tuple(tree)))
         row = {**common, "mode": f"tree{tuple(tree)}", **compare(tree_engine, prompts, 1, max_new_tokens)}
         results.append(with_efficiency(row, layer_ratio))
     return results

@@ -27,8 +27,10 @@ Three step kinds, chosen per request:
   path that agrees plus head 0's next token, and draft again from the heads at the
   accepted position, all from the same forward (Stern et al. 2018). The output is
   token for token what greedy decoding gives;
-* speculative sampling (temperature > 0): the chain, with the accept/reject rule of
-  ``mtp.decoding.sampling``, so outputs are distributed exactly as head 0's.
+* speculative sampling (temperature > 0): the chain, with speculative sampling's
+  accept/reject rule, so outputs are distributed exactly as head 0's.
+
+Both acceptance rules live in ``mtp.decoding.acceptance``.
 
 Rolling back rejected drafts is resetting a row's length: their cache slots are
 overwritten by the next step and masked out until then.
@@ -54,10 +56,12 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mtp.decoding import acceptance
 from mtp.decoding.api import Generation, GenerationStats, RequestError, SamplingParams
+from mtp.decoding.config import EngineConfig
 from mtp.decoding.graphs import CompiledSteps, CudaGraphs
 from mtp.decoding.packed import PackedModel, StepLayout
-from mtp.decoding.sampling import RowSampling, sample, speculative_accept, target_probs
+from mtp.decoding.sampling import RowSampling, sample, target_probs
 from mtp.decoding.text import TextState
 from mtp.decoding.tree import DraftTree, TreeTensors
 from mtp.model import MTPTransformer
@@ -194,48 +198,36 @@ class _Rows:
 
 
 class Engine:
-    """Generate from an ``MTPTransformer`` with self-speculative decoding.
+    """Generate from an ``MTPTransformer`` with self-speculative decoding, as ``config`` says.
 
-    ``tree`` (widths per draft depth, e.g. ``(3, 2, 1)``) makes greedy requests
+    ``config.tree`` (widths per draft depth, e.g. ``(3, 2, 1)``) makes greedy requests
     verify a Medusa-style candidate tree instead of a single chain.
-    ``static_shapes`` makes every step attend over the whole cache (masked), so a
-    step's shapes depend only on the batch size; ``cuda_graphs`` (implies it)
-    captures each greedy step kind and batch size once and replays it, which
-    removes the per-kernel launch cost that dominates small-batch decoding on GPUs.
-    ``compile`` (implies static shapes; not with ``cuda_graphs``) runs each step
-    through ``torch.compile``, on any device: a step kind is compiled once for one row
-    and once for ``max_batch_size`` rows (a step of 2.. rows pads up to it), on first
-    use or in ``warm_up`` (which a server calls before taking requests).
-    The model's weights are repacked once here: build a new Engine after changing
-    them. Any number of threads may submit, generate and stream at once: their
-    requests share one continuous batch (one static cache per engine).
+    ``static_shapes`` gives every step fixed shapes for its batch size (attention over
+    a fixed bucket of cache slots, masked); ``cuda_graphs`` (implies it) captures each
+    greedy step kind and batch size once and replays it, which removes the per-kernel
+    launch cost that dominates small-batch decoding on GPUs. ``compile`` (implies
+    static shapes; not with ``cuda_graphs``) runs each step through ``torch.compile``,
+    on any device: a step kind is compiled once for one row and once for
+    ``max_batch_size`` rows (a step of 2.. rows pads up to it), on first use or in
+    ``warm_up`` (which a server calls before taking requests).
+    The model is moved to the config's device and dtype and its weights are repacked
+    once here: build a new Engine after changing them. Any number of threads may
+    submit, generate and stream at once: their requests share one continuous batch
+    (one static cache per engine).
     """
 
-    def __init__(
-        self,
-        model: MTPTransformer,
-        tokenizer: Tokenizer,
-        max_batch_size: int = 8,
-        device: str | torch.device | None = None,
-        tree: Sequence[int] | None = None,
-        static_shapes: bool = False,
-        cuda_graphs: bool = False,
-        compile: bool = False,
-    ):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if cuda_graphs and compile:
-            raise ValueError("choose one of cuda_graphs and compile")
-        if cuda_graphs and self.device.type != "cuda":
+    def __init__(self, model: MTPTransformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.config = config = (config or EngineConfig()).validate()
+        self.device = config.torch_device()
+        if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
-        self.model = model.to(self.device).eval()
+        self.model = model.to(device=self.device, dtype=config.torch_dtype(self.device)).eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size = config.max_batch_size
         self.vocab_size = self.cfg.vocab_size
         self.packed = PackedModel(self.model)
-        drafts = self.cfg.n_future - 1
+        drafts, tree = self.cfg.n_future - 1, config.tree
         if tree is not None and not 1 <= len(tree) <= drafts:
             raise ValueError(f"tree={tuple(tree)} needs between 1 and n_future - 1 = {drafts} levels")
         with torch.inference_mode():
@@ -247,24 +239,24 @@ class Engine:
             for tree in (self.chain, self.tree):  # the heads' fused projections, built outside any capture
                 self.packed.heads.qkv(1 + (len(tree.tree.widths) if tree is not None else 0))
         self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
-        self.static_shapes = static_shapes or cuda_graphs or compile
-        self._graphs = CudaGraphs() if cuda_graphs else None
-        self._compiled = CompiledSteps(self._device_step) if compile else None
+        self.static_shapes = config.static_shapes or config.cuda_graphs or config.compile
+        self._graphs = CudaGraphs() if config.cuda_graphs else None
+        self._compiled = CompiledSteps(self._device_step) if config.compile else None
         self._lock = threading.Lock()  # one step at a time
         self._waiting: deque[Request] = deque()
         self._waiting_lock = threading.Lock()  # submit() may run while a step does
         self._active: _Rows | None = None  # the rows of the step kind now running
 
     @classmethod
-    def from_checkpoint(
-        cls, directory: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch_size: int = 8, **kwargs
-    ) -> "Engine":
+    def from_checkpoint(cls, directory: str, config: EngineConfig | None = None) -> "Engine":
         """An engine over a local checkpoint directory (an MLflow URI is resolved first, by
-        ``mtp.tracking.registry.resolve_checkpoint``)."""
+        ``mtp.tracking.registry.resolve_checkpoint``), loaded straight onto the config's device and dtype."""
         from mtp.checkpoint import load_model
 
-        model, tokenizer, _ = load_model(directory, device=device, dtype=dtype)
-        return cls(model, tokenizer, max_batch_size=max_batch_size, device=device, **kwargs)
+        config = (config or EngineConfig()).validate()
+        device = config.torch_device()
+        model, tokenizer, _ = load_model(directory, device=device, dtype=config.torch_dtype(device))
+        return cls(model, tokenizer, config)
 
     # ------------------------------------------------------------------ public API
 
@@ -620,7 +612,7 @@ class Engine:
         fed, lengths = rows.fed[:B], rows.lengths[:B]
         logits = self.packed.logits(hidden)  # [heads, B, W, V]: one call, cheaper here than two exact ones
         target = logits[0].argmax(-1)  # [B, W]
-        best, accepted, emitted = tree.accept(fed, target)
+        best, accepted, emitted = acceptance.greedy(tree, fed, target)
         if not tree.tree.is_chain:  # the accepted path's keys/values -> contiguous slots
             path = tree.path[best, 1:]
             self.cache.move_slots(self._arange[:B], lengths[:, None] + path, lengths[:, None] + 1 + self._arange[: path.shape[1]])
@@ -634,9 +626,8 @@ class Engine:
         fed, sampling = rows.fed[:B], rows.sampling.rows(slice(0, B))
         target = target_probs(self.packed.logits(hidden[0]), sampling)  # [B, D + 1, V]
         u = rows.uniforms[:B]
-        accepted, residual = speculative_accept(fed[:, 1:], target, rows.draft_probs[:B], u[:, :D])
-        bonus = sample(residual[:, None], u[:, D : D + 1])
-        emitted = torch.cat([fed[:, 1:], bonus], 1).scatter_(1, accepted[:, None], bonus)
+        accepted, emitted = acceptance.sampled(fed[:, 1:], target, rows.draft_probs[:B], u[:, : D + 1])
+        bonus = emitted.gather(1, accepted[:, None])
         head_logits = self.packed.logits(hidden[1:, self._arange[:B], accepted].transpose(0, 1))
         draft_probs = target_probs(head_logits, sampling)
         rows.fed[:B] = torch.cat([bonus, sample(draft_probs, u[:, D + 1 :])], 1)

@@ -1,10 +1,9 @@
-"""Per-row sampling distributions and the speculative accept/reject rule.
+"""Per-row sampling distributions and inverse-CDF draws, for sampled (temperature > 0) rows.
 
-Everything is batched over rows with per-row settings, and greedy rows are the
-one-hot special case of the same rule: with ``p`` and ``q`` one-hot, "accept with
-probability ``p(x) / q(x)``" is "accept iff the draft is head 0's argmax", and the
-residual ``max(p - q, 0)`` is head 0's argmax. So one code path keeps sampled rows
-exactly distributed as head 0 and greedy rows exactly equal to greedy decoding.
+Batched over rows with per-row temperature, top-k and top-p. Greedy requests never
+come here: they step in their own batch (a step kind of their own) and take head 0's
+argmax (``mtp.decoding.acceptance.greedy``). The accept/reject rule that uses these
+distributions is ``mtp.decoding.acceptance.sampled``.
 """
 
 from __future__ import annotations
@@ -39,19 +38,19 @@ class RowSampling:
 def target_probs(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     """The distribution each row samples from: ``logits [B, K, V]`` -> probabilities ``[B, K, V]``.
 
-    Temperature, then top-k, then top-p (nucleus, keeping at least the top token);
-    greedy rows get the one-hot of their argmax.
+    Temperature, then top-k, then top-p (nucleus, keeping at least the top token;
+    ``top_p >= 1`` cuts nothing, where a float32 cumulative sum could drop tail mass).
+    A row with temperature 0 (an unused padding row of a compiled step) gets
+    temperature 1, so that it stays finite.
     """
-    greedy = rows.temperature == 0
-    temperature = torch.where(greedy, 1.0, rows.temperature)[:, None, None]
+    temperature = torch.where(rows.temperature == 0, 1.0, rows.temperature)[:, None, None]
     ordered, order = (logits / temperature).sort(dim=-1, descending=True)
     probs = ordered.softmax(-1)
     rank = torch.arange(logits.shape[-1], device=logits.device)
-    drop = (probs.cumsum(-1) - probs > rows.top_p[:, None, None]) | (rank >= rows.top_k[:, None, None])
+    top_p = rows.top_p[:, None, None]
+    drop = ((probs.cumsum(-1) - probs > top_p) & (top_p < 1)) | (rank >= rows.top_k[:, None, None])
     probs = probs.masked_fill(drop, 0.0)
-    probs = torch.zeros_like(probs).scatter_(-1, order, probs / probs.sum(-1, keepdim=True))
-    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(greedy[:, None, None], one_hot, probs)
+    return torch.zeros_like(probs).scatter_(-1, order, probs / probs.sum(-1, keepdim=True))
 
 
 def sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -63,30 +62,3 @@ def sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     u = (uniform * cdf[..., -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-
-
-def speculative_accept(
-    drafts: torch.Tensor,
-    target: torch.Tensor,
-    draft_probs: torch.Tensor,
-    uniform: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling's rule (Leviathan et al. 2023; Chen et al. 2023), batched.
-
-    ``drafts [B, K]`` were drawn from ``draft_probs [B, K, V]``; ``target [B, K+1, V]``
-    is head 0's distribution at each fed position (position ``j`` scores draft ``j``).
-    Draft ``j`` is accepted with probability ``min(1, p(x) / q(x))`` while all before
-    it were. Returns (accepted count ``[B]``, the distribution to draw the next token
-    from ``[B, V]``: the normalised residual ``max(p - q, 0)`` at the first rejection,
-    or ``p`` after the last draft).
-    """
-    B, K = drafts.shape
-    px = target[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
-    qx = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
-    accepted = (uniform * qx < px).cumprod(-1).sum(-1)
-    index = accepted[:, None, None].expand(B, 1, target.shape[-1])
-    p = target.gather(1, index).squeeze(1)
-    q = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1).gather(1, index).squeeze(1)
-    residual = (p - q).clamp_(min=0.0)
-    mass = residual.sum(-1, keepdim=True)
-    return accepted, torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)

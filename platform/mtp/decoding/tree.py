@@ -82,22 +82,3 @@ class TreeTensors:
             return torch.cat([pending[:, None], head_logits.argmax(-1)], dim=1)
         top = head_logits.topk(self.max_width, dim=-1).indices.flatten(1)  # [B, D * k]
         return torch.cat([pending[:, None], top[:, self.candidate]], dim=1)
-
-    def accept(self, fed: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy verification of fed tokens ``[B, W]`` against head 0's argmax ``target [B, W]``.
-
-        Node ``i`` is right when its token is head 0's argmax at its parent; the
-        accepted node is the deepest one whose whole path is right (children of a
-        node carry distinct tokens, so it is unique). Returns (accepted node ``[B]``,
-        its depth = accepted drafts ``[B]``, the emitted tokens ``[B, depth + 1]``
-        padded to ``[B, D + 1]``): head 0's argmax along the path, i.e. the accepted
-        drafts followed by the next token.
-        """
-        if self.tree.is_chain:
-            accepted = (fed[:, 1:] == target[:, :-1]).cumprod(1).sum(1)
-            return accepted, accepted, target
-        right = fed == target.gather(1, self.parent.expand_as(fed))
-        right[:, 0] = True
-        on_path = ~((~right)[:, None, :] & self.ancestors).any(-1)  # [B, W]
-        best = torch.where(on_path, self.depth + 1, 0).argmax(-1)
-        return best, self.depth[best], target.gather(1, self.path[best])

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mtp.decoding.config import EngineConfig
 from mtp.evaluation.benchmarks import Benchmark, Problem
 from mtp.evaluation.sandbox_pool import BACKENDS, resolve_backend
 
@@ -27,15 +28,15 @@ class GenerationConfig:
     max_new_tokens: int = 512
     seed: int = 0
     stop: tuple[str, ...] | None = None  # None: the benchmark's protocol (e.g. HumanEval's "\ndef", MBPP's [DONE])
-    batch_size: int = 16
     speculative: bool = True  # draft with the extra heads (same distribution, fewer forwards)
     allow_truncation: bool = False  # generate even where prompt + max_new_tokens exceeds the model's context
     backend: Literal["auto", "ray", "local"] = "auto"  # auto: Ray when a cluster runs (sandbox_pool.resolve_backend)
-    device: str | None = None  # None: cuda when the worker has a GPU, else cpu
+    engine: EngineConfig = EngineConfig(max_batch_size=16)  # device auto: cuda when the worker has a GPU, else cpu
 
     def validate(self) -> "GenerationConfig":
-        if self.n_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("n_samples, max_new_tokens and batch_size must be >= 1")
+        if self.n_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("n_samples and max_new_tokens must be >= 1")
+        self.engine.validate()
         if self.n_samples > 1 and self.temperature == 0:
             raise ValueError(f"n_samples={self.n_samples} with temperature 0 gives {self.n_samples} identical greedy samples")
         if self.backend not in BACKENDS:
@@ -105,10 +106,9 @@ def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], co
     """[{task_id, sample_index, completion, finish_reason, prompt_truncated, clipped}] for one shard,
     in one process."""
     from mtp.decoding import Engine, SamplingParams
-    from mtp.device import resolve_device
     from mtp.tracking.registry import resolve_checkpoint
 
-    engine = Engine.from_checkpoint(str(resolve_checkpoint(checkpoint)), device=str(resolve_device(config.device)), max_batch_size=config.batch_size)
+    engine = Engine.from_checkpoint(str(resolve_checkpoint(checkpoint)), config.engine)
     limit = engine.cfg.max_seq_len
     ids, params, keys, flags = [], [], [], {}
     for problem in problems:

@@ -112,7 +112,8 @@ def evaluate_checkpoint(
     finally:
         scorer.close()
     params = {"benchmarks": ",".join(benchmarks), **scoring.params(), "model": model,
-              **{f"generation.{k}": v for k, v in asdict(generation).items() if k != "temperature"}}
+              **{f"generation.{k}": v for k, v in asdict(generation).items() if k not in ("temperature", "engine")},
+              **{f"engine.{k}": v for k, v in generation.engine.to_dict().items()}}
     return _logged(Evaluation(scored, training_run=training_run), params, uri, mlflow, report)
 
 

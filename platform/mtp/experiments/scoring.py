@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtp.decoding import Engine, SamplingParams
+from mtp.decoding import Engine, EngineConfig, SamplingParams
 from mtp.experiments.problem import Problem
 
 METRICS = ("exact_match", "token_accuracy")
@@ -32,9 +32,8 @@ def score(engine: Engine, problems: list[Problem]) -> dict[str, float]:
     return {"exact_match": exact / len(problems), "token_accuracy": correct / total}
 
 
-def evaluate_task(checkpoint: str | Path, eval_sets: dict[str, list[Problem]], batch_size: int = 64,
-                  device: str = "cpu") -> dict[str, float]:
+def evaluate_task(checkpoint: str | Path, eval_sets: dict[str, list[Problem]], engine: EngineConfig) -> dict[str, float]:
     """``task/<eval set>/<metric>`` for every evaluation set, from one checkpoint."""
-    engine = Engine.from_checkpoint(str(checkpoint), device=device, max_batch_size=batch_size)
+    engine = Engine.from_checkpoint(str(checkpoint), engine)
     return {f"task/{name}/{metric}": value
             for name, problems in eval_sets.items() for metric, value in score(engine, problems).items()}

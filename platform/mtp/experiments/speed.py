@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mtp.benchmarks import intra_op_threads
-from mtp.decoding import Engine
+from mtp.decoding import Engine, EngineConfig
 from mtp.decoding.benchmark import compare
 from mtp.decoding.metrics import teacher_forced
 
@@ -74,7 +74,7 @@ class SpeedSpec:
         with intra_op_threads(self.threads):  # the sweep's process keeps its own setting afterwards
             cfg = from_dict(read_config(checkpoint))
             held_out = heldout_texts(prepare_data(cfg.data, cfg.train.seq_len).val, self.heldout + self.prompts)
-            engine = Engine.from_checkpoint(str(checkpoint), max_batch_size=max(self.batch_sizes))
+            engine = Engine.from_checkpoint(str(checkpoint), EngineConfig(max_batch_size=max(self.batch_sizes)))
             prompts = [ids[: self.prompt_tokens] for ids in held_out[: self.prompts]]
             metrics = {"speed/teacher_forced_tokens_per_forward":
                        teacher_forced(engine.model, held_out[self.prompts:])["teacher_forced_tokens_per_forward"]}

@@ -134,9 +134,10 @@ class TaskSpec:
     def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]:
         """Greedy answers of ``checkpoint`` on every held-out evaluation set (its first
         ``limit`` problems if given), scored."""
+        from mtp.decoding import EngineConfig
         from mtp.experiments.scoring import evaluate_task
 
-        return evaluate_task(checkpoint, self.eval_sets(limit), self.eval_batch_size)
+        return evaluate_task(checkpoint, self.eval_sets(limit), EngineConfig(max_batch_size=self.eval_batch_size))
 
     def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
         root = Path(cache_dir) / "tasks" if cache_dir else mtp_cache_dir("tasks")

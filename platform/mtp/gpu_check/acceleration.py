@@ -29,7 +29,7 @@ import torch
 from mtp.benchmarks.schedules import release
 from mtp.config import build_config
 from mtp.data import prepare_data
-from mtp.decoding import Engine
+from mtp.decoding import Engine, EngineConfig
 from mtp.decoding.benchmark import compare, humaneval_prompts
 from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
 from mtp.model import count_parameters
@@ -169,7 +169,7 @@ def run(sizes: AccelerationSizes, device: torch.device, budget: Budget) -> list[
     rows = [train_row]
     model = model.float().eval()  # fp32 decoding: greedy speculative output must equal vanilla exactly
     graphs = device.type == "cuda"
-    engine = Engine(model, tokenizer, max_batch_size=max(sizes.batches), cuda_graphs=graphs)
+    engine = Engine(model, tokenizer, EngineConfig.matching(model, max_batch_size=max(sizes.batches), cuda_graphs=graphs))
     room = model.cfg.max_seq_len - sizes.max_new_tokens
     prompts = humaneval_prompts(tokenizer, sizes.prompts, room)
     todo = [(b, t) for t in sizes.temperatures for b in sizes.batches]

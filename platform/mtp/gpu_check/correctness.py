@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mtp.config import ModelConfig
-from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.decoding import Engine, EngineConfig, Generation, SamplingParams
 from mtp.decoding.metrics import acceptance
 from mtp.gpu_check.report import FAIL, MEASURED, PASS, Row, skipped
 from mtp.loss import mtp_targets, naive_loss, sequential_backward
@@ -165,7 +165,7 @@ def speculative_rows(sizes: CorrectnessSizes, device: torch.device) -> list[Row]
     prompts = random_prompts(sizes.prompts, model.cfg.max_seq_len - sizes.max_new_tokens)
     tok, rows = ByteTokenizer(), []
 
-    engine = Engine(model, tok, max_batch_size=sizes.decode_batch)
+    engine = Engine(model, tok, EngineConfig.matching(model, max_batch_size=sizes.decode_batch))
     van, spec = (greedy(engine, prompts, sizes.max_new_tokens, s) for s in (False, True))
     same = sum(a.tokens == b.tokens for a, b in zip(van, spec))
     _, hist = acceptance(spec)
@@ -180,7 +180,7 @@ def speculative_rows(sizes: CorrectnessSizes, device: torch.device) -> list[Row]
     ))
 
     low = copy.deepcopy(model).to(torch.bfloat16)
-    engine = Engine(low, tok, max_batch_size=sizes.decode_batch)
+    engine = Engine(low, tok, EngineConfig.matching(low, max_batch_size=sizes.decode_batch))
     van, spec = (greedy(engine, prompts, sizes.max_new_tokens, s) for s in (False, True))
     where = [first_divergence(a.tokens, b.tokens) for a, b in zip(van, spec)]
     parted = [(i, k) for i, k in enumerate(where) if k is not None]
@@ -209,7 +209,7 @@ def cuda_graph_rows(sizes: CorrectnessSizes, device: torch.device) -> list[Row]:
         for kind, flags in {"eager": {}, "static": {"static_shapes": True}, "graphs": {"cuda_graphs": True}}.items():
             if kind == "graphs" and device.type != "cuda":
                 continue
-            engine = Engine(m, tok, max_batch_size=sizes.decode_batch, **flags)
+            engine = Engine(m, tok, EngineConfig.matching(m, max_batch_size=sizes.decode_batch, **flags))
             outputs[kind] = [g.tokens for s in (False, True) for g in greedy(engine, prompts, sizes.max_new_tokens, s)]
         n = len(outputs["eager"])
         vs_eager = sum(a == b for a, b in zip(outputs["static"], outputs["eager"]))

@@ -21,7 +21,7 @@ import torch
 
 from mtp.benchmarks.schedules import release
 from mtp.config import model_preset
-from mtp.decoding import Engine, Generation, SamplingParams
+from mtp.decoding import Engine, EngineConfig, Generation, SamplingParams
 from mtp.decoding.benchmark import synchronize, timed
 from mtp.decoding.metrics import acceptance
 from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
@@ -203,9 +203,9 @@ def run(sizes: DecodingSizes, device: torch.device, budget: Budget) -> list[Row]
     model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     tok = NoStopTokenizer()
     batch = max(*sizes.step_batches, *sizes.peer_batches)
-    engines = {"eager": Engine(model, tok, max_batch_size=batch)}
+    engines = {"eager": Engine(model, tok, EngineConfig.matching(model, max_batch_size=batch))}
     if device.type == "cuda":
-        engines["graphs"] = Engine(model, tok, max_batch_size=batch, cuda_graphs=True)
+        engines["graphs"] = Engine(model, tok, EngineConfig.matching(model, max_batch_size=batch, cuda_graphs=True))
     rows = step_rows(sizes, model, engines, budget)
     if "graphs" not in engines:
         rows.append(skipped(STAGE, "steps with CUDA graphs", "needs CUDA"))

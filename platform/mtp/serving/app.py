@@ -18,7 +18,6 @@ import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -28,7 +27,6 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtp.decoding import Engine, Generation, RequestError, SamplingParams
-from mtp.device import resolve_device
 from mtp.serving.card import model_card
 from mtp.serving.config import API_KEY_ENV, ServeConfig
 from mtp.serving.engine_thread import EngineRunner
@@ -49,16 +47,7 @@ from mtp.tracking.registry import resolve_checkpoint
 
 logger = logging.getLogger("ray.serve")
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEALTH_TIMEOUT_S = 10.0
-
-
-def placement(cfg: ServeConfig) -> tuple[str, torch.dtype]:
-    """Resolve ``auto``: a replica given a GPU serves from it in bf16; a CPU replica in fp32."""
-    device = str(resolve_device(cfg.device))
-    if cfg.dtype != "auto":
-        return device, TORCH_DTYPES[cfg.dtype]
-    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 PARAMS = {"max_new_tokens": "max_tokens"}  # engine field -> request field, where the names differ
@@ -86,15 +75,12 @@ class ModelServer:
     """One replica: the model, its tokenizer and the engine, whose continuous batch every request joins."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.cfg = ServeConfig(**config).validate()
+        self.cfg = ServeConfig.from_args(config)
         directory = resolve_checkpoint(self.cfg.model, self.cfg.tracking_uri)
-        device, dtype = placement(self.cfg)
-        self.engine = Engine.from_checkpoint(
-            str(directory), device=device, dtype=dtype, max_batch_size=self.cfg.max_batch_size, compile=self.cfg.compile
-        )
+        self.engine = Engine.from_checkpoint(str(directory), self.cfg.engine)
         warm_up_s = self.engine.warm_up()  # every step kind compiled now: no request waits for it
-        logger.info("engine warmed up in %.1fs (compile=%s)", warm_up_s, self.cfg.compile)
-        self.card = model_card(self.cfg.served_name, str(self.cfg.model), directory, device)
+        logger.info("engine warmed up in %.1fs (%s)", warm_up_s, self.cfg.engine)
+        self.card = model_card(self.cfg.served_name, str(self.cfg.model), directory, str(self.engine.device))
         self.runner = EngineRunner()
         self.metrics = EngineMetrics()
         self._driver: asyncio.Task | None = None
@@ -243,7 +229,7 @@ class Ingress:
 
     def __init__(self, model: DeploymentHandle, config: dict[str, Any], api_key: str | None = None) -> None:
         self.model = model
-        self.cfg = ServeConfig(**config).validate()
+        self.cfg = ServeConfig.from_args(config)
         self.api_key = api_key or None
         api.state.metrics = self.metrics = IngressMetrics()
 
@@ -366,5 +352,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     # A default sized to the engine: its rows, plus three times as many waiting at the
     # replica to refill them as they finish. The deployment's max_ongoing_requests in
     # the Serve config, when given, wins over it.
-    model = ModelServer.options(max_ongoing_requests=4 * cfg.max_batch_size).bind(cfg.to_dict())
+    model = ModelServer.options(max_ongoing_requests=4 * cfg.engine.max_batch_size).bind(cfg.to_dict())
     return Ingress.bind(model, cfg.to_dict(), os.environ.get(API_KEY_ENV) or None)

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from mtp.config import ConfigError
+from mtp.decoding.config import EngineConfig
 from mtp.tracking.registry import URI_SCHEMES, ModelRef
 
 API_KEY_ENV = "MTP_SERVE_API_KEY"
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -28,16 +28,13 @@ class ServeConfig:
 
     How many requests a replica takes at once is Serve's own ``max_ongoing_requests``
     (the deployment's section of the Serve config); it defaults to four times
-    ``max_batch_size``, so that finished rows are refilled from requests already queued.
+    ``engine.max_batch_size``, so that finished rows are refilled from requests already queued.
     """
 
     model: str | None = None  # checkpoint dir or MLflow URI (models:/name@alias, runs:/id/path)
     model_name: str | None = None  # id in /v1/models; None: derived from ``model``
     tracking_uri: str | None = None  # MLflow store for models:/ and runs:/, passed to resolve_checkpoint; None: its default
-    device: str = "auto"  # "auto": cuda when the replica has a GPU, else cpu
-    dtype: str = "auto"  # "auto": bf16 on a GPU, fp32 on a CPU
-    max_batch_size: int = 8  # rows the engine decodes together
-    compile: bool = False  # torch.compile each decode step (CPU too); compiled at replica start
+    engine: EngineConfig = EngineConfig()  # the ``engine:`` mapping: batch size, device, dtype, tree, compile, ...
     batch_wait_timeout_s: float = 0.0  # extra wait for a batch to fill; 0: rows queued while the
     # engine was busy form the next batch anyway, and a lone request pays no wait
     max_tokens_cap: int = 512  # largest max_tokens a request may ask for
@@ -49,7 +46,7 @@ class ServeConfig:
     def validate(self) -> "ServeConfig":
         if not self.model:
             raise ConfigError("serve: no model; set args.model in the Serve config (jobs/serve_config.py --model ...)")
-        for name in ("max_batch_size", "max_tokens_cap", "max_choices", "max_body_bytes"):
+        for name in ("max_tokens_cap", "max_choices", "max_body_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"serve.{name}={value!r} must be a positive integer")
@@ -59,12 +56,9 @@ class ServeConfig:
                 raise ConfigError(f"serve.{name}={value!r} must be a positive number")
         if not isinstance(self.batch_wait_timeout_s, (int, float)) or self.batch_wait_timeout_s < 0:
             raise ConfigError(f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s!r} must be >= 0")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"serve.compile={self.compile!r} must be true or false")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"serve.dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ConfigError(f"serve.device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+        if not isinstance(self.engine, EngineConfig):
+            raise ConfigError(f"serve.engine={self.engine!r} must be a mapping of engine options")
+        self.engine.validate()
         return self
 
     @property
@@ -77,7 +71,7 @@ class ServeConfig:
         return ref.name if ref else Path(text).name or text
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "engine": self.engine.to_dict()}
 
 
     @classmethod
@@ -95,6 +89,8 @@ class ServeConfig:
         model = args.get("model")
         if isinstance(model, (str, Path)) and not str(model).startswith(URI_SCHEMES):
             args["model"] = str(Path(model).expanduser().resolve())
+        if "engine" in args:
+            args["engine"] = EngineConfig.from_dict(args["engine"], "serve.engine")
         try:
             cfg = cls(**args)
         except TypeError as exc:

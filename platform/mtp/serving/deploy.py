@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.config import ConfigError
+from mtp.decoding.config import EngineConfig
 from mtp.tracking.registry import ModelRef, pin_alias
 
 APP_IMPORT_PATH = "mtp.serving.app:build_app"
@@ -78,7 +79,7 @@ def deploy_config(
         deployment.pop("num_replicas", None)
         deployment["autoscaling_config"] = {
             "min_replicas": low, "max_replicas": high,
-            "target_ongoing_requests": target_ongoing_requests or args.get("max_batch_size", 8),
+            "target_ongoing_requests": target_ongoing_requests or EngineConfig.from_dict(args.get("engine"), "serve.engine").max_batch_size,
             "upscale_delay_s": 3, "downscale_delay_s": 10,
         }
     return config

@@ -21,7 +21,7 @@ from typing import Callable
 import requests
 import torch
 
-from mtp.decoding import Engine
+from mtp.decoding import Engine, EngineConfig
 from mtp.decoding.benchmark import compare, humaneval_prompts
 
 RETENTION_TARGET = 0.85
@@ -36,7 +36,7 @@ REPLICA_CPUS = 1  # the ModelServer replica's num_cpus; the engine baseline uses
 def bench_prompts(checkpoint: str, count: int, max_tokens: int) -> tuple[Engine, list[list[int]]]:
     """A batch-1 engine and HumanEval prompts (token ids), cut to leave room for ``max_tokens``."""
     torch.set_num_threads(REPLICA_CPUS)
-    engine = Engine.from_checkpoint(checkpoint, max_batch_size=1)
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_batch_size=1))
     context = engine.cfg.max_seq_len
     if context - max_tokens < 8:
         raise SystemExit(f"--max-tokens {max_tokens} leaves no room for a prompt in a context of {context}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from mtp.evaluation.generation import GenerationConfig
 from mtp.sweep.spec import SweepError
 
-_GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"backend", "device"}
+_GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"backend", "engine"}
 
 
 @dataclass(frozen=True)
