@@ -8,6 +8,7 @@ must still pass on it. Each forging completion is also run in-process, where it 
 from __future__ import annotations
 
 import math
+import secrets
 import textwrap
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from mtp.sandbox import codec
 DATA = Path(__file__).parent / "data"
 needs_isolation = pytest.mark.skipif(isolation_problem() is not None, reason=str(isolation_problem()))
 LIMITS = Limits(timeout_s=3)
-ADD = humaneval_problem({
+ADD_ROW = {
     "task_id": "T/add", "prompt": 'def add(a, b):\n    """a + b"""\n', "entry_point": "add",
     "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
-})
+}
+ADD = humaneval_problem(ADD_ROW)
 CORRECT = "    return a + b\n"
 
 # Each returns a wrong answer and forges the pass some other way.
@@ -83,6 +85,50 @@ def test_forgeries_pass_in_process_and_fail_under_the_trusted_oracle(box, name):
     assert in_process.passed and in_process.oracle == "inprocess", in_process
     assert trusted.status == "failed" and trusted.oracle == "trusted", trusted
     assert box.run("", LIMITS, ADD.oracle_program(CORRECT)).passed, "the long-lived worker was poisoned"
+
+
+# A completion that looks for MTPMARK<24 hex>KRAMPTM in all the memory it can read (every readable
+# mapping through /proc/self/mem, as UTF-8/latin-1, UCS-2 and UCS-4 text) and in every object it
+# can reach (frames, their code's constants, the garbage collector's objects); written so that no
+# marker appears in its own text. It prints how many bytes it read and what it found.
+SCANNER = "    return _probe(x)\n" + """
+SCANNER_CODE
+def _probe(x):
+    mem_found, scanned = scan_memory()
+    print("SCAN", scanned, sorted(mem_found | scan_objects()))
+    return x + 1
+""".replace("SCANNER_CODE", 'import ctypes, re, sys, gc\ndef _patterns():\n    out = []\n    for width in (1, 2, 4):\n        z = b"\\x00" * (width - 1)\n        lit = lambda s: re.escape(b"".join(bytes([c]) + z for c in s))\n        out.append((width, re.compile(lit(b"MTP" + b"MARK") + b"(?:[0-9a-f]" + re.escape(z) + b"){24}" + lit(b"KRAM" + b"PTM"))))\n    return out\ndef scan_memory():\n    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: /proc/self/mem becomes ours to open\n    found, scanned = set(), 0\n    with open("/proc/self/maps") as maps:\n        regions = [line.split() for line in maps]\n    with open("/proc/self/mem", "rb", buffering=0) as mem:\n        for fields in regions:\n            if fields[1][0] != "r" or fields[-1] in ("[vvar]", "[vsyscall]"):\n                continue\n            start, end = (int(x, 16) for x in fields[0].split("-"))\n            pos = start\n            while pos < end:\n                size = min(end - pos, 1 << 22)\n                try:\n                    mem.seek(pos)\n                    chunk = mem.read(size)\n                except OSError:\n                    break\n                scanned += len(chunk)\n                for width, pattern in _patterns():\n                    found.update(m.replace(b"\\x00", b"").decode() for m in pattern.findall(chunk))\n                pos += size if pos + size >= end else size - 256\n    return found, scanned\ndef scan_objects():\n    found = set()\n    pattern = re.compile("MTP" "MARK[0-9a-f]{24}KRAM" "PTM")\n    def look(value):\n        if isinstance(value, (str, bytes)):\n            text = value if isinstance(value, str) else value.decode("latin-1")\n            found.update(pattern.findall(text))\n    frame = sys._getframe()\n    while frame is not None:\n        for space in (frame.f_locals, frame.f_globals):\n            for v in list(space.values()):\n                look(v)\n        for c in frame.f_code.co_consts:\n            look(c)\n        frame = frame.f_back\n    for obj in gc.get_objects():\n        if isinstance(obj, dict):\n            items = list(obj.values()) + list(obj.keys())\n        elif isinstance(obj, (list, tuple, set, frozenset)):\n            items = list(obj)\n        elif hasattr(obj, "co_consts"):\n            items = list(obj.co_consts)\n        else:\n            continue\n        for v in items:\n            look(v)\n    return found\n')
+
+
+def _marker() -> str:
+    return "MTP" "MARK" + secrets.token_hex(12) + "KRAM" "PTM"
+
+
+@needs_isolation
+def test_no_test_text_completion_or_output_reaches_a_candidates_memory(box):
+    """The address-space rule, on a long-lived worker: after earlier problems (markers in their tests),
+    an earlier sample's completion (a marker in its text) and printed output (another), a candidate
+    that reads all its memory finds none of them, nor the marker in its own problem's tests; run
+    in-process, the same completion finds its own tests' marker (the scan works)."""
+    own, earlier_test, earlier_completion, earlier_output, earlier_inprocess = (_marker() for _ in range(5))
+    for marker in (earlier_test, earlier_inprocess):
+        problem = humaneval_problem({**ADD_ROW, "test": ADD_ROW["test"] + f"    assert {marker!r}\n"})
+        assert box.run("", LIMITS, problem.oracle_program(CORRECT)).passed
+        assert box.run(problem.program(CORRECT), LIMITS).passed
+    chatty = f"    print({earlier_output!r})\n    return a + b if {earlier_completion!r} else 0\n"
+    assert box.run("", LIMITS, ADD.oracle_program(chatty)).stdout == f"{earlier_output}\n" * 2
+    problem = humaneval_problem({
+        "task_id": "T/scan", "prompt": "def scan(x):\n", "entry_point": "scan",
+        "test": f"def check(candidate):\n    # {own}\n    assert candidate(1) == 2, {own!r}\n",
+    })
+    limits = Limits(timeout_s=30)
+    trusted = box.run("", limits, problem.oracle_program(SCANNER))
+    assert trusted.passed and trusted.oracle == "trusted", trusted
+    _, scanned, found = trusted.stdout.split(" ", 2)
+    assert int(scanned) > 10 << 20 and found.strip() == "[]", trusted.stdout  # it read its memory and found nothing
+    in_process = box.run(problem.program(SCANNER), limits)
+    assert in_process.passed and in_process.oracle == "inprocess", in_process
+    assert in_process.stdout.split(" ", 2)[2].strip() == repr([own]), in_process.stdout
 
 
 @needs_isolation

@@ -5,6 +5,10 @@ tests) and, if it reaches the end, writes ``P`` + the nonce to the status socket
 in that process can forge that (see the README's threat model); it is kept for tests
 that cannot be proxied.
 
+Every process that runs model-written code (``run_program``, ``serve_candidate``) is
+forked by the candidate zygote and reads its program from a memfd (``_source``): the
+zygote that forked it never held the text (``candidate_zygote``).
+
 Trusted oracle: two processes, two uids.
 
 * ``serve_candidate`` (untrusted uid) runs the prompt and the completion, then answers
@@ -33,7 +37,8 @@ from mtp.sandbox import codec
 
 STATUS_FD, NONCE_FD = 3, 4  # in-process harness and judge
 JUDGE_CHANNEL_FD = 5  # judge's end of the call channel
-CANDIDATE_CHANNEL_FD = 3  # candidate's end
+PROGRAM_SOURCE_FD = 5  # in-process: a memfd holding the program (see candidate_zygote)
+CANDIDATE_CHANNEL_FD, CANDIDATE_SOURCE_FD = 3, 4  # candidate's end of the channel, its memfd
 PASS, ERROR, FALLBACK = b"P", b"E", b"F"
 NONCE_BYTES = 32
 _read, _write, _exit = os.read, os.write, os._exit  # bound before any program runs
@@ -69,8 +74,22 @@ def _report(kind: bytes, detail: str = "") -> None:
         _exit(0 if kind == PASS else 1)
 
 
-def run_program(source: str) -> None:
+def _source(fd: int) -> str:
+    """The program text from the memfd the candidate zygote handed over (and never read itself)."""
+    size, chunks, offset = os.fstat(fd).st_size, [], 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogatepass")
+
+
+def run_program() -> None:
     """In-process mode: the whole program in this process; never returns."""
+    source = _source(PROGRAM_SOURCE_FD)
     try:
         exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__file__": "program.py",
                                                      "__builtins__": builtins})
@@ -107,9 +126,10 @@ def _receive(fd: int) -> tuple[bytes, bytes]:
 
 
 # ---------------------------------------------------------------- untrusted side
-def serve_candidate(source: str) -> None:
+def serve_candidate() -> None:
     """Run prompt + completion, then answer calls until the judge closes the channel; never returns."""
     fd = CANDIDATE_CHANNEL_FD
+    source = _source(CANDIDATE_SOURCE_FD)
     namespace = {"__name__": "__main__", "__file__": "program.py", "__builtins__": builtins}
     try:
         exec(compile(source, "program.py", "exec"), namespace)

@@ -1,13 +1,22 @@
-"""The fork server: one warm Python per worker slot, inside its namespaces, forking programs.
+"""The slot's zygote: PID 1 of the slot's namespaces, it decides verdicts and forks the judges.
 
 Started by the host (``mtp.sandbox.sandbox.Sandbox``) as PID 1 of a fresh pid, mount,
-net, ipc and uts namespace. It builds a read-only root, preloads common modules, then
-loops: receive a program, fork it into the slot's cgroups under the slot's uid with
-rlimits, no_new_privs and seccomp, watch it, kill the whole tree, remove every IPC
-object it left, answer with a verdict.
+net, ipc and uts namespace. It execs the slot's candidate zygote (``candidate_zygote``),
+builds a read-only root and pivots both into it, preloads common modules, then loops:
+receive a program, have it forked into the slot's cgroups under the slot's uid with
+rlimits, no_new_privs and seccomp (``confine``), watch it, kill the whole tree, remove
+every IPC object it left, answer with a verdict.
+
+The address-space rule: every process that runs model-written code (an in-process
+program, the trusted oracle's candidate) is forked by the candidate zygote, a fresh
+exec that never receives a program's text (the forked child reads it from a memfd),
+so no such process can find a test, an expected output, another sample's completion or
+captured output in memory it inherited. This process receives all of those and reads
+every program's output; it forks only judges, which run benchmark code under the
+slot's second uid.
 
 Two modes (see ``harness``): in-process, one child runs the whole program; trusted
-oracle, one child under the slot's uid runs the completion and a second under the
+oracle, a candidate under the slot's uid runs the completion and a judge under the
 slot's judge uid runs the tests, calling the first through a plain-data channel. The
 verdict is read only from the main child (the judge, or the in-process program), as
 attested by the kernel (SCM_CREDENTIALS), and only from messages carrying the nonce
@@ -18,11 +27,10 @@ read that nonce; in the oracle mode it never runs in the process that holds it.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import gc
 import importlib
+import json
 import os
-import resource
 import secrets
 import select
 import signal
@@ -34,12 +42,13 @@ import time
 from dataclasses import dataclass, field
 
 from mtp.sandbox import _libc as libc
-from mtp.sandbox import harness, protocol, rootfs, seccomp
+from mtp.sandbox import candidate_zygote, harness, protocol, rootfs
 from mtp.sandbox.cgroups import Handles, SlotCgroups
+from mtp.sandbox.confine import PATH, Confinement
 from mtp.sandbox.limits import Limits
 from mtp.sandbox.verdict import Verdict
 
-PATH = "/usr/local/bin:/usr/bin:/bin"
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds `mtp`
 CPU_CHECK_S = 0.05  # how often the watcher reads the tree's CPU time
 _libc_ipc = ctypes.CDLL(None, use_errno=True)
 IPC_RMID = 0
@@ -117,6 +126,81 @@ def decide(o: _Outcome, limits: Limits, wall_s: float) -> tuple[str, str]:
     return "failed", f"exited with code {o.exit_code} before the program finished{fork_note}"
 
 
+class CandidateZygote:
+    """This slot's candidate zygote (``candidate_zygote``), seen from the zygote: exec it, order forks."""
+
+    def __init__(self, config: dict):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        boot = (f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
+                "from mtp.sandbox.candidate_zygote import main; main()")
+        pid = os.fork()
+        if pid == 0:  # a fresh exec: none of this process's memory survives into it
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 0)
+                os.dup2(null, 1)  # our fds 0 and 1 are the host's protocol; 2, the host's log, is kept
+                os.dup2(theirs.fileno(), candidate_zygote.CONTROL_FD)
+                os.set_inheritable(candidate_zygote.CONTROL_FD, True)
+                os.closerange(candidate_zygote.CONTROL_FD + 1, 1 << 16)
+                os.chdir("/")  # so the pivot moves our working directory into the new root too
+                os.execve(sys.executable, [sys.executable, "-I", "-c", boot], {"LANG": "C.UTF-8", "PATH": PATH})
+            finally:
+                os._exit(127)
+        theirs.close()
+        self.pid, self._sock = pid, ours
+        self._send(config)
+        self._pending_status = False
+
+    def _send(self, message: dict) -> None:
+        self._sock.send(json.dumps(message).encode())
+
+    def receive(self, timeout_s: float | None = None) -> dict | None:
+        """Its next message; None if none came within ``timeout_s``."""
+        if timeout_s is not None and not select.select([self._sock], [], [], timeout_s)[0]:
+            return None
+        data = self._sock.recv(1 << 16)
+        if not data:
+            raise RuntimeError("the candidate zygote died")
+        return json.loads(data)
+
+    def ready(self) -> None:
+        reply = self.receive(60.0)
+        if not reply or not reply.get("ready"):
+            raise RuntimeError(f"the candidate zygote did not start: {reply}")
+
+    def pivoted(self) -> None:
+        self._send({"pivoted": True})
+        self.ready()
+
+    def order(self, mode: str, limits: Limits, cwd: str, fds: list[int]) -> None:
+        """Fork a child running ``mode`` with ``fds`` as its 0, 1, 2...; ``forked`` then reads its pid."""
+        socket.send_fds(self._sock, [json.dumps({"mode": mode, "limits": limits.to_dict(), "cwd": cwd}).encode()], fds)
+
+    def forked(self) -> int:
+        reply = self.receive()
+        if "pid" not in reply:
+            raise RuntimeError(f"the candidate zygote could not fork: {reply}")
+        self._pending_status = True
+        return reply["pid"]
+
+    def status(self, timeout_s: float | None = None) -> int | None:
+        """The wait status of the last child it forked, once it has ended (None: not within ``timeout_s``)."""
+        reply = self.receive(timeout_s)
+        if reply is None:
+            return None
+        self._pending_status = False
+        return reply["status"]
+
+
+def _memfd(text: str) -> int:
+    """A memfd holding ``text``: handed to the candidate zygote, read only by the child it forks."""
+    fd = os.memfd_create("program", os.MFD_CLOEXEC)
+    data = memoryview(text.encode("utf-8", "surrogatepass"))
+    while data:
+        data = data[os.write(fd, data):]
+    return fd
+
+
 class Zygote:
     """Set up once (namespaces are already ours; root, cgroup fds, preloads), then ``run`` programs."""
 
@@ -124,21 +208,25 @@ class Zygote:
         self.isolated: bool = config["isolated"]
         self.uid: int | None = config.get("uid")
         self.judge_uid: int | None = config.get("judge_uid")
-        self.seccomp = seccomp.Prepared() if config.get("seccomp") else None
-        for name in config.get("preload", ()):
+        self.candidates = CandidateZygote({key: config.get(key) for key in
+                                           ("isolated", "uid", "cgroups", "preload", "seccomp")})
+        self.cgroups: Handles | None = Handles(SlotCgroups(**config["cgroups"])) if self.isolated else None
+        self.confinement = Confinement(self.isolated, self.cgroups.join_fds if self.cgroups else [],
+                                       bool(config.get("seccomp")))
+        for name in config.get("preload", ()):  # while the candidate zygote loads its own
             try:
                 importlib.import_module(name)
             except ImportError:
                 pass
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.children: dict[int, int] = {}  # reaped pid -> wait status
+        self.candidates.ready()  # it has imported all it needs from the source root, which the pivot hides
         if self.isolated:
-            self.cgroups: Handles | None = Handles(SlotCgroups(**config["cgroups"]))
             self.tmp_kept = rootfs.build_and_enter(config["root_dir"], rootfs.python_binds(config["hidden"]), self.uid)
             rootfs.safe_sys_path()
         else:
-            self.cgroups = None
             libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+        self.candidates.pivoted()
 
     # ------------------------------------------------------------------ per program
     def run(self, source: str, limits: Limits, oracle: dict | None = None) -> Verdict:
@@ -210,27 +298,25 @@ class Zygote:
         os.close(nonce_w)
         candidate = None
         if oracle is None:
-            main = os.fork()
-            if main == 0:
-                self._enter_child(limits, scratch, self.uid, [self.devnull, out_w, err_w, child_sock.fileno(), nonce_r])
-                harness.run_program(source)
-                os._exit(70)  # only a patched harness returns; never run the zygote's code in a child
+            source_fd = _memfd(source)
+            self.candidates.order("program", limits, scratch,
+                                  [self.devnull, out_w, err_w, child_sock.fileno(), nonce_r, source_fd])
+            main = self.candidates.forked()
         else:
             judge_end, candidate_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            candidate = os.fork()
-            if candidate == 0:
-                self._enter_child(limits, scratch, self.uid, [self.devnull, out_w, err_w, candidate_end.fileno()])
-                harness.serve_candidate(oracle["candidate"])
-                os._exit(70)
+            source_fd = _memfd(oracle["candidate"])
+            self.candidates.order("candidate", limits, scratch,
+                                  [self.devnull, out_w, err_w, candidate_end.fileno(), source_fd])
             main = os.fork()
             if main == 0:
-                self._enter_child(limits, "/", self.judge_uid, [self.devnull, out_w, err_w, child_sock.fileno(),
-                                                                nonce_r, judge_end.fileno()])
+                self.confinement.enter(limits, "/", self.judge_uid, [self.devnull, out_w, err_w, child_sock.fileno(),
+                                                                     nonce_r, judge_end.fileno()])
                 harness.judge(oracle["prefix"], oracle["tests"], oracle["names"])
-                os._exit(70)
+                os._exit(70)  # only a patched harness returns; never run the zygote's code in a child
+            candidate = self.candidates.forked()
             judge_end.close()
             candidate_end.close()
-        for fd in (out_w, err_w, nonce_r):
+        for fd in (out_w, err_w, nonce_r, source_fd):
             os.close(fd)
         child_sock.close()
         out, err = _Capture(limits.output_bytes), _Capture(limits.output_bytes)
@@ -238,17 +324,19 @@ class Zygote:
         outcome = _Outcome()
         try:
             outcome.timed_out = self._watch(main, streams, start + wall_s, limits.timeout_s)
-            self._reap()
-            ended_alone = self.children.get(candidate)  # before our kill: how the candidate ended by itself
+            ended_alone = self.candidates.status(0) if candidate is not None else None  # before our kill
             self._end_tree()
-            if ended_alone is None and candidate is not None:
-                # The judge can see the candidate's socket close before the candidate's exit status
-                # is reapable (a loaded machine widens that window). A death already under way keeps
-                # its own signal through our kill, and we send only SIGKILL, so any other is its own.
-                after = self.children.get(candidate)
-                if after is not None and os.WIFSIGNALED(after) and os.WTERMSIG(after) != signal.SIGKILL:
-                    ended_alone = after
-            status = self.children.pop(main)
+            if candidate is None:
+                status = self._forked_status()
+            else:
+                status = self.children.pop(main)
+                if ended_alone is None:
+                    # The judge can see the candidate's socket close before the candidate's exit status
+                    # is reapable (a loaded machine widens that window). A death already under way keeps
+                    # its own signal through our kill, and we send only SIGKILL, so any other is its own.
+                    after = self._forked_status()
+                    if os.WIFSIGNALED(after) and os.WTERMSIG(after) != signal.SIGKILL:
+                        ended_alone = after
             if os.WIFSIGNALED(status):
                 outcome.signal = os.WTERMSIG(status)
             else:
@@ -266,7 +354,10 @@ class Zygote:
 
     def _watch(self, pid: int, streams: dict[int, _Capture], deadline: float, cpu_budget: float) -> str:
         """Pump output until the main process exits; "wall" or "cpu" if a limit ran out first, else ""."""
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # the candidate zygote's child ended and was reaped already
+            return ""
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         for fd in streams:
@@ -328,51 +419,31 @@ class Zygote:
             elif kind == harness.FALLBACK and not outcome.fallback:
                 outcome.fallback = text
 
-    def _enter_child(self, limits: Limits, cwd: str, uid: int | None, fds: list[int]) -> None:
-        """Confine the forked child; on any failure it exits without running the program."""
-        try:
-            os.setsid()
-            if self.cgroups is not None:
-                for fd in self.cgroups.join_fds:
-                    os.write(fd, b"0")
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
-            for target, fd in enumerate(high):  # stdin, stdout, stderr, then the harness's own fds
-                os.dup2(fd, target)
-            os.closerange(len(fds), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-            os.chdir(cwd)
-            _set_rlimits(limits, isolated=self.isolated)
-            if self.isolated:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-            libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
-            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if self.seccomp is not None:
-                self.seccomp.install()
-            os.umask(0o077)
-            os.environ.clear()
-            os.environ.update({"PATH": PATH, "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"})
-            _default_signals()
-            if "random" in sys.modules:  # forked from one zygote: reseed, or every sample shares a stream
-                sys.modules["random"].seed()
-            sys.argv = ["program.py"]
-        except BaseException as exc:  # noqa: BLE001
-            try:
-                os.write(2, f"sandbox setup failed: {exc!r}\n".encode())
-            finally:
-                os._exit(70)
-
     # ------------------------------------------------------------------ cleanup
-    def _reap(self) -> bool:
-        """Reap every exited child; False once no children are left."""
+    def _forked_status(self) -> int:
+        """The wait status of the candidate zygote's last child, which is dead or being killed."""
+        status = self.candidates.status(10.0)
+        if status is None:
+            raise RuntimeError("the candidate zygote did not report its child's end within 10 s of SIGKILL")
+        return status
+
+    def _reap(self) -> None:
+        """Reap every exited child of ours (judges, and orphans of the program's tree)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return False
+                return
             if pid == 0:
-                return True
+                return
+            if pid == self.candidates.pid:
+                raise RuntimeError(f"the candidate zygote died (wait status {status})")
             self.children[pid] = status
+
+    def _tree_alive(self) -> bool:
+        if self.cgroups is not None:
+            return bool(self.cgroups.pids())
+        return bool(_descendants(os.getpid(), spare=self.candidates.pid))
 
     def _end_tree(self, timeout_s: float = 10.0) -> None:
         """SIGKILL the program and everything it started (setsid daemons included), then reap."""
@@ -381,8 +452,14 @@ class Zygote:
             if self.cgroups is not None:
                 self.cgroups.kill_all()
             else:
-                _kill_descendants(os.getpid())
-            if not self._reap():
+                for pid in _descendants(os.getpid(), spare=self.candidates.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            self._reap()
+            if not self._tree_alive():
+                self._reap()
                 return
             time.sleep(0.0002)
         raise RuntimeError("the program's process tree did not die within 10 s of SIGKILL")
@@ -409,28 +486,8 @@ def remove_ipc_objects() -> None:
             pass
 
 
-def _set_rlimits(limits: Limits, isolated: bool) -> None:
-    """Per-process limits. Isolated, the cgroups also bound the tree's memory and processes;
-    insecure, a per-process address-space cap stands in (RLIMIT_NPROC would count every
-    process of the host user, so it is left alone)."""
-    cpu = limits.cpu_seconds
-    file_size = limits.file_size_mb << 20
-    settings = [
-        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
-        (resource.RLIMIT_FSIZE, (file_size, file_size)),
-        (resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files)),
-        (resource.RLIMIT_CORE, (0, 0)),
-    ]
-    if isolated:
-        settings.append((resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes)))
-    else:
-        settings.append((resource.RLIMIT_AS, (limits.memory_mb << 20, limits.memory_mb << 20)))
-    for which, value in settings:
-        resource.setrlimit(which, value)
-
-
-def _kill_descendants(root: int) -> None:
-    """Insecure mode only: SIGKILL every process whose parent chain reaches ``root``."""
+def _descendants(root: int, spare: int) -> set[int]:
+    """Insecure mode only: every process whose parent chain reaches ``root``, but not ``spare`` itself."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -439,31 +496,11 @@ def _kill_descendants(root: int) -> None:
                     parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-    doomed, frontier = set(), {root}
+    found, frontier = set(), {root}
     while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - doomed
-        doomed |= frontier
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _default_signals() -> None:
-    """Every signal at its default action and none blocked, whatever the host process had.
-
-    Ignored dispositions and the blocked mask survive fork and exec: a host that blocked
-    or ignored, say, a real-time signal would otherwise let a program survive it.
-    """
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    for number in range(1, signal.NSIG):
-        if number in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            signal.signal(number, signal.SIG_DFL)
-        except (OSError, ValueError):  # numbers the C library reserves for itself (32, 33)
-            pass
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found - {spare}
 
 
 def main() -> None:
