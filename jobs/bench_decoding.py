@@ -33,7 +33,7 @@ Pass ``--checkpoint`` to measure any other model.
 ``generate`` with its default cache, with a static cache + ``torch.compile``, and
 with prompt lookup decoding; greedy at each batch size, then sampled at T=0.8 at
 batch size 1. It prints a table and writes a JSON list of rows with ``method``,
-``batch_size`` and ``tokens_per_s``. The logic lives in ``mtp.decoding.benchmark``.
+``batch_size`` and ``tokens_per_s``. The logic lives in ``mtp.bench.decoding``.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 import torch  # noqa: E402
 
+from mtp.bench.decoding import EFFICIENCY_TARGET, default_checkpoint, humaneval_prompts, peers, speculation  # noqa: E402
 from mtp.decoding import Engine, EngineConfig  # noqa: E402
-from mtp.decoding.benchmark import EFFICIENCY_TARGET, default_checkpoint, humaneval_prompts, peers, speculation  # noqa: E402
 from mtp.tracking.registry import resolve_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

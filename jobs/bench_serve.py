@@ -27,12 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from mtp.tracking.registry import resolve_checkpoint  # noqa: E402
-from mtp.decoding.benchmark import default_checkpoint  # noqa: E402
-from mtp.serving.loadtest import (  # noqa: E402
+from mtp.bench.decoding import default_checkpoint  # noqa: E402
+from mtp.bench.loadtest import (  # noqa: E402
     REPLICA_CPUS, RETENTION_TARGET, Cell, bench_prompts, checks, engine_speedup, measure, scrape_metrics,
     start_service, stop_service,
 )
+from mtp.tracking.registry import resolve_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,11 +2,11 @@
 
 Default: in one run, at one model size, n=1 and the n=4 schedules (naive, sequential,
 sequential-chunked) on the same random batches; tokens/s, peak memory, FLOP ratio
-(``mtp.benchmarks.schedules`` says how each is measured).
+(``mtp.bench.schedules`` says how each is measured).
 
 ``--loop``: ``mtp.train`` against a bare loop doing the same work on the same batches
 (``bare``), and with ``--via-ray`` the same loop on Ray Train once warm
-(``mtp.benchmarks.loop`` says how each is timed; CPU only).
+(``mtp.bench.loop`` says how each is timed; CPU only).
 
     python jobs/bench_training.py                         # CPU-sized, a few minutes
     python jobs/bench_training.py --device cuda           # 0.3B, bf16 autocast
@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO / "platform"))
 
 import torch  # noqa: E402
 
-from mtp.benchmarks import intra_op_threads  # noqa: E402
-from mtp.benchmarks.schedules import CPU_SPEC, CUDA_SPEC, compare, format_table  # noqa: E402
+from mtp.bench.schedules import CPU_SPEC, CUDA_SPEC, compare, format_table  # noqa: E402
 from mtp.config import MODEL_PRESETS, ConfigError, build_config  # noqa: E402
+from mtp.device import intra_op_threads  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def schedules(args: argparse.Namespace) -> list[dict]:
 
 
 def loop(args: argparse.Namespace) -> list[dict]:
-    from mtp.benchmarks.loop import format_loop_table, measure_loops, timed_config
+    from mtp.bench.loop import format_loop_table, measure_loops, timed_config
     from mtp.data import prepare_data
 
     overrides = {"train.device": "cpu"}

@@ -1,4 +1,4 @@
-"""The GPU path in one run: correctness in bf16, training and decoding speed (``mtp.gpu_check``).
+"""The GPU path in one run: correctness in bf16, training and decoding speed (``mtp.bench.gpu_check``).
 
     PYTHONPATH=platform python jobs/gpu_check.py                       # one H200: at most ~8 minutes
     PYTHONPATH=platform python jobs/gpu_check.py --device cpu --tiny   # the dry run CI keeps alive
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 import torch  # noqa: E402
 
-from mtp.gpu_check.report import Row, format_table  # noqa: E402
-from mtp.gpu_check.runner import run_check  # noqa: E402
+from mtp.bench.gpu_check.report import Row, format_table  # noqa: E402
+from mtp.bench.gpu_check.runner import run_check  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

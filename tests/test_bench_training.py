@@ -1,4 +1,4 @@
-"""The training benchmarks' measurement code (``mtp.benchmarks``) end to end on tiny models.
+"""The training benches' measurement code (``mtp.bench``) end to end on tiny models.
 
 Behaviour only (what each schedule keeps alive, which rows the loop table has, that the
 bare loop does the same training), no timing claims: memory counts are deterministic,
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from _jobs import tiny_config
-from mtp.benchmarks.loop import BARE, TRAIN, StepClock, bare_loop, format_loop_table, measure_loops, timed_config
-from mtp.benchmarks.schedules import MEMORY_TARGET, BenchSpec, compare, format_table
+from mtp.bench.loop import BARE, TRAIN, StepClock, bare_loop, format_loop_table, measure_loops, timed_config
+from mtp.bench.schedules import MEMORY_TARGET, BenchSpec, compare, format_table
 from mtp.checkpoint import load_model
 from mtp.config import ConfigError
 from mtp.data import prepare_data

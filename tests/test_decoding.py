@@ -443,7 +443,7 @@ def test_llama_port_has_equal_logits_and_greedy_tokens(monkeypatch):
     """The bench's Hugging Face peer runs head 0's weights: equal logits (checked inside
     ``to_llama``), the engine's greedy tokens, and a wrong rotary layout is refused."""
     pytest.importorskip("transformers")
-    from mtp.decoding import peers
+    from mtp.bench import peers
 
     model = _model(n_future=3, seed=6, init_std=0.1)
     hf = peers.to_llama(model)

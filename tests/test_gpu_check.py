@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from mtp import data
+from mtp.bench.gpu_check import runner
+from mtp.bench.gpu_check.report import FAIL, Budget, Row
+from mtp.bench.gpu_check.training import VARIANTS
 from mtp.config import DataConfig
-from mtp.gpu_check import runner
-from mtp.gpu_check.report import FAIL, Budget, Row
-from mtp.gpu_check.training import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 

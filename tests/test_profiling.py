@@ -1,11 +1,11 @@
-"""``mtp.profiling``: the CPU peak-memory count is exact for what it can see."""
+"""``mtp.bench.profiling``: the CPU peak-memory count is exact for what it can see."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mtp.profiling import DeviceTimer, LiveTensorBytes, PeakMemory
+from mtp.bench.profiling import DeviceTimer, LiveTensorBytes, PeakMemory
 
 
 def test_counts_live_storages_frees_and_views():

@@ -1,6 +1,6 @@
 """The one module that connects to Ray and asks the cluster what it has.
 
-Training, evaluation, sweeps, Serve helpers and the benchmarks all join Ray through
+Training, evaluation, sweeps, Serve helpers and the benches (mtp.bench) all join Ray through
 ``connect()``, so ``mtp`` reaches every worker the same way (``runtime_env``
 ``py_modules``, which also works on nodes that have no copy of this checkout), and
 they read the cluster through ``nodes()`` and ``resources()``, which never block a

@@ -83,7 +83,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
 
     ``payload["resume_from"]`` (a checkpoint path on storage every worker can read)
     is where a ``--resume`` job starts; Ray's own latest checkpoint wins after a restart.
-    ``payload["callbacks"]`` are further rank-0 callbacks (benchmarks time the loop with one).
+    ``payload["callbacks"]`` are further rank-0 callbacks (mtp.bench.loop times the loop with one).
     """
     logs.quiet_process()
     cfg = from_dict(payload["config"])

@@ -6,17 +6,24 @@
   often head ``i`` agrees with head 0's greedy choice ``i`` tokens later, turned
   into expected tokens per forward;
 * ``distinct_ngrams``: a weak model that emits a run of spaces accepts every draft,
-  which is not acceleration; this tells such output apart.
+  which is not acceleration; this tells such output apart;
+* ``compare``: vanilla vs self-speculative decoding on the same prompts, timed and
+  counted (the speed task scores a sweep's checkpoints with it; ``mtp.bench`` builds
+  its comparisons on it).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from mtp.decoding.api import Generation
+from mtp.decoding.api import Generation, SamplingParams
 from mtp.model import MTPTransformer
+
+if TYPE_CHECKING:
+    from mtp.decoding.engine import Engine
 
 NONREPETITIVE = 0.5  # fraction of distinct 8-grams above which a generation counts as real output
 
@@ -64,3 +71,68 @@ def teacher_forced(model: MTPTransformer, texts: Sequence[Sequence[int]]) -> dic
         "teacher_forced_head_agreement": (agree_sum / max(positions, 1)).tolist(),
         "teacher_forced_positions": positions,
     }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(engine: Engine, chunk: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[list[Generation], float]:
+    synchronize(engine.device)
+    start = time.perf_counter()
+    out = engine.generate_ids(chunk, params)
+    synchronize(engine.device)
+    return out, time.perf_counter() - start
+
+
+def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+            temperature: float = 0.0, cap_s: float | None = None) -> dict[str, object]:
+    """Vanilla vs self-speculative decoding at one batch size and temperature, interleaved
+    chunk by chunk (each chunk's order alternates), after the engine's warm-up; with
+    ``cap_s``, stops after the chunk that passes it (``prompts`` says how many ran)."""
+    modes = {m: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0,
+                               speculative=m == "speculative") for m in ("vanilla", "speculative")}
+    engine.warm_up(list(modes.values()))  # CUDA graphs / compiled steps: every batch size a shrinking batch passes
+    gens: dict[str, list[Generation]] = {m: [] for m in modes}
+    seconds = {m: 0.0 for m in modes}
+    decode_seconds = {m: 0.0 for m in modes}  # after the prefill (a chunk's rows are admitted together)
+    began = time.perf_counter()
+    for n, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        for mode in (("vanilla", "speculative") if n % 2 == 0 else ("speculative", "vanilla")):
+            out, dt = timed(engine, chunk, modes[mode])
+            gens[mode].extend(out)
+            seconds[mode] += dt
+            decode_seconds[mode] += dt - max(g.stats.prefill_s for g in out)
+        if cap_s is not None and time.perf_counter() - began > cap_s:
+            break
+    van, spec = gens["vanilla"], gens["speculative"]
+    tokens = {m: sum(len(g.tokens) for g in gens[m]) for m in modes}
+    decode_tokens = {m: sum(len(g.tokens) - 1 for g in gens[m]) for m in modes}  # the first comes from the prefill
+    distinct = [distinct_ngrams(g.tokens) for g in spec]
+    tpf, hist = acceptance(spec)
+    tpf_real, _ = acceptance([g for g, d in zip(spec, distinct) if d >= NONREPETITIVE])
+    per_forward = {m: sum(g.stats.elapsed_s - g.stats.prefill_s for g in gens[m]) / max(sum(g.stats.forwards for g in gens[m]), 1)
+                   for m in modes}
+    mismatched = [i for i, (a, b) in enumerate(zip(van, spec)) if a.tokens != b.tokens]
+    out = {
+        "batch_size": batch_size,
+        "temperature": temperature,
+        "prompts": len(van),
+        "vanilla_tokens_per_s": tokens["vanilla"] / seconds["vanilla"],
+        "speculative_tokens_per_s": tokens["speculative"] / seconds["speculative"],
+        "exact_match": not mismatched,  # expected of greedy decoding only
+        "identical": len(van) - len(mismatched),
+        "mismatched_prompts": mismatched,
+        "tokens_per_forward": tpf,
+        "tokens_per_forward_nonrepetitive": tpf_real,
+        "nonrepetitive_prompts": sum(d >= NONREPETITIVE for d in distinct),
+        "accepted_histogram": hist,
+        "distinct_8gram": sum(distinct) / len(distinct),
+        "step_cost_ratio": per_forward["speculative"] / per_forward["vanilla"],
+    }
+    out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]
+    decode_rate = {m: decode_tokens[m] / decode_seconds[m] for m in modes}
+    out["decode_speedup"] = decode_rate["speculative"] / decode_rate["vanilla"]
+    return out

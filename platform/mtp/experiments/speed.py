@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mtp.benchmarks import intra_op_threads
 from mtp.decoding import Engine, EngineConfig
-from mtp.decoding.benchmark import compare
-from mtp.decoding.metrics import teacher_forced
+from mtp.decoding.metrics import compare, teacher_forced
+from mtp.device import intra_op_threads
 
 SPEED_METRICS = ("tokens_per_forward", "speedup", "distinct_8gram")  # of each batch size and mode
 

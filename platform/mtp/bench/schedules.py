@@ -30,7 +30,7 @@ Peak memory: bytes of live tensor storages at their maximum during one whole ste
 (forward, backward, update), with parameters, optimizer state and the batch resident.
 On CUDA that is ``torch.cuda.max_memory_allocated`` (each variant measured alone on
 the device). On CPU, where the allocator keeps no statistics and tracemalloc does not see it,
-``mtp.profiling.LiveTensorBytes`` counts the same quantity: a dispatch mode that sees
+``mtp.bench.profiling.LiveTensorBytes`` counts the same quantity: a dispatch mode that sees
 every ATen op (the backward's included) and tracks each output storage until it is
 freed. "step MiB" is the peak above the resident bytes: what the step itself needs.
 """
@@ -46,10 +46,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from mtp.bench.profiling import DeviceTimer, MemoryReading, PeakMemory
 from mtp.config import ModelConfig, model_preset
 from mtp.loss import mtp_targets, naive_loss, sequential_backward
 from mtp.model import MTPTransformer, count_parameters, training_flops_per_token
-from mtp.profiling import DeviceTimer, MemoryReading, PeakMemory
 
 MiB = 2**20
 MEMORY_TARGET = 1.02  # n=4 sequential peak memory / n=1 peak memory, at most

@@ -23,12 +23,12 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from mtp.benchmarks.schedules import Variant, release, variants
+from mtp.bench.gpu_check.report import MEASURED, Budget, Row, error_row, skipped
+from mtp.bench.profiling import DeviceTimer, PeakMemory
+from mtp.bench.schedules import Variant, release, variants
 from mtp.config import TrainConfig, build_config
 from mtp.data import PackedData, token_byte_lengths
-from mtp.gpu_check.report import MEASURED, Budget, Row, error_row, skipped
 from mtp.model import count_parameters, training_flops_per_token
-from mtp.profiling import DeviceTimer, PeakMemory
 from mtp.tokenizer import ByteTokenizer
 from mtp.train import LocalCheckpoints, Trainer
 

@@ -1,6 +1,6 @@
 """Load-testing the Serve completions service against the bare engine (``jobs/bench_serve.py``).
 
-The bare engine's batch-1 speedup comes from ``mtp.decoding.benchmark.compare``, the
+The bare engine's batch-1 speedup comes from ``mtp.decoding.metrics.compare``, the
 code ``jobs/bench_decoding.py`` measures with. The service is a local Ray instance
 running ``mtp.serving.app:build_app`` on 127.0.0.1; ``measure`` drives it with a
 closed loop of clients per concurrency, speculation off and on alternated, then
@@ -21,15 +21,16 @@ from typing import Callable
 import requests
 import torch
 
+from mtp.bench.decoding import humaneval_prompts
 from mtp.decoding import Engine, EngineConfig
-from mtp.decoding.benchmark import compare, humaneval_prompts
+from mtp.decoding.metrics import compare
 
 RETENTION_TARGET = 0.85
 REPLICA_CPUS = 1  # the ModelServer replica's num_cpus; the engine baseline uses as many threads
 
 
 # ------------------------------------------------------------ inputs and the bare engine
-# The model, the prompts and the engine's batch-1 speedup come from mtp.decoding.benchmark,
+# The model, the prompts and the engine's batch-1 speedup come from mtp.bench.decoding and mtp.decoding.metrics,
 # so "the speedup bench_decoding measures" is measured by the same code here.
 
 

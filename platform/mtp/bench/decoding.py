@@ -1,10 +1,10 @@
 """What ``jobs/bench_decoding.py`` and ``jobs/bench_serve.py`` measure, as functions.
 
-* ``compare``: vanilla vs self-speculative greedy on the same prompts at one batch
-  size, interleaved chunk by chunk (so load on a shared machine hits both), with
-  exactness, acceptance and the efficiency against the ideal speedup;
+* ``speculation``: ``mtp.decoding.metrics.compare`` (vanilla vs self-speculative on the
+  same prompts, interleaved chunk by chunk) at each batch size and a draft tree, with
+  the heads' teacher-forced promise and the efficiency against the ideal speedup;
 * ``peers``: the engine against Hugging Face ``transformers`` on the same head-0
-  weights (``mtp.decoding.peers``), every method run on each chunk in turn.
+  weights (``mtp.bench.peers``), every method run on each chunk in turn.
 
 Prompts are HumanEval's (``mtp.evaluation.benchmarks``); the default model is a
 small one trained once with ``mtp.train`` and cached.
@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
-from mtp.decoding.api import Generation, SamplingParams
+from mtp.decoding.api import SamplingParams
 from mtp.decoding.config import EngineConfig
 from mtp.decoding.engine import Engine
-from mtp.decoding.metrics import NONREPETITIVE, acceptance, distinct_ngrams, teacher_forced
+from mtp.decoding.metrics import compare, distinct_ngrams, teacher_forced, timed
 from mtp.tokenizer import Tokenizer
 
 EFFICIENCY_TARGET = 0.85
@@ -78,71 +76,6 @@ def heldout_code(tokenizer: Tokenizer, count: int, limit: int) -> list[list[int]
     return [tokenizer.encode(p.prompt + p.canonical_solution)[:limit] for p in humaneval().problems[-count:]]
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(engine: Engine, chunk: list[list[int]], params: SamplingParams | list[SamplingParams]) -> tuple[list[Generation], float]:
-    synchronize(engine.device)
-    start = time.perf_counter()
-    out = engine.generate_ids(chunk, params)
-    synchronize(engine.device)
-    return out, time.perf_counter() - start
-
-
-def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-            temperature: float = 0.0, cap_s: float | None = None) -> dict[str, object]:
-    """Vanilla vs self-speculative decoding at one batch size and temperature, interleaved
-    chunk by chunk (each chunk's order alternates), after the engine's warm-up; with
-    ``cap_s``, stops after the chunk that passes it (``prompts`` says how many ran)."""
-    modes = {m: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0,
-                               speculative=m == "speculative") for m in ("vanilla", "speculative")}
-    engine.warm_up(list(modes.values()))  # CUDA graphs / compiled steps: every batch size a shrinking batch passes
-    gens: dict[str, list[Generation]] = {m: [] for m in modes}
-    seconds = {m: 0.0 for m in modes}
-    decode_seconds = {m: 0.0 for m in modes}  # after the prefill (a chunk's rows are admitted together)
-    began = time.perf_counter()
-    for n, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start : start + batch_size]
-        for mode in (("vanilla", "speculative") if n % 2 == 0 else ("speculative", "vanilla")):
-            out, dt = timed(engine, chunk, modes[mode])
-            gens[mode].extend(out)
-            seconds[mode] += dt
-            decode_seconds[mode] += dt - max(g.stats.prefill_s for g in out)
-        if cap_s is not None and time.perf_counter() - began > cap_s:
-            break
-    van, spec = gens["vanilla"], gens["speculative"]
-    tokens = {m: sum(len(g.tokens) for g in gens[m]) for m in modes}
-    decode_tokens = {m: sum(len(g.tokens) - 1 for g in gens[m]) for m in modes}  # the first comes from the prefill
-    distinct = [distinct_ngrams(g.tokens) for g in spec]
-    tpf, hist = acceptance(spec)
-    tpf_real, _ = acceptance([g for g, d in zip(spec, distinct) if d >= NONREPETITIVE])
-    per_forward = {m: sum(g.stats.elapsed_s - g.stats.prefill_s for g in gens[m]) / max(sum(g.stats.forwards for g in gens[m]), 1)
-                   for m in modes}
-    mismatched = [i for i, (a, b) in enumerate(zip(van, spec)) if a.tokens != b.tokens]
-    out = {
-        "batch_size": batch_size,
-        "temperature": temperature,
-        "prompts": len(van),
-        "vanilla_tokens_per_s": tokens["vanilla"] / seconds["vanilla"],
-        "speculative_tokens_per_s": tokens["speculative"] / seconds["speculative"],
-        "exact_match": not mismatched,  # expected of greedy decoding only
-        "identical": len(van) - len(mismatched),
-        "mismatched_prompts": mismatched,
-        "tokens_per_forward": tpf,
-        "tokens_per_forward_nonrepetitive": tpf_real,
-        "nonrepetitive_prompts": sum(d >= NONREPETITIVE for d in distinct),
-        "accepted_histogram": hist,
-        "distinct_8gram": sum(distinct) / len(distinct),
-        "step_cost_ratio": per_forward["speculative"] / per_forward["vanilla"],
-    }
-    out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]
-    decode_rate = {m: decode_tokens[m] / decode_seconds[m] for m in modes}
-    out["decode_speedup"] = decode_rate["speculative"] / decode_rate["vanilla"]
-    return out
-
-
 def with_efficiency(row: dict[str, object], layer_ratio: float) -> dict[str, object]:
     """Measured speedup over the ideal one: end to end, and for the decode steps alone (the
     ideal is a per-step model; the prefill, which speculation cannot shorten, is outside it)."""
@@ -176,7 +109,7 @@ def peers(model, tokenizer: Tokenizer, prompts: list[list[int]], batch_sizes: Se
     warming up happen before, on the longest prompt, and are reported separately.
     Greedy rows say for how many prompts they gave the engine's vanilla tokens.
     """
-    from mtp.decoding.peers import hf_generate, peer_methods, to_llama
+    from mtp.bench.peers import hf_generate, peer_methods, to_llama
 
     hf = to_llama(model)
     longest = max(prompts, key=len)

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from mtp.bench.gpu_check.report import FAIL, MEASURED, PASS, Row, skipped
 from mtp.config import ModelConfig
 from mtp.decoding import Engine, EngineConfig, Generation, SamplingParams
 from mtp.decoding.metrics import acceptance
-from mtp.gpu_check.report import FAIL, MEASURED, PASS, Row, skipped
 from mtp.loss import mtp_targets, naive_loss, sequential_backward
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer

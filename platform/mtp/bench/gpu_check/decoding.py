@@ -7,7 +7,7 @@ token is a vanilla step; a query of ``n_future`` tokens is a speculative verific
 step (pending token + drafts). Eager steps attend over each row's length; CUDA-graph
 steps over the whole static cache (masked), since a replayed graph cannot change shape.
 
-Beside it, ``transformers``' Llama with the same head-0 weights (``mtp.decoding.peers``),
+Beside it, ``transformers``' Llama with the same head-0 weights (``mtp.bench.peers``),
 after a logit check, against our vanilla and speculative generation at equal prompt and
 output lengths.
 """
@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mtp.benchmarks.schedules import release
+from mtp.bench.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
+from mtp.bench.schedules import release
 from mtp.config import model_preset
 from mtp.decoding import Engine, EngineConfig, Generation, SamplingParams
-from mtp.decoding.benchmark import synchronize, timed
-from mtp.decoding.metrics import acceptance
-from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
+from mtp.decoding.metrics import acceptance, synchronize, timed
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
 
@@ -145,13 +144,13 @@ def step_rows(sizes: DecodingSizes, model: MTPTransformer, engines: dict[str, En
 
 
 def llama_check(sizes: DecodingSizes, model: MTPTransformer) -> tuple[Row, object | None]:
-    """Our fp32 model's head 0 in ``transformers``' Llama (``mtp.decoding.peers``), logits
+    """Our fp32 model's head 0 in ``transformers``' Llama (``mtp.bench.peers``), logits
     compared; the Llama (to be timed) only when they agree."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         return skipped(STAGE, "transformers Llama", "transformers is not installed"), None
-    from mtp.decoding.peers import LOGITS_ATOL, to_llama
+    from mtp.bench.peers import LOGITS_ATOL, to_llama
 
     try:
         llama = to_llama(model, check_tokens=sizes.prompt_len)
@@ -166,7 +165,7 @@ def peer_rows(sizes: DecodingSizes, engine: Engine, llama, budget: Budget) -> li
     ``generate`` runs greedy with a static cache, which ``transformers`` compiles on CUDA
     by itself; its first call per batch size (the compile) is untimed.
     """
-    from mtp.decoding.peers import hf_generate
+    from mtp.bench.peers import hf_generate
 
     llama = llama.to(engine.packed.dtype)
     rows = []

@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from mtp.benchmarks.schedules import release
+from mtp.bench.decoding import humaneval_prompts
+from mtp.bench.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
+from mtp.bench.schedules import release
 from mtp.config import build_config
 from mtp.data import prepare_data
 from mtp.decoding import Engine, EngineConfig
-from mtp.decoding.benchmark import compare, humaneval_prompts
-from mtp.gpu_check.report import FAIL, MEASURED, PASS, Budget, Row, error_row, skipped
+from mtp.decoding.metrics import compare
 from mtp.model import count_parameters
 from mtp.tokenizer import Tokenizer
 from mtp.train import LocalCheckpoints, Trainer

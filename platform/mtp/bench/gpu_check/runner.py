@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from mtp.benchmarks.schedules import release
-from mtp.gpu_check import acceleration, correctness, decoding, training
-from mtp.gpu_check.report import Budget, Row, error_row, skipped
+from mtp.bench.gpu_check import acceleration, correctness, decoding, training
+from mtp.bench.gpu_check.report import Budget, Row, error_row, skipped
+from mtp.bench.schedules import release
 
 
 @dataclass(frozen=True)
