@@ -1,11 +1,21 @@
-"""The sequential (and chunked) backward must equal the naive summed-loss backward."""
+"""The sequential (and chunked) backward and the batched-heads fused loss must equal the naive
+summed-loss backward."""
 
 import pytest
 import torch
 
 from mtp.config import ModelConfig
-from mtp.loss import IGNORE_INDEX, evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
+from mtp.loss import (
+    IGNORE_INDEX,
+    batched_loss,
+    evaluate_head_losses,
+    linear_cross_entropy,
+    mtp_targets,
+    naive_loss,
+    sequential_backward,
+)
 from mtp.model import MTPTransformer
+from mtp.profiling import LiveTensorBytes
 
 
 TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-9, atol=1e-12)}
@@ -59,6 +69,57 @@ def test_sequential_backward_matches_naive(n_future, chunk_size, dtype):
     for name in ref_grads:
         assert ref_grads[name].abs().max() > 0, f"{name} got no gradient"
         torch.testing.assert_close(got_grads[name], ref_grads[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("n_future", [1, 2, 4])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_heads_fused_loss_matches_naive(n_future, chunk_size, dtype):
+    inputs, targets = mtp_targets(_batch(), n_future, pad_id=5)
+    weights = [1.0, 0.3, 0.3, 0.3][:n_future]
+    tol = TOLERANCE[dtype]
+
+    naive = _model(n_future, dtype=dtype)
+    with torch.no_grad():  # every head its own weights: a mix-up of stacked heads cannot pass
+        for i, head in enumerate(naive.heads):
+            head.attention.wq.weight.mul_(1 + i)
+            head.feed_forward.w2.weight.mul_(1 - 0.2 * i)
+    batched = _model(n_future, dtype=dtype)
+    batched.load_state_dict(naive.state_dict())
+    loss, ref = naive_loss(naive, inputs, targets, weights)
+    loss.backward()
+    got_loss, got = batched_loss(batched, inputs, targets, weights, chunk_size=chunk_size)
+    got_loss.backward()
+
+    torch.testing.assert_close(got.head_losses, ref.head_losses, **tol)
+    torch.testing.assert_close(got.loss, ref.loss, **tol)
+    torch.testing.assert_close(got_loss.detach(), loss.detach(), **tol)
+    for (name, a), b in zip(naive.named_parameters(), batched.parameters()):
+        assert a.grad.abs().max() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(b.grad, a.grad, **tol, msg=name)
+
+
+def test_heads_batched_is_every_head_on_the_trunk_output():
+    model = _model(3)
+    h = model.trunk(_batch()[:, :-1])
+    expected = torch.stack([model.head(i, h).flatten(0, 1) for i in range(3)])
+    torch.testing.assert_close(model.heads_batched(h), expected, rtol=0, atol=1e-13)
+
+
+def test_fused_linear_cross_entropy_never_holds_the_whole_logits():
+    torch.manual_seed(0)
+    rows, dim, vocab, chunk = 512, 16, 2048, 16
+    x = torch.randn(rows, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    scale = torch.full((rows,), 1.0 / rows, dtype=torch.float64)
+    with LiveTensorBytes() as live:
+        loss, _ = linear_cross_entropy(x, weight, targets, scale, chunk_size=chunk)
+        loss.backward()
+    logits_bytes = rows * vocab * 4
+    assert live.peak_bytes < logits_bytes / 4, (live.peak_bytes, logits_bytes)  # chunks of 1/32
+    ref = torch.nn.functional.cross_entropy(x.detach().requires_grad_() @ weight.t(), targets)
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_loss_scale_accumulates_like_grad_accumulation():

@@ -159,6 +159,9 @@ class DataConfig:
 # ------------------------------------------------------------------------ training
 
 
+SCHEDULES = ("sequential", "batched", "naive")  # mtp.loss says what each does
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and schedule of one training run (per worker batch sizes)."""
@@ -177,7 +180,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     head_weights: list[float] | None = None  # per-head loss weights; uniform when None
     head_targets: str = "future"  # "future": head i predicts t+1+i; "next": every head t+1 (a control)
-    schedule: str = "sequential"  # "sequential" (memory-efficient) or "naive"
+    schedule: str = "sequential"  # "sequential" (memory-efficient), "batched" (heads batched, fused loss) or "naive"
     loss_chunk_size: int | None = 1024  # positions per CE chunk; None = whole sequence
     dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
     compile: bool = False
@@ -201,8 +204,8 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
         if self.head_targets not in ("future", "next"):
             raise ConfigError(f"train.head_targets={self.head_targets!r} must be 'future' or 'next'")
-        if self.schedule not in ("sequential", "naive"):
-            raise ConfigError(f"train.schedule={self.schedule!r} must be 'sequential' or 'naive'")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule={self.schedule!r} must be one of {', '.join(map(repr, SCHEDULES))}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype={self.dtype!r} must be 'auto', 'bf16' or 'fp32'")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:

@@ -10,12 +10,23 @@ over its valid (non-ignored) targets. Two schedules compute the same gradients:
   that output's gradient; one trunk backward ends the step. Each head's loss is
   computed in chunks of positions, backpropagated chunk by chunk, so not even one
   head's full logits tensor exists.
+* ``batched_loss``: the schedule for the GPU's FLOP floor. The heads run as one
+  batched computation (``MTPTransformer.heads_batched``) and the shared
+  unembedding + cross-entropy is fused (``linear_cross_entropy``): chunk by chunk of
+  positions it computes the logits, the loss and their gradients at once, so no
+  ``[B, T, V]`` logits tensor exists and no separate pass reads one. One backward
+  for the whole step. It holds every head block's activations at once, as ``naive``
+  does; with ``param_matched`` heads that is what the next-token model's replaced
+  trunk blocks hold, and without the logits the peak stays below ``n=1``'s. Its
+  chunk function is the unit ``torch.compile`` fuses (``compile_chunks=True``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +202,110 @@ def sequential_backward(
     h.backward(h_leaf.grad)
     per_head = torch.stack(head_losses)
     return StepLosses(per_head, (weights_t.to(per_head.dtype) * per_head).sum())
+
+
+def _linear_ce_chunk(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows ``x [N, D]`` and the unembedding ``weight [V, D]``: per-row CE ``[N]`` and the
+    gradients of ``sum(scale * CE)`` with respect to ``x`` and ``weight``.
+
+    The logits live only inside this function; compiled, their softmax, loss and
+    gradient are one or two fused passes (the ``_ce_and_grad_`` math, out of place).
+    """
+    logits = x @ weight.t()
+    valid = targets != IGNORE_INDEX
+    safe_targets = targets.where(valid, 0).unsqueeze(-1)
+    wide = _upcast(logits)
+    lse = torch.logsumexp(wide, dim=-1, keepdim=True)
+    ce = (lse - wide.gather(-1, safe_targets)).squeeze(-1) * valid
+    row_scale = (valid * scale).to(wide.dtype).unsqueeze(-1)
+    grad = (wide - lse).exp().scatter_add(-1, safe_targets, -torch.ones_like(lse)) * row_scale
+    grad = grad.to(logits.dtype)
+    return ce, grad @ weight, grad.t() @ x
+
+
+@functools.cache
+def _compiled_chunk():
+    return torch.compile(_linear_ce_chunk, dynamic=False)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum(row_scale * CE(x @ weight.T, targets))`` with its gradients computed in the forward.
+
+    As Liger Kernel's fused linear cross-entropy: chunk by chunk of rows, the logits
+    are made, reduced to the loss and turned into the two gradients, which the
+    backward only scales by the incoming gradient. Also returns the per-row CE
+    (not differentiable) so callers can report per-head losses.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, row_scale, chunk_size, compiled):
+        chunk = _compiled_chunk() if compiled else _linear_ce_chunk
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
+        ce = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        for s in range(0, x.shape[0], chunk_size):
+            e = s + chunk_size
+            ce[s:e], grad_x[s:e], gw = chunk(x[s:e], weight, targets[s:e], row_scale[s:e])
+            grad_w += gw
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce * row_scale.to(ce.dtype)).sum(), ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None, None
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_scale: torch.Tensor,
+    chunk_size: int | None = None,
+    compiled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused unembedding + cross-entropy over rows ``x [N, D]``: ``(sum(row_scale * CE), CE [N])``.
+
+    ``chunk_size`` rows at a time (default: about as many logits as ``x`` has
+    elements, Liger's choice); the first output is differentiable in ``x`` and ``weight``.
+    """
+    n_rows, dim = x.shape
+    step = chunk_size or max(1, n_rows * dim // weight.shape[0])
+    return _LinearCrossEntropy.apply(x, weight, targets, row_scale, step, compiled)
+
+
+def batched_loss(
+    model: MTPTransformer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    head_weights: Sequence[float] | None = None,
+    chunk_size: int | None = None,
+    compiled: bool = False,
+) -> tuple[torch.Tensor, StepLosses]:
+    """The batched-heads, fused-loss schedule; returns the loss (with graph) like ``naive_loss``.
+
+    The same objective and gradients as ``naive_loss`` (pinned in fp64); ``compiled``
+    compiles the heads' batched block and the loss chunk (one graph each, none per head).
+    """
+    n = targets.shape[0]
+    h = model.trunk(inputs)
+    heads = _compiled_heads() if compiled else MTPTransformer.heads_batched
+    x = model.norm(heads(model, h)).flatten(0, 1)  # [n * B * T, D]
+    valid_counts = (targets != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1)
+    weights_t = torch.tensor(_weights(n, head_weights), dtype=torch.float64).to(targets.device, non_blocking=True)
+    row_scale = (weights_t / valid_counts).repeat_interleave(targets[0].numel())
+    loss, ce = linear_cross_entropy(x, model.output.weight, targets.reshape(-1), row_scale, chunk_size, compiled)
+    per_head = ce.view(n, -1).sum(1) / valid_counts
+    return loss, StepLosses(per_head, (weights_t.to(per_head.dtype) * per_head).sum())
+
+
+@functools.cache
+def _compiled_heads():
+    return torch.compile(MTPTransformer.heads_batched)
 
 
 @torch.no_grad()

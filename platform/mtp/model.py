@@ -8,6 +8,9 @@ and the same unembedding. Head ``i`` predicts token ``t + i + 1`` from position
 The pieces are exposed separately (``trunk``, ``head``, ``logits``) because the
 memory-efficient loss (``mtp.loss``) and the reference speculative decoder
 (``mtp.decoding.reference``) schedule them differently from the plain ``forward``.
+``heads_batched`` runs every head's block at once (their weights stacked: one
+batched matmul per projection, attention over ``n * B`` sequences), the same math as
+``head(i, h)`` for each ``i``, for the batched training schedule.
 That decoder also passes explicit rotary ``positions``, an attention ``mask`` and a
 per-layer ``LayerCache``; the fast engine (``mtp.decoding.Engine``) instead repacks
 these weights into its own inference layers (``mtp.decoding.packed``).
@@ -39,9 +42,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dimension, normalised in at least fp32."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return out.type_as(x) * weight
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +61,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of channels of ``x [B, H, T, D]``; cos/sin are ``[T, D/2]``."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return rotated.type_as(x)
 
@@ -175,6 +183,38 @@ class MTPTransformer(nn.Module):
         """Head ``i``'s block on trunk output ``h``; returns its hidden state (pre-norm)."""
         cos, sin = self.rope(positions, h.shape[1])
         return self.heads[i](h, cos, sin, mask, cache)
+
+    def heads_batched(self, h: torch.Tensor) -> torch.Tensor:
+        """Every head's block on trunk output ``h [B, T, D]`` at once; returns ``[n, B * T, D]``.
+
+        The heads have identical shapes, so their weights are stacked (autograd splits
+        the gradients back) and each projection is one ``bmm`` over ``n`` heads; the
+        attention runs over ``n * B`` sequences. Head ``i``'s slice equals
+        ``head(i, h)`` (the output is flattened over positions for the fused loss).
+        """
+        n, (B, T, D) = len(self.heads), h.shape
+        cfg = self.cfg
+        cos, sin = self.rope(None, T)
+
+        def stacked(get) -> torch.Tensor:
+            return torch.stack([get(block) for block in self.heads])
+
+        def project(x: torch.Tensor, get) -> torch.Tensor:  # [n, B*T, in] -> [n, B*T, out]
+            return torch.bmm(x, stacked(lambda b: get(b).weight).transpose(1, 2))
+
+        def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # -> [n*B, heads, T, head_dim]
+            return x.view(n * B, T, heads, cfg.head_dim).transpose(1, 2)
+
+        x = h.reshape(1, B * T, D)
+        a = rms_norm(x, stacked(lambda b: b.attention_norm.weight).unsqueeze(1), cfg.norm_eps)  # [n, B*T, D]
+        q = apply_rope(split_heads(project(a, lambda b: b.attention.wq), cfg.n_heads), cos, sin)
+        k = apply_rope(split_heads(project(a, lambda b: b.attention.wk), cfg.kv_heads), cos, sin)
+        v = split_heads(project(a, lambda b: b.attention.wv), cfg.kv_heads)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_heads)
+        x = x + project(att.transpose(1, 2).reshape(n, B * T, -1), lambda b: b.attention.wo)
+        f = rms_norm(x, stacked(lambda b: b.ffn_norm.weight).unsqueeze(1), cfg.norm_eps)
+        gated = F.silu(project(f, lambda b: b.feed_forward.w1)) * project(f, lambda b: b.feed_forward.w3)
+        return x + project(gated, lambda b: b.feed_forward.w2)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Shared final norm and unembedding."""

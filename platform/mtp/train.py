@@ -2,8 +2,8 @@
 
 ``train(cfg)`` builds the data, the model and the optimizer from one ``JobConfig``,
 runs AdamW with warmup + cosine decay, gradient clipping and accumulation, and uses
-the memory-efficient sequential multi-token backward (``train.schedule=naive`` for
-the reference schedule). It knows nothing about Ray or MLflow: where checkpoints go
+the memory-efficient sequential multi-token backward (``train.schedule=batched`` for
+the batched-heads fused-loss schedule, ``naive`` for the reference; ``mtp.loss``). It knows nothing about Ray or MLflow: where checkpoints go
 is a ``CheckpointStore`` (a local folder by default, Ray Train's reporting under
 Ray) and what happens to metrics is up to ``callbacks`` (MLflow on rank 0 under the
 job). In a process group it runs data-parallel (``mtp.parallel``): each rank reads
@@ -36,7 +36,7 @@ from mtp.checkpoint import WEIGHTS, load_train_state, save_checkpoint, transfer_
 from mtp.config import ConfigError, JobConfig, TrainConfig
 from mtp.data import BatchPrefetcher, BlockSampler, DataPosition, PackedData, gather_blocks, prepare_data, val_indices
 from mtp.device import resolve_device
-from mtp.loss import evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
+from mtp.loss import batched_loss, evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
 from mtp.model import MTPTransformer, training_flops_per_token
 from mtp.parallel import (
     SHARDS,
@@ -225,6 +225,8 @@ class Trainer:
         self.model = self.model.to(self.device)
         broadcast_parameters(self.model)
         self.sharded = cfg.scaling.strategy == "fsdp" and self.info.world_size > 1
+        if self.sharded and cfg.train.schedule == "batched":
+            raise ConfigError("train.schedule='batched' stacks the heads' weights, which FSDP shards: use 'sequential'")
         if self.sharded:
             shard_blocks(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -323,6 +325,11 @@ class Trainer:
                     losses = sequential_backward(
                         self.model, inputs, targets, tc.head_weights, tc.loss_chunk_size, loss_scale=1.0 / tc.grad_accum
                     )
+                elif tc.schedule == "batched":
+                    loss, losses = batched_loss(
+                        self.model, inputs, targets, tc.head_weights, tc.loss_chunk_size, compiled=tc.compile
+                    )
+                    (loss / tc.grad_accum).backward()
                 else:
                     loss, losses = naive_loss(self.model, inputs, targets, tc.head_weights)
                     (loss / tc.grad_accum).backward()
