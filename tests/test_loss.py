@@ -15,7 +15,7 @@ from mtp.loss import (
     sequential_backward,
 )
 from mtp.model import MTPTransformer
-from mtp.profiling import LiveTensorBytes
+from mtp.bench.profiling import LiveTensorBytes
 
 
 TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-9, atol=1e-12)}
