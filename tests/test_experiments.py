@@ -12,9 +12,9 @@ from numpy.polynomial import Polynomial
 
 from mtp.config import model_preset
 from mtp.decoding import Engine, EngineConfig
-from mtp.experiments import polynomial, splits, stargraph
-from mtp.experiments.scoring import score
-from mtp.experiments.tasks import TASKS, TaskError, TaskSpec, problem_key
+from mtp.tasks import polynomial, splits, stargraph
+from mtp.tasks.scoring import score
+from mtp.tasks.spec import TASKS, TaskError, TaskSpec, problem_key
 from mtp.model import MTPTransformer
 from mtp.tokenizer import ByteTokenizer
 
@@ -173,7 +173,7 @@ def test_engine_scoring_matches_plain_greedy_decoding():
     assert result == {"exact_match": exact / len(problems), "token_accuracy": correct / total}
 
 
-def test_sweep_task_section_trains_on_the_corpus(tmp_path, monkeypatch):
+def test_sweep_task_section_trains_on_the_corpus_written_only_when_prepared(tmp_path, monkeypatch):
     from mtp.sweep.spec import SweepError, parse_spec
 
     monkeypatch.setenv("MTP_CACHE_DIR", str(tmp_path))
@@ -181,8 +181,11 @@ def test_sweep_task_section_trains_on_the_corpus(tmp_path, monkeypatch):
              "space": {"model.n_future": {"grid": [1, 2]}}, "metric": "task/in_domain/exact_match", "mode": "max"}
     spec = parse_spec(sweep)
     corpus = spec.task.corpus_path()
-    assert corpus.is_file() and str(corpus).startswith(str(tmp_path))
-    assert spec.base().data.source == str(corpus)
+    assert spec.base().data.source == str(corpus) and str(corpus).startswith(str(tmp_path))
+    assert not any(tmp_path.iterdir())  # parsing a sweep file writes nothing
+    assert list(spec.scorers) == ["task"]
+    spec.scorers["task"].prepare()  # what the driver does before the first trial
+    assert corpus.is_file()
     with pytest.raises(SweepError, match="not reported by the task.*task/in_domain/token_accuracy"):
         parse_spec({**sweep, "metric": "val/bpb"})
     with pytest.raises(SweepError, match="remove data.source"):
@@ -194,7 +197,7 @@ def test_sweep_task_section_trains_on_the_corpus(tmp_path, monkeypatch):
 def test_task_metric_is_logged_over_training_at_each_intermediate_checkpoint(tmp_path):
     from _jobs import tiny_config
     from mlflow.tracking import MlflowClient
-    from mtp.sweep.evaluation import TaskProgress
+    from mtp.sweep.scorers import ScoreProgress
     from mtp.train import train
 
     task = TaskSpec.parse({"name": "polynomial", "train_problems": 300, "test_problems": 12, "progress_problems": 5})
@@ -202,7 +205,7 @@ def test_task_metric_is_logged_over_training_at_each_intermediate_checkpoint(tmp
     run_id = client.create_run(client.create_experiment("progress")).info.run_id
     cfg = tiny_config(tmp_path, **{"data.source": str(task.write_corpus(tmp_path)), "train.max_steps": 8,
                                    "train.checkpoint_every": 3})
-    train(cfg, callbacks=[TaskProgress(client, run_id, task, final_step=8)])
+    train(cfg, callbacks=[ScoreProgress(client, run_id, task, final_step=8)])
     history = client.get_metric_history(run_id, "task/in_domain/exact_match")
     assert [m.step for m in history] == [3, 6]  # step 8 is the final, full-set evaluation's
     tokens = client.get_metric_history(run_id, "task/out_of_domain/token_accuracy")
@@ -215,7 +218,7 @@ def test_task_metric_is_logged_over_training_at_each_intermediate_checkpoint(tmp
 
 
 def test_summary_pools_seeds_into_mean_and_std(tmp_path):
-    from mtp.experiments.report import write_summary
+    from mtp.sweep.report import write_summary
     from mtp.sweep.summary import TrialRow
 
     values = {(1, 64): [0.2, 0.4, 0.6], (2, 64): [0.5, 0.5, 0.5], (1, 128): [0.7, 0.9, 0.8]}
@@ -232,7 +235,7 @@ def test_summary_pools_seeds_into_mean_and_std(tmp_path):
 
 def test_speed_task_reports_every_declared_metric(tmp_path):
     from _jobs import tiny_config
-    from mtp.experiments.speed import SpeedSpec
+    from mtp.tasks.speed import SpeedSpec
     from mtp.train import train
 
     checkpoint = train(tiny_config(tmp_path, **{"model.n_future": 3, "train.max_steps": 2})).checkpoint

@@ -233,12 +233,27 @@ def load_jsonl(path: str | Path, name: str | None = None, shots_path: str | Path
     return _from_rows(name or path.name.split(".")[0], _read_jsonl(path), shots)
 
 
+def _kind(spec: str) -> str:
+    if spec.lower() == "humaneval":
+        return "humaneval"
+    if spec in MBPP_HUB_NAMES or spec.split(":")[0] in MBPP_HUB_NAMES:
+        return "mbpp"
+    if Path(spec).suffix in (".jsonl", ".gz", ".json"):
+        return "jsonl"
+    raise BenchmarkError(f"unknown benchmark {spec!r}: use humaneval, mbpp, google-research-datasets/mbpp or a .jsonl path")
+
+
+def benchmark_name(spec: str) -> str:
+    """The name ``load_benchmark(spec)`` gives its benchmark, without loading (or downloading) it."""
+    kind = _kind(spec)
+    return Path(spec).name.split(".")[0] if kind == "jsonl" else kind
+
+
 def load_benchmark(spec: str) -> Benchmark:
     """``humaneval``, ``mbpp`` / ``google-research-datasets/mbpp`` (hub), or a JSONL path."""
-    if spec.lower() == "humaneval":
+    kind = _kind(spec)
+    if kind == "humaneval":
         return humaneval()
-    if spec in MBPP_HUB_NAMES or spec.split(":")[0] in MBPP_HUB_NAMES:
+    if kind == "mbpp":
         return mbpp_from_hub(spec)
-    if Path(spec).suffix in (".jsonl", ".gz", ".json"):
-        return load_jsonl(spec)
-    raise BenchmarkError(f"unknown benchmark {spec!r}: use humaneval, mbpp, google-research-datasets/mbpp or a .jsonl path")
+    return load_jsonl(spec)

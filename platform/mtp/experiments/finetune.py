@@ -22,7 +22,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from mtp.config import read_yaml_mapping
-from mtp.experiments.report import write_summary
+from mtp.sweep.report import write_summary
 from mtp.sweep import SweepError, SweepResult, load_spec, run_sweep
 from mtp.sweep.spec import parse_spec
 

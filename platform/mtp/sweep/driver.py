@@ -16,6 +16,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from mtp.cluster.trainer import PlacementError, check_placement
+from mtp.config import ConfigError
 from mtp.data import prepare_data
 from mtp.sweep import runs
 from mtp.sweep.resources import (
@@ -79,6 +80,11 @@ def run_sweep(
 
     uri = resolve_tracking_uri(replace(configs[0].tracking, tracking_uri=tracking_uri or configs[0].tracking.tracking_uri))
     check_tracking(uri)
+    for name, scorer in spec.scorers.items():
+        try:
+            scorer.prepare()  # e.g. a task's corpus, which data.source names
+        except ConfigError as exc:
+            raise SweepError(f"sweep {spec.name!r}: {name}: {exc}") from None
     for cfg in {(repr(c.data), c.train.seq_len): c for c in configs}.values():
         prepare_data(cfg.data, cfg.train.seq_len)  # a missing dataset fails here, not in every trial
     client = MlflowClient(uri)

@@ -11,9 +11,10 @@ A sweep file opts in with an ``evaluation`` section (any ``GenerationConfig`` fi
     metric: humaneval/T0/pass_at_1
 
 It runs ``mtp.evaluation.pipeline.evaluate_checkpoint``, the evaluation job's own
-pipeline (an evaluation run linked to the trial's run, the same metric names), with
-generation and sandboxes in the trial's process (``backend: local``), on the
-resources the trial already holds, so evaluation never waits on another trial.
+pipeline (an evaluation run linked to the trial's run, in the store the trial logs to,
+the same metric names), with generation and sandboxes in the trial's process
+(``backend: local``), on the resources the trial already holds, so evaluation never
+waits on another trial. An ``EvalSpec`` is a ``mtp.sweep.scorers.Scorer``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Any
+
+from mtp.config import ConfigError
 from mtp.evaluation.generation import GenerationConfig
-from mtp.sweep.spec import SweepError
 
 _GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"backend", "engine"}
 
@@ -39,13 +42,16 @@ class EvalSpec:
     insecure: bool = False  # only where the sandbox cannot isolate (see mtp.sandbox)
     # trials are compared on the same inputs: too long a prompt is cut (generation warns with the counts)
     generation: GenerationConfig = GenerationConfig(max_new_tokens=256, backend="local", allow_truncation=True)
+    progress_limit = 0  # pass@k is scored on the whole benchmark, after training only
 
     @classmethod
-    def parse(cls, raw: dict) -> "EvalSpec":
+    def parse(cls, raw: Any) -> "EvalSpec":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"evaluation must be a mapping, got {raw!r}")
         own = {f.name for f in dataclasses.fields(cls)} - {"generation"}
         unknown = set(raw) - own - _GENERATION_KEYS
         if unknown:
-            raise SweepError(f"unknown evaluation key(s) {sorted(unknown)}; known: {sorted(own | _GENERATION_KEYS)}")
+            raise ConfigError(f"unknown evaluation key(s) {sorted(unknown)}; known: {sorted(own | _GENERATION_KEYS)}")
         generation = {k: tuple(v) if k == "stop" and v is not None else v for k, v in raw.items() if k in _GENERATION_KEYS}
         spec = cls(**{k: v for k, v in raw.items() if k in own},
                    generation=dataclasses.replace(cls.generation, **generation))
@@ -53,28 +59,42 @@ class EvalSpec:
             # trials run in their own working directories
             spec = dataclasses.replace(spec, benchmark=str(Path(spec.benchmark).resolve()))
         if not spec.k or any(not isinstance(k, int) or k < 1 for k in spec.k):
-            raise SweepError(f"evaluation.k={spec.k!r} must be a list of positive integers")
+            raise ConfigError(f"evaluation.k={spec.k!r} must be a list of positive integers")
         if max(spec.k) > spec.generation.n_samples:
-            raise SweepError(f"evaluation.k={spec.k} needs n_samples >= {max(spec.k)}, got {spec.generation.n_samples}")
+            raise ConfigError(f"evaluation.k={spec.k} needs n_samples >= {max(spec.k)}, got {spec.generation.n_samples}")
         try:
             spec.generation.validate()
         except ValueError as exc:
-            raise SweepError(f"evaluation: {exc}") from None
+            raise ConfigError(f"evaluation: {exc}") from None
         return spec
 
     def metric_names(self) -> list[str]:
-        """Names of the metrics an evaluation reports (loads the benchmark: a bad one fails here)."""
-        from mtp.evaluation import BenchmarkError, load_benchmark
+        """Names of the metrics an evaluation reports (an unknown benchmark fails here; nothing is loaded)."""
+        from mtp.evaluation.benchmarks import BenchmarkError, benchmark_name
         from mtp.evaluation.tracking import metric_prefix
 
         try:
-            benchmark = load_benchmark(self.benchmark)
-        except (BenchmarkError, OSError) as exc:
-            raise SweepError(f"evaluation.benchmark={self.benchmark!r}: {exc}") from None
-        return [f"{metric_prefix(benchmark.name, self.generation.temperature)}/pass_at_{k}" for k in self.k]
+            name = benchmark_name(self.benchmark)
+        except BenchmarkError as exc:
+            raise ConfigError(f"evaluation.benchmark={self.benchmark!r}: {exc}") from None
+        return [f"{metric_prefix(name, self.generation.temperature)}/pass_at_{k}" for k in self.k]
 
-    def evaluate(self, checkpoint: Path, tracking_uri: str) -> dict[str, float]:
-        """pass@k and verdict counts of ``checkpoint``, also logged as its own evaluation run."""
+    def training_config(self) -> dict[str, Any]:
+        return {}
+
+    def prepare(self) -> None:
+        """Load the benchmark once before any trial (a missing file or hub dataset fails here)."""
+        from mtp.evaluation import BenchmarkError, load_benchmark
+
+        try:
+            load_benchmark(self.benchmark)
+        except (BenchmarkError, OSError) as exc:
+            raise ConfigError(f"evaluation.benchmark={self.benchmark!r}: {exc}") from None
+
+    def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]:
+        """pass@k and verdict counts of ``checkpoint``, also logged as its own evaluation run in
+        the store its training run logged to (``limit``: unused, pass@k takes the whole benchmark)."""
+        from mtp.checkpoint import read_config
         from mtp.evaluation import DEFAULT_LIMITS, RunnerConfig
         from mtp.evaluation.pipeline import MLflowTarget, ScoringConfig, evaluate_checkpoint
 
@@ -82,48 +102,6 @@ class EvalSpec:
             ks=self.k, limits=dataclasses.replace(DEFAULT_LIMITS, timeout_s=self.timeout_s),
             runner=RunnerConfig(backend="local", workers=self.sandbox_workers, insecure=self.insecure),
         )
+        tracking_uri = read_config(checkpoint)["tracking"]["tracking_uri"]
         return evaluate_checkpoint(str(checkpoint), [self.benchmark], self.generation, scoring,
                                    mlflow=MLflowTarget(tracking_uri)).metrics
-
-
-def check_metric(spec: EvalSpec, metric: str) -> None:
-    """With an evaluation, the sweep's metric must be one of its pass@k names."""
-    names = spec.metric_names()
-    if metric not in names:
-        raise SweepError(f"metric {metric!r} is not reported by the evaluation; use one of {names}")
-
-
-class TaskProgress:
-    """The task metric over training: each intermediate checkpoint of a trial scored on
-    the first ``progress_problems`` test problems of every evaluation set, logged to the
-    trial's run at its step under the final metric's name (the last step's point, from
-    ``log_evaluation``, is on the full test sets)."""
-
-    def __init__(self, client, run_id: str, task, final_step: int):
-        self.client, self.run_id, self.task, self.final_step = client, run_id, task, final_step
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_checkpoint(self, step: int, directory: Path) -> None:
-        if step >= self.final_step or not self.task.progress_problems:
-            return
-        _log_scores(self.client, self.run_id, self.task.evaluate(directory, limit=self.task.progress_problems), step)
-
-
-def _log_scores(client, run_id: str, scores: dict[str, float], step: int) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in scores.items()])
-
-
-def log_evaluation(client, cfg, spec, checkpoint: Path | None) -> None:
-    """Score the final checkpoint (an ``EvalSpec``'s pass@k and verdict counts, or an
-    ``mtp.experiments.tasks.TaskSpec``'s metrics); log them to the trial's run at the last step."""
-    if checkpoint is None:
-        raise RuntimeError("the sweep evaluates each trial, but training left no checkpoint")
-    scores = spec.evaluate(checkpoint, cfg.tracking.tracking_uri) if isinstance(spec, EvalSpec) else spec.evaluate(checkpoint)
-    _log_scores(client, cfg.tracking.run_id, scores, cfg.train.max_steps)

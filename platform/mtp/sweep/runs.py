@@ -106,7 +106,7 @@ def finish_parent(
         for path in (csv_path, json_path, plot, directory / "summary.txt"):
             client.log_artifact(parent_id, str(path))
         if spec.task is not None:  # mean ± std over seeds of every task metric, table and figures
-            from mtp.experiments.report import write_summary
+            from mtp.sweep.report import write_summary
 
             for path in write_summary(rows, spec.task.metric_names(), spec.plot.x, spec.plot.lines,
                                       directory / "task", spec.name):

@@ -24,7 +24,11 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
     max_concurrent_trials: auto      # or an int
     plot: {x: model.n_future, lines: train.preset}
     evaluation: {benchmark: humaneval, k: [1]}  # optional: pass@k becomes the metric
-    task: {name: polynomial}         # optional: train on a synthetic task, score it (mtp.experiments)
+    task: {name: polynomial}         # optional: train on a synthetic task, score it (mtp.tasks)
+
+``evaluation`` and ``task`` are scorers (``mtp.sweep.scorers``). Parsing writes and
+downloads nothing: a task's corpus path is known from its settings, and the driver
+writes it (``Scorer.prepare``) before the first trial.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp.config import ConfigError, JobConfig, apply_overrides, build_config, flatten_mapping, read_yaml_mapping
+from mtp.sweep.scorers import SECTIONS
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 MAX_PROBED_CONFIGS = 4096  # beyond this, each dimension is validated on its own
@@ -164,8 +169,13 @@ class SweepSpec:
     resources: dict[str, dict[str, float]] = field(default_factory=lambda: {"trial": {"memory": 1_000_000}})
     max_concurrent_trials: int | None = None  # None: as many as the cluster fits
     plot: PlotSpec = field(default_factory=PlotSpec)
-    evaluation: Any = None  # mtp.sweep.evaluation.EvalSpec: score each final checkpoint
-    task: Any = None  # mtp.experiments.tasks.TaskSpec: its corpus is data.source, its metrics score each trial
+    evaluation: Any = None  # a Scorer (mtp.sweep.evaluation.EvalSpec): pass@k of each final checkpoint
+    task: Any = None  # a Scorer (mtp.tasks): a synthetic task (its corpus is data.source) or the speed measurement
+
+    @property
+    def scorers(self) -> dict[str, Any]:
+        """The sweep's ``Scorer``s by section name, in the order trials are scored."""
+        return {name: getattr(self, name) for name in SECTIONS if getattr(self, name) is not None}
 
     @property
     def trial_resources(self) -> dict[str, float]:
@@ -244,10 +254,15 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
         nested = {k: v for k, v in config.items() if isinstance(v, dict)}
         flat = {**flatten_mapping(nested, where="config: "), **{k: v for k, v in config.items() if k not in nested}}
         apply_overrides(JobConfig(), flat)  # names and types of the fixed fields, before any trial
+        scorers = {name: parse(data[name]) for name, parse in SECTIONS.items() if data.get(name) is not None}
+        for name, scorer in scorers.items():
+            fixed = scorer.training_config()
+            for key in sorted(set(fixed) & set(flat)):
+                raise SweepError(f"the {name} section sets {key} (the trials train with it): remove {key} from config")
+            flat.update(fixed)
         clash = set(flat) & set(space_raw)
         if clash:
             raise SweepError(f"{sorted(clash)} appear in both config and space; keep each field in one")
-        task = _task(data.get("task"), flat)
         spec = SweepSpec(
             space={k: Dimension.parse(k, v) for k, v in space_raw.items()},
             metric=_text(data, "metric"),
@@ -261,8 +276,7 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
             resources=_resources(data.get("resources")),
             max_concurrent_trials=_concurrency(data.get("max_concurrent_trials", "auto")),
             plot=_section(PlotSpec, data.get("plot"), "plot"),
-            evaluation=_evaluation(data.get("evaluation")),
-            task=task,
+            **scorers,
         )
         if spec.mode not in ("min", "max"):
             raise SweepError(f"mode={spec.mode!r} must be 'min' or 'max'")
@@ -272,12 +286,10 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
         for axis in (spec.plot.x, spec.plot.lines):
             if axis not in defaults:
                 raise SweepError(f"plot axis {axis!r} is not a config field")
-        if spec.evaluation is not None:
-            from mtp.sweep.evaluation import check_metric
-
-            check_metric(spec.evaluation, spec.metric)
-        if spec.task is not None and spec.metric not in spec.task.metric_names():
-            raise SweepError(f"metric {spec.metric!r} is not reported by the task; use one of {spec.task.metric_names()}")
+        reported = {name: scorer.metric_names() for name, scorer in scorers.items()}
+        if reported and not any(spec.metric in names for names in reported.values()):
+            raise SweepError(f"metric {spec.metric!r} is not reported by the {' or the '.join(reported)}; "
+                             f"use one of {[n for names in reported.values() for n in names]}")
         spec.probe_configs()
         return spec
     except SweepError as exc:
@@ -323,34 +335,6 @@ def _resources(raw: Any) -> dict[str, dict[str, float]]:
 
 
 _RESOURCE_ALIASES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
-
-
-def _evaluation(raw: Any) -> Any:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise SweepError(f"evaluation must be a mapping, got {raw!r}")
-    from mtp.sweep.evaluation import EvalSpec
-
-    return EvalSpec.parse(raw)
-
-
-def _task(raw: Any, config: dict[str, Any]) -> Any:
-    """A synthetic task (its corpus is written once and becomes ``data.source``) or the speed measurement."""
-    if raw is None:
-        return None
-    from mtp.experiments.tasks import TaskError, parse_task
-
-    try:
-        task = parse_task(raw)
-    except TaskError as exc:
-        raise SweepError(str(exc)) from None
-    corpus = task.write_corpus()
-    if corpus is not None:
-        if "data.source" in config:
-            raise SweepError("a sweep with a task trains on the task's corpus: remove data.source from config")
-        config["data.source"] = str(corpus)
-    return task
 
 
 def _concurrency(raw: Any) -> int | None:

@@ -20,10 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from mtp.cluster.lifecycle import fit_here, run_tracked
 from mtp.config import JobConfig
-from mtp.experiments.tasks import TaskSpec
 from mtp.sweep import runs
-from mtp.sweep.evaluation import TaskProgress
 from mtp.sweep.resources import runs_inline
+from mtp.sweep.scorers import ScoreProgress, log_scores
 from mtp.sweep.spec import SweepSpec
 
 
@@ -110,19 +109,18 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     def fit(cfg: JobConfig):
         if runs_inline(cfg):
             callbacks = [TuneReporter(spec.metric, cfg.train.max_steps)]
-            if isinstance(spec.task, TaskSpec):  # a synthetic task: its metric over training too
-                callbacks.append(TaskProgress(client, cfg.tracking.run_id, spec.task, cfg.train.max_steps))
+            callbacks += [ScoreProgress(client, cfg.tracking.run_id, scorer, cfg.train.max_steps)
+                          for scorer in spec.scorers.values() if scorer.progress_limit]  # its metrics over training
             return fit_here(cfg, callbacks, resumed=resumed)
         return _fit_on_workers(cfg, tune_callback(spec.metric, cfg.train.max_steps))
 
     def after_fit(checkpoint: Path | None) -> None:
         if checkpoint is not None:
             client.set_tag(cfg.tracking.run_id, "checkpoint", str(checkpoint))
-        from mtp.sweep.evaluation import log_evaluation
-
-        for scorer in (spec.evaluation, spec.task):
-            if scorer is not None:
-                log_evaluation(client, cfg, scorer, checkpoint)
+        for scorer in spec.scorers.values():  # the final checkpoint's scores, at the last step
+            if checkpoint is None:
+                raise RuntimeError("the sweep scores each trial, but training left no checkpoint")
+            log_scores(client, cfg.tracking.run_id, scorer.evaluate(checkpoint), cfg.train.max_steps)
 
     tags = None if resumed else runs.child_tags(context.parent_run_id, trial_id, trial_run_name(spec, params, trial_id))
     run_tracked(cfg, fit, tags=tags, after_fit=after_fit)

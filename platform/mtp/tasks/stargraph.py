@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import string
 
-from mtp.experiments.problem import Problem
+from mtp.tasks.problem import Problem
 
 NODES = string.ascii_lowercase + string.ascii_uppercase
 

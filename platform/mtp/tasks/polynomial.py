@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from mtp.experiments.problem import Problem
+from mtp.tasks.problem import Problem
 
 P = 7  # the field
 DEGREE = 5  # the ring is F7[X]/(X^DEGREE)

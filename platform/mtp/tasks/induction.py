@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import string
 
-from mtp.experiments.problem import Problem
+from mtp.tasks.problem import Problem
 
 TEMPLATES = (
     "{a} went to the market with {b}.",

@@ -16,12 +16,15 @@ are exact counts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mtp.decoding import Engine, EngineConfig
 from mtp.decoding.metrics import compare, teacher_forced
 from mtp.device import intra_op_threads
+from mtp.tasks.spec import TaskError
 
 SPEED_METRICS = ("tokens_per_forward", "speedup", "distinct_8gram")  # of each batch size and mode
 
@@ -41,8 +44,6 @@ class SpeedSpec:
 
     @classmethod
     def parse(cls, raw: dict) -> "SpeedSpec":
-        from mtp.experiments.tasks import TaskError
-
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise TaskError(f"unknown task key(s) {sorted(unknown)} for speed; known: {sorted(cls.__dataclass_fields__)}")
@@ -61,11 +62,17 @@ class SpeedSpec:
                 names += [f"speed/b{b}/{mode}_{m}" for m in SPEED_METRICS]
         return names
 
-    def write_corpus(self, cache_dir=None) -> None:
-        """Trains on the sweep's own ``data.source`` (the stdlib corpus by default)."""
-        return None
+    progress_limit = 0  # measured on the final checkpoint only
 
-    def evaluate(self, checkpoint) -> dict[str, float]:
+    def training_config(self) -> dict[str, Any]:
+        """Trains on the sweep's own ``data.source`` (the stdlib corpus by default)."""
+        return {}
+
+    def prepare(self) -> None:
+        pass
+
+    def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]:
+        """Every metric of ``metric_names`` (``limit``: unused, the prompts are ``prompts``)."""
         from mtp.checkpoint import read_config
         from mtp.config import from_dict
         from mtp.data import prepare_data

@@ -1,6 +1,6 @@
 """Tasks by name: a generator for training text and held-out evaluation sets, cached as a corpus file.
 
-A sweep file's ``task:`` section builds a ``TaskSpec``::
+A sweep file's ``task:`` section builds a ``TaskSpec`` (a ``mtp.sweep.scorers.Scorer``)::
 
     task:
       name: polynomial                  # polynomial, stargraph, induction
@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mtp.config import ConfigError
 from mtp.config import cache_dir as mtp_cache_dir
-from mtp.experiments import induction, polynomial, stargraph, splits
-from mtp.experiments.problem import Problem
+from mtp.tasks import induction, polynomial, splits, stargraph
+from mtp.tasks.problem import Problem
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ TASKS: dict[str, TaskDef] = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(ConfigError):
     """A task section names an unknown task or a bad setting."""
 
 
@@ -127,7 +128,7 @@ class TaskSpec:
 
     def metric_names(self) -> list[str]:
         """What ``evaluate`` reports, for a sweep's ``metric``."""
-        from mtp.experiments.scoring import METRICS
+        from mtp.tasks.scoring import METRICS
 
         return [f"task/{name}/{metric}" for name in self.definition.evals for metric in METRICS]
 
@@ -135,9 +136,20 @@ class TaskSpec:
         """Greedy answers of ``checkpoint`` on every held-out evaluation set (its first
         ``limit`` problems if given), scored."""
         from mtp.decoding import EngineConfig
-        from mtp.experiments.scoring import evaluate_task
+        from mtp.tasks.scoring import evaluate_task
 
         return evaluate_task(checkpoint, self.eval_sets(limit), EngineConfig(max_batch_size=self.eval_batch_size))
+
+    @property
+    def progress_limit(self) -> int:
+        return self.progress_problems
+
+    def training_config(self) -> dict[str, Any]:
+        """The trials train on the task's corpus (its path only: ``prepare`` writes it)."""
+        return {"data.source": str(self.corpus_path())}
+
+    def prepare(self) -> None:
+        self.write_corpus()
 
     def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
         root = Path(cache_dir) / "tasks" if cache_dir else mtp_cache_dir("tasks")
@@ -159,11 +171,3 @@ class TaskSpec:
         os.replace(tmp, path)
         return path
 
-
-def parse_task(raw: Any):
-    """A sweep's ``task:`` section: a synthetic task (``TaskSpec``) or the speed measurement (``SpeedSpec``)."""
-    if isinstance(raw, dict) and raw.get("name") == "speed":
-        from mtp.experiments.speed import SpeedSpec
-
-        return SpeedSpec.parse(raw)
-    return TaskSpec.parse(raw)

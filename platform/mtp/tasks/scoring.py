@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mtp.decoding import Engine, EngineConfig, SamplingParams
-from mtp.experiments.problem import Problem
+from mtp.tasks.problem import Problem
 
 METRICS = ("exact_match", "token_accuracy")
 
