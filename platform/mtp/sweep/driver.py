@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from mtp.cluster.trainer import PlacementError, check_placement
 from mtp.config import ConfigError
 from mtp.data import prepare_data
-from mtp.sweep import runs
+import mtp.sweep.runs as runs
 from mtp.sweep.resources import (
     TrialDemand, check_feasible, cluster_view, fitting_concurrency, runs_inline, trial_bundle,
 )

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from mtp.cluster.lifecycle import fit_here, run_tracked
 from mtp.config import JobConfig
-from mtp.sweep import runs
+import mtp.sweep.runs as runs
 from mtp.sweep.resources import runs_inline
 from mtp.sweep.scorers import ScoreProgress, log_scores
 from mtp.sweep.spec import SweepSpec
