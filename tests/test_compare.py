@@ -7,7 +7,7 @@ import pytest
 
 from mtp.compare.floors import induction_floors, polynomial_floors, stargraph_floors, strongest
 from mtp.compare.stats import bootstrap_difference, verdict
-from mtp.experiments.problem import Problem
+from mtp.tasks.problem import Problem
 
 # ----------------------------------------------------------------------- verdicts
 

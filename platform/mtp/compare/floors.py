@@ -41,7 +41,7 @@ def _expected(problems: Sequence[Scored], chance: Callable[[Scored], float]) -> 
 
 
 def _answered(problems: Sequence[Scored], answer: Callable[[Scored], str]) -> Floor:
-    """Deterministic answers scored exactly as ``mtp.experiments.scoring.score`` scores a model."""
+    """Deterministic answers scored exactly as ``mtp.tasks.scoring.score`` scores a model."""
     exact = correct = total = 0
     for q in problems:
         got = answer(q)
