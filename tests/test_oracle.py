@@ -136,6 +136,17 @@ def test_no_test_text_completion_or_output_reaches_a_candidates_memory(box):
 
 
 @needs_isolation
+def test_a_failing_worker_gives_a_crashed_verdict_naming_the_oracle_asked_for(box):
+    """pids.max refuses 10**19: the zygote fails, is restarted, fails again; the program's verdict says so."""
+    limits = Limits(max_processes=10 ** 19)
+    trusted = box.run("", limits, ADD.oracle_program(CORRECT))
+    in_process = box.run(ADD.program(CORRECT), limits)
+    assert (trusted.status, trusted.oracle, in_process.status, in_process.oracle) == (
+        "crashed", "trusted", "crashed", "inprocess"), (trusted, in_process)
+    assert "failed twice" in trusted.detail and box.run("", LIMITS, ADD.oracle_program(CORRECT)).passed
+
+
+@needs_isolation
 def test_always_equal_fails_with_a_reason_that_says_so(box):
     trusted = box.run("", LIMITS, ADD.oracle_program(FORGERIES["always_equal_object"]))
     assert "not a valid answer" in trusted.detail and "AlwaysEqual is not plain data" in trusted.detail, trusted
