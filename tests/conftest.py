@@ -17,6 +17,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the tests that take the `device` fixture run (cpu, cuda); `make gpu-check` "
+                          "runs them with `-m device --device cuda`")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: takes the `device` fixture (selected by the GPU check)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The ``--device`` the numerics tests run on (default cpu); a CUDA one that is absent fails."""
+    import torch
+
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"--device {name}: no CUDA device is visible")
+    return torch.device(name)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray instance shared by every Ray test (starting one costs ~7 s), joined as jobs join Ray."""

@@ -82,7 +82,7 @@ def _reference_greedy(model: MTPTransformer, prompt: list[int], n: int) -> list[
     """Greedy decoding with full forwards and no cache: the ground truth."""
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        ids.append(int(model(torch.tensor([ids], device=next(model.parameters()).device))[0, -1].argmax()))
     return ids[len(prompt) :]
 
 
@@ -117,16 +117,16 @@ def test_static_cache_steps_equal_full_forward():
     "n_future,tree,agreeing",
     [(2, None, False), (2, None, True), (4, None, False), (4, None, True), (4, (3, 2, 1), True), (4, (2, 2), False), (2, (4,), True)],
 )
-def test_speculative_greedy_equals_vanilla_greedy(n_future, tree, agreeing):
+def test_speculative_greedy_equals_vanilla_greedy(n_future, tree, agreeing, device):
     """Token for token, fp32, many prompts of different lengths batched together (rows come and go).
 
     Random heads exercise rollback at every step; agreeing heads exercise runs of accepted drafts.
     """
-    model = _successor_model(n_future) if agreeing else _model(n_future)
+    model = (_successor_model(n_future) if agreeing else _model(n_future)).to(device)
     prompts = _prompts(14, vocab=model.cfg.vocab_size)
     params = SamplingParams(max_new_tokens=40)
-    spec = Engine(model, TOKENIZER, EngineConfig(max_batch_size=4, tree=tree)).generate_ids(prompts, params)
-    vanilla = Engine(model, TOKENIZER, EngineConfig(max_batch_size=1)).generate_ids(prompts, SamplingParams(max_new_tokens=40, speculative=False))
+    spec = Engine(model, TOKENIZER, EngineConfig.matching(model, max_batch_size=4, tree=tree)).generate_ids(prompts, params)
+    vanilla = Engine(model, TOKENIZER, EngineConfig.matching(model, max_batch_size=1)).generate_ids(prompts, SamplingParams(max_new_tokens=40, speculative=False))
     for i, (s, v) in enumerate(zip(spec, vanilla)):
         assert s.tokens == v.tokens, f"prompt {i}: speculative output diverged from vanilla greedy"
         assert s.finish_reason == v.finish_reason == "length"
@@ -210,14 +210,18 @@ def test_acceptance_histograms_match_the_stored_ones():
 
 
 @pytest.mark.parametrize("tree", [None, (3, 2, 1)])
-def test_static_shapes_give_the_same_tokens(tree):
-    """Attending over the whole masked cache (the CUDA-graph layout) changes nothing."""
-    model = _successor_model(4)
+def test_static_shapes_give_the_same_tokens(tree, device):
+    """Attending over the whole masked cache (the CUDA-graph layout) changes nothing; CUDA graphs,
+    the same kernels replayed, change nothing either (fp32, vanilla and speculative)."""
+    model = _successor_model(4).to(device)
     prompts = _prompts(6, seed=2, vocab=16)
-    params = SamplingParams(max_new_tokens=30)
-    dynamic = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, tree=tree)).generate_ids(prompts, params)
-    static = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, tree=tree, static_shapes=True)).generate_ids(prompts, params)
+    params = [SamplingParams(max_new_tokens=30, speculative=s) for s in (True, False) for _ in prompts]
+    dynamic = Engine(model, TOKENIZER, EngineConfig.matching(model, max_batch_size=3, tree=tree)).generate_ids(prompts * 2, params)
+    static = Engine(model, TOKENIZER, EngineConfig.matching(model, max_batch_size=3, tree=tree, static_shapes=True)).generate_ids(prompts * 2, params)
     assert [g.tokens for g in static] == [g.tokens for g in dynamic]
+    if device.type == "cuda":
+        graphs = Engine(model, TOKENIZER, EngineConfig.matching(model, max_batch_size=3, tree=tree, cuda_graphs=True)).generate_ids(prompts * 2, params)
+        assert [g.tokens for g in graphs] == [g.tokens for g in static]
     with pytest.raises(ValueError, match="CUDA"):
         Engine(model, TOKENIZER, EngineConfig(device="cpu", cuda_graphs=True))
 

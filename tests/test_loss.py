@@ -19,6 +19,8 @@ from mtp.bench.profiling import LiveTensorBytes
 
 
 TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-9, atol=1e-12)}
+BF16_NAIVE = 5e-2  # bf16 autocast moves any schedule's gradients by 1e-3..1e-2 (max relative error over params)
+BF16_EXCESS = 2.0  # the sequential schedule's bf16 error: at most this times the naive one's, plus 1e-3
 
 
 def _model(n_future: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> MTPTransformer:
@@ -47,19 +49,19 @@ def test_targets_shift_per_head():
 @pytest.mark.parametrize("n_future", [1, 2, 4])
 @pytest.mark.parametrize("chunk_size", [None, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sequential_backward_matches_naive(n_future, chunk_size, dtype):
-    tokens = _batch()
+def test_sequential_backward_matches_naive(n_future, chunk_size, dtype, device):
+    tokens = _batch().to(device)
     inputs, targets = mtp_targets(tokens, n_future, pad_id=5)  # token 5 acts as padding: ignored targets
     assert (targets == IGNORE_INDEX).any()
     weights = [1.0, 0.3, 0.3, 0.3][:n_future]
 
     tol = TOLERANCE[dtype]
 
-    naive = _model(n_future, dtype=dtype)
+    naive = _model(n_future, dtype=dtype).to(device)
     loss, ref = naive_loss(naive, inputs, targets, weights)
     loss.backward()
 
-    seq = _model(n_future, dtype=dtype)
+    seq = _model(n_future, dtype=dtype).to(device)
     got = sequential_backward(seq, inputs, targets, weights, chunk_size=chunk_size)
 
     torch.testing.assert_close(got.head_losses, ref.head_losses, **tol)
@@ -120,6 +122,29 @@ def test_fused_linear_cross_entropy_never_holds_the_whole_logits():
     assert live.peak_bytes < logits_bytes / 4, (live.peak_bytes, logits_bytes)  # chunks of 1/32
     ref = torch.nn.functional.cross_entropy(x.detach().requires_grad_() @ weight.t(), targets)
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_sequential_backward_under_bf16_autocast_adds_no_error(chunk_size, device):
+    """Against the fp32 naive gradients, the sequential (and chunked) backward under bf16
+    autocast errs no more than the naive backward under bf16 does: the schedule adds nothing."""
+    inputs, targets = mtp_targets(_batch().to(device), 4)
+
+    def error(schedule: str) -> float:
+        model = _model(4, dtype=torch.float32).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            if schedule == "naive":
+                naive_loss(model, inputs, targets)[0].backward()
+            else:
+                sequential_backward(model, inputs, targets, chunk_size=chunk_size)
+        return max(float((p.grad - ref[n]).norm() / ref[n].norm()) for n, p in model.named_parameters())
+
+    reference = _model(4, dtype=torch.float32).to(device)
+    naive_loss(reference, inputs, targets)[0].backward()
+    ref = _grads(reference)
+    naive = error("naive")
+    assert 0 < naive <= BF16_NAIVE
+    assert error("sequential") <= BF16_EXCESS * naive + 1e-3
 
 
 def test_loss_scale_accumulates_like_grad_accumulation():
