@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from mtp import data
-from mtp.bench.gpu_check import runner
+from mtp.bench.gpu_check import cli, correctness, runner
 from mtp.bench.gpu_check.report import FAIL, Budget, Row
 from mtp.bench.gpu_check.training import VARIANTS
 from mtp.config import DataConfig
@@ -85,9 +86,10 @@ def test_dry_run_passes_without_ray_mlflow_or_datasets(tmp_path):
     assert not [r for r in rows.values() if r["status"] in ("FAIL", "ERROR")]
     assert not [r for r in rows.values() if "budget" in r["summary"]]
 
-    correctness = [r for (s, _), r in rows.items() if s == runner.STAGES[0]]
-    assert [r["status"] for r in correctness if r["name"].startswith(("grads", "speculative = "))] == ["pass"] * 3
-    assert all("needs CUDA" in r["summary"] for r in correctness if "CUDA graphs" in r["name"])
+    checks = [r for (s, _), r in rows.items() if s == runner.STAGES[0]]
+    suite = [r for r in checks if r["name"].startswith("pytest --device cpu")]  # the test suite's own checks
+    assert [(r["status"], r["metrics"]["failed"]) for r in suite] == [("pass", 0)] * 2
+    assert [r["status"] for r in checks if r["name"].endswith("bf16")] == ["measured", "skipped"]
 
     training = {name: r["metrics"] for (s, name), r in rows.items() if s == runner.STAGES[1] and "tiny" in name}
     assert list(training) == [f"tiny {v.name}" for v in VARIANTS]
@@ -135,6 +137,17 @@ def test_a_budget_below_the_plan_shrinks_every_share_instead_of_starving_the_fir
     assert abs(budget.spendable() - 40 * 20 / 450) < 1e-9  # 1.8 s of 40, not 40 - 430 < 0
 
 
+def test_a_failing_test_fails_the_correctness_stage(tmp_path):
+    """The stage's verdict is pytest's: one failing test marks its file's row FAIL, naming it."""
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())  # --device, the fixture
+    (tmp_path / "test_numerics.py").write_text("def test_sum(device):\n    assert 1 + 1 == 3\n\n\n"
+                                               "def test_product(device):\n    assert 2 * 2 == 4\n")
+    sizes = dataclasses.replace(correctness.TINY, tests=(str(tmp_path / "test_numerics.py"),))
+    rows = correctness.test_rows(sizes, torch.device("cpu"), timeout_s=300)
+    assert [(r.status, r.metrics["failed"], r.metrics["passed"]) for r in rows] == [(FAIL, 1, 1)]
+    assert "test_sum" in rows[0].summary
+
+
 def test_a_correctness_failure_stops_the_later_stages(monkeypatch):
     def failing(profile, device, budget):
         return [Row(runner.STAGES[0], "grads", FAIL, "rel err 1e+00")]
@@ -177,9 +190,6 @@ def test_stages_selects_what_runs(monkeypatch):
     (["--device", "cpu", "--stages", "5"], "invalid choice: 5"),
 ])
 def test_the_script_rejects_bad_arguments(argv, message, capsys):
-    spec = importlib.util.spec_from_file_location("gpu_check_job", REPO / "jobs" / "gpu_check.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     with pytest.raises(SystemExit):
-        job.parse_args(argv)
+        cli.parse_args(argv)
     assert message in capsys.readouterr().err

@@ -2,8 +2,8 @@
 
 Four stages, in order, under one wall-clock budget (``runner.run_check``):
 
-1. ``correctness``: sequential vs naive gradients under bf16, speculative vs vanilla
-   greedy (fp32 exact, bf16 divergence), CUDA-graph vs eager decoding;
+1. ``correctness``: the test suite's numerics tests on the device (``pytest -m device
+   --device cuda``), then bf16 divergence (speculative vs vanilla, CUDA graphs vs eager) reported;
 2. ``training``: tokens/s, MFU against a measured matmul peak, peak memory and time
    vs FLOP ratios of the users' training loop at 0.3B and 1.3B, n=1 vs n=4;
 3. ``decoding``: decode-step times at 0.3B, eager and CUDA graphs, and ``transformers``'

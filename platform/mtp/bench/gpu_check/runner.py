@@ -34,7 +34,7 @@ class Profile:
 STAGES = (correctness.STAGE, training.STAGE, decoding.STAGE, acceleration.STAGE)
 GPU = Profile(
     correctness.GPU, training.GPU, decoding.GPU, acceleration.GPU,
-    plan_s=dict(zip(STAGES, (20, 140, 100, 190))), entry_s=15, budget_s=450,
+    plan_s=dict(zip(STAGES, (60, 140, 100, 150))), entry_s=15, budget_s=450,
 )
 TINY = Profile(
     correctness.TINY, training.TINY, decoding.TINY, acceleration.TINY,
@@ -44,10 +44,10 @@ TINY = Profile(
 
 def _correctness(p: Profile, device: torch.device, budget: Budget) -> list[Row]:
     rows = []
-    for name, check in (("gradients", correctness.gradient_rows), ("speculative", correctness.speculative_rows),
-                        ("CUDA graphs", correctness.cuda_graph_rows)):
+    for name, check in (("pytest -m device", lambda: correctness.test_rows(p.correctness, device, budget.spendable())),
+                        ("bf16", lambda: correctness.bf16_rows(p.correctness, device))):
         try:
-            rows += check(p.correctness, device)
+            rows += check()
         except Exception as exc:  # noqa: BLE001 - reported as a failed check
             rows.append(error_row(correctness.STAGE, name, exc))
         release(device)
