@@ -76,17 +76,17 @@ def test_sequential_backward_matches_naive(n_future, chunk_size, dtype, device):
 @pytest.mark.parametrize("n_future", [1, 2, 4])
 @pytest.mark.parametrize("chunk_size", [None, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_batched_heads_fused_loss_matches_naive(n_future, chunk_size, dtype):
-    inputs, targets = mtp_targets(_batch(), n_future, pad_id=5)
+def test_batched_heads_fused_loss_matches_naive(n_future, chunk_size, dtype, device):
+    inputs, targets = mtp_targets(_batch().to(device), n_future, pad_id=5)
     weights = [1.0, 0.3, 0.3, 0.3][:n_future]
     tol = TOLERANCE[dtype]
 
-    naive = _model(n_future, dtype=dtype)
+    naive = _model(n_future, dtype=dtype).to(device)
     with torch.no_grad():  # every head its own weights: a mix-up of stacked heads cannot pass
         for i, head in enumerate(naive.heads):
             head.attention.wq.weight.mul_(1 + i)
             head.feed_forward.w2.weight.mul_(1 - 0.2 * i)
-    batched = _model(n_future, dtype=dtype)
+    batched = _model(n_future, dtype=dtype).to(device)
     batched.load_state_dict(naive.state_dict())
     loss, ref = naive_loss(naive, inputs, targets, weights)
     loss.backward()
