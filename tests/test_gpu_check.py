@@ -143,7 +143,7 @@ def test_a_failing_test_fails_the_correctness_stage(tmp_path):
     (tmp_path / "test_numerics.py").write_text("def test_sum(device):\n    assert 1 + 1 == 3\n\n\n"
                                                "def test_product(device):\n    assert 2 * 2 == 4\n")
     sizes = dataclasses.replace(correctness.TINY, tests=(str(tmp_path / "test_numerics.py"),))
-    rows = correctness.test_rows(sizes, torch.device("cpu"), timeout_s=300)
+    rows = correctness.suite_rows(sizes, torch.device("cpu"), timeout_s=300)
     assert [(r.status, r.metrics["failed"], r.metrics["passed"]) for r in rows] == [(FAIL, 1, 1)]
     assert "test_sum" in rows[0].summary
 

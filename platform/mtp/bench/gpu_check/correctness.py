@@ -62,7 +62,7 @@ TINY = CorrectnessSizes(  # one test of each file: the plumbing (the CPU suite r
 # ------------------------------------------------------------------ the test suite
 
 
-def test_rows(sizes: CorrectnessSizes, device: torch.device, timeout_s: float) -> list[Row]:
+def suite_rows(sizes: CorrectnessSizes, device: torch.device, timeout_s: float) -> list[Row]:
     """One row per test file: ``pytest -m device --device <device>`` over ``sizes.tests``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "platform"),
                                                                       os.environ.get("PYTHONPATH")]))}

@@ -44,7 +44,7 @@ TINY = Profile(
 
 def _correctness(p: Profile, device: torch.device, budget: Budget) -> list[Row]:
     rows = []
-    for name, check in (("pytest -m device", lambda: correctness.test_rows(p.correctness, device, budget.spendable())),
+    for name, check in (("pytest -m device", lambda: correctness.suite_rows(p.correctness, device, budget.spendable())),
                         ("bf16", lambda: correctness.bf16_rows(p.correctness, device))):
         try:
             rows += check()
