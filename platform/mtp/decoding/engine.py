@@ -236,12 +236,13 @@ class Engine:
             width = max(self.tree.size if self.tree is not None else 1, drafts + 1)
             self.cache = self.packed.new_cache(max_batch_size, self.cfg.max_seq_len + width)
             self._arange = torch.arange(self.cache.slots, device=self.device)
+            self._slot_ids = self._arange.clone()  # sliced to the filled part: a compiled step's dynamic input
             for tree in (self.chain, self.tree):  # the heads' fused projections, built outside any capture
                 self.packed.heads.qkv(1 + (len(tree.tree.widths) if tree is not None else 0))
         self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
         self.static_shapes = config.static_shapes or config.cuda_graphs or config.compile
         self._graphs = CudaGraphs() if config.cuda_graphs else None
-        self._compiled = CompiledSteps(self._device_step) if config.compile else None
+        self._compiled = CompiledSteps(self._device_step, self.cache.slots - 1) if config.compile else None
         self._lock = threading.Lock()  # one step at a time
         self._waiting: deque[Request] = deque()
         self._waiting_lock = threading.Lock()  # submit() may run while a step does
@@ -495,19 +496,20 @@ class Engine:
     def _uniforms(self, requests: list[Request], k: int) -> torch.Tensor:
         return torch.stack([torch.rand(k, generator=r.generator) for r in requests]).to(self.device)
 
-    def _layout(self, lengths: torch.Tensor, kv_len: int, width: int, tree: TreeTensors | None) -> StepLayout:
-        """Slots, rotary positions and an attention mask over the first ``kv_len`` slots for
-        ``width`` tokens after each row's ``lengths``."""
+    def _layout(self, lengths: torch.Tensor, kv_slots: torch.Tensor, width: int, tree: TreeTensors | None,
+                from_start: bool = False) -> StepLayout:
+        """Slots, rotary positions and an attention mask over the cache slots ``kv_slots``
+        (``0..S-1``) for ``width`` tokens after each row's ``lengths``."""
         offsets = self._arange[:width]
         slots = lengths[:, None] + offsets
         depth = tree.depth if tree is not None else offsets
         rope = (lengths[:, None] + depth).clamp_(max=self.cfg.max_seq_len - 1)
-        rel = self._arange[:kv_len] - lengths[:, None, None]  # [B, 1, S]: slot - length
+        rel = kv_slots - lengths[:, None, None]  # [B, 1, S]: slot - length
         if tree is None or tree.tree.is_chain:
             mask = rel <= offsets[:, None]
         else:
             mask = (rel < 0) | ((rel < width) & tree.ancestors[offsets[:, None], rel.clamp(0, width - 1)])
-        return StepLayout(rope, slots, mask[:, None], self._arange[: lengths.shape[0], None])
+        return StepLayout(rope, slots, mask[:, None], self._arange[: lengths.shape[0], None], from_start)
 
     # ------------------------------------------------------------------ model steps
 
@@ -524,7 +526,7 @@ class Engine:
         zero = torch.zeros(len(new), dtype=torch.long, device=self.device)
         heads = 1 + mode.drafts
         last = torch.tensor(lengths, device=self.device) - 1
-        layout = self._layout(zero, T, T, None)
+        layout = self._layout(zero, self._arange[:T], T, None, from_start=True)
         with self._changing_shapes():
             hidden = self.packed.forward(tokens, layout, self.cache, slice(start, start + len(new)), heads, last[:, None])
         logits = self.packed.logits(hidden[:, :, 0].transpose(0, 1))  # [k, heads, V] at each prompt's end
@@ -557,18 +559,19 @@ class Engine:
         mode, B = rows.mode, len(rows.requests)
         if mode.sampled:
             rows.uniforms[:B] = self._uniforms(rows.requests, mode.uniforms)
-        if self._graphs is not None and not mode.sampled:
-            emitted, accepted = self._graphs.run((mode, B), lambda: self._device_step(rows, B), rows.buffers())
+        filled = self._slot_ids[: max(rows.host_lengths) + mode.width]  # the slots any row attends to this step
+        if self._graphs is not None:
+            emitted, accepted = self._graphs.run((mode, B), lambda: self._device_step(rows, B, self._arange), rows.buffers())
         elif self._compiled is not None:
             padded = next(b for b in self._buckets() if b >= B)
             rows.lengths[B:padded] = 0  # padding rows (free, stale) write their keys/values in range
-            emitted, accepted = self._compiled(rows, padded)
+            emitted, accepted = self._compiled(rows, padded, filled)
             emitted, accepted = emitted[:B], accepted[:B] if accepted is not None else None
         elif self.static_shapes:
-            emitted, accepted = self._device_step(rows, B)
+            emitted, accepted = self._device_step(rows, B, self._arange)
         else:
             with self._changing_shapes():
-                emitted, accepted = self._device_step(rows, B)
+                emitted, accepted = self._device_step(rows, B, filled)
         steps = emitted.tolist() if accepted is None else torch.cat([accepted[:, None], emitted], 1).tolist()
         for i, (request, out) in enumerate(zip(rows.requests, steps)):
             n_accepted = 0 if accepted is None else out.pop(0)
@@ -584,12 +587,12 @@ class Engine:
         3.7 ms without)."""
         return sdpa_kernel(CHANGING_SHAPE_ATTENTION) if self.device.type == "cuda" else nullcontext()
 
-    def _device_step(self, rows: _Rows, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The first ``B`` rows' step on the device: no host synchronisation and, with static
-        shapes, no host-side values, so it can be compiled or captured in a CUDA graph."""
+    def _device_step(self, rows: _Rows, B: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first ``B`` rows' step on the device, attending over cache ``slots`` (``0..S-1``:
+        the filled part, or the whole cache for a CUDA graph): no host synchronisation and no
+        host-side values, so it can be compiled (``S`` a dynamic size) or captured."""
         mode = rows.mode
-        kv_len = self.cache.slots if self.static_shapes else max(rows.host_lengths) + mode.width
-        layout = self._layout(rows.lengths[:B], kv_len, mode.width, mode.tree)
+        layout = self._layout(rows.lengths[:B], slots, mode.width, mode.tree)
         hidden = self.packed.forward(rows.fed[:B], layout, self.cache, slice(0, B), 1 + mode.drafts)
         if mode.tree is None:
             return self._vanilla(rows, hidden, B), None

@@ -39,13 +39,16 @@ class StepLayout:
     ``rope_positions``/``slots`` are ``[B, T]``: the position used for the rotary
     embedding and the cache slot the token's key/value is written to (they differ
     only for tree verification, where siblings share a depth). ``mask`` is
-    ``[B, 1, T, S]`` over cache slots ``0..S-1`` (True = attend).
+    ``[B, 1, T, S]`` over cache slots ``0..S-1`` (True = attend). ``from_start``: the
+    slots are ``0..T-1`` in every row (a prefill), so keys/values are written as one
+    block instead of token by token.
     """
 
     rope_positions: torch.Tensor
     slots: torch.Tensor
     mask: torch.Tensor
     rows: torch.Tensor  # [B, 1] row indices, to pair with ``slots`` in indexed writes
+    from_start: bool = False
 
     @property
     def kv_len(self) -> int:
@@ -165,7 +168,11 @@ class PackedLayer:
         H, KV, hd = groups * self.n_heads, groups * self.kv_heads, self.head_dim
         qkv = (_rms(x[0], self.eps) @ self.qkv(groups)).view(B, T, H + 2 * KV, hd)
         _rotate_(qkv[:, :, : H + KV], rope)
-        cache[layout.rows, :, :groups, :, layout.slots] = qkv[:, :, H:].unflatten(2, (2, groups, self.kv_heads))
+        kv = qkv[:, :, H:].unflatten(2, (2, groups, self.kv_heads))  # [B, T, 2, groups, kv_heads, hd]
+        if layout.from_start:
+            cache[:, :, :groups, :, :T] = kv.permute(0, 2, 3, 4, 1, 5)
+        else:
+            cache[layout.rows, :, :groups, :, layout.slots] = kv
         S = layout.kv_len
         keys = cache[:, 0, :groups, :, :S].flatten(1, 2)  # [B, groups * kv_heads, S, hd], a view
         values = cache[:, 1, :groups, :, :S].flatten(1, 2)
