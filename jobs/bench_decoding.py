@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,11 +89,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in max_seq_len={engine.cfg.max_seq_len}")
     prompts = humaneval_prompts(engine.tokenizer, args.prompts, room)
     context = {"checkpoint": checkpoint, "device": args.device, "dtype": str(engine.packed.dtype).removeprefix("torch."),
-               "threads": torch.get_num_threads() if args.device == "cpu" else None, "cuda_graphs": graphs}
+               "threads": torch.get_num_threads() if args.device == "cpu" else None, "cuda_graphs": graphs,
+               "load_before": _load()}
 
     if args.peers:
         results = [{**context, **row} for row in
                    peers(engine.model, engine.tokenizer, prompts, args.batch_sizes, args.max_new_tokens, args.temperature)]
+        results[-1]["load_after"] = _load()
         print_peers(results)
     else:
         results = [{**context, **row} for row in
@@ -103,19 +106,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     return results
 
 
+def _load() -> str:
+    """The machine's 1/5/15-minute load averages: timings on a shared machine need them beside."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def print_peers(rows: list[dict[str, object]]) -> None:
     r0 = rows[0]
-    print(f"\ncheckpoint {r0['checkpoint']} ({r0['device']}, {r0['dtype']}, threads={r0['threads']}); "
+    print(f"\ncheckpoint {r0['checkpoint']} ({r0['device']}, {r0['dtype']}, threads={r0['threads']}, "
+          f"load average {r0['load_before']} before, {rows[-1]['load_after']} after); "
           "every method decodes each chunk of prompts in turn; warm-up = compiling (engine: every step kind "
           "and batch size; HF static: its forward) plus one call, not in tok/s")
-    names = ["method", "batch", "T", "tok/s", "vs hf_static_compile", "warm-up s", "distinct8", "= engine greedy"]
+    names = ["method", "batch", "T", "tok/s", "vs hf_static_compile", "warm-up s", "distinct8 ± SE", "= engine greedy"]
     by_setting = {(r["batch_size"], r["temperature"], r["method"]): r for r in rows}
     table = []
     for r in rows:
         base = by_setting.get((r["batch_size"], r["temperature"], "hf_static_compile"))
         table.append([r["method"], str(r["batch_size"]), f"{r['temperature']:g}", f"{r['tokens_per_s']:.1f}",
                       f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a", f"{r['warmup_s']:.1f}",
-                      f"{r['distinct_8gram']:.2f}",
+                      f"{r['distinct_8gram']:.3f} ± {r['distinct_8gram_se']:.3f}",
                       "n/a" if r["same_as_engine_vanilla"] is None else f"{r['same_as_engine_vanilla']}/{r['prompts']}"])
     _print_rows(names, table)
 

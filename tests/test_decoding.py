@@ -300,6 +300,62 @@ def test_speculative_sampling_keeps_head0_distribution():
     assert _chi_square_pvalue(counts, _draft_only_probs(model, prompt, length, temperature), n) < 1e-6
 
 
+def _pit(model: MTPTransformer, prompt: list[int], generations: list[Generation], temperature: float) -> list[float]:
+    """Randomised probability integral transform of every generated token under head 0 at
+    ``temperature``, teacher-forced: ``F(x - 1) + v p(x)`` is uniform on [0, 1) iff tokens are
+    drawn from that distribution given their history."""
+    g = torch.Generator().manual_seed(99)
+    out: list[float] = []
+    with torch.no_grad():
+        for gen in generations:
+            ids = torch.tensor([prompt + gen.tokens])
+            probs = (model(ids)[0, len(prompt) - 1 : -1] / temperature).softmax(-1).double()  # [n, V]
+            x = torch.tensor(gen.tokens)[:, None]
+            below = probs.cumsum(-1).gather(1, x) - probs.gather(1, x)
+            out += (below + torch.rand(len(gen.tokens), 1, generator=g, dtype=torch.float64) * probs.gather(1, x)).flatten().tolist()
+    return out
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_sampled_tokens_pass_the_teacher_forced_pit_check(speculative):
+    """Sampling exactness over long sequences: the PIT of every sampled token under head 0's
+    exact distribution (a full forward of the whole sequence) is uniform (Kolmogorov-Smirnov),
+    while the same tokens judged at a wrong temperature are not (the test has power)."""
+    model = _model(n_future=4, vocab=24, seed=9, init_std=0.3)
+    prompt, temperature = [3, 1, 4, 1, 5], 0.8
+    engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=32))
+    params = [SamplingParams(max_new_tokens=24, temperature=temperature, seed=1000 + i, speculative=speculative)
+              for i in range(192)]
+    generations = engine.generate_ids([prompt] * len(params), params)
+    if speculative:
+        hist = [sum(g.stats.accepted_histogram[k] if k < len(g.stats.accepted_histogram) else 0 for g in generations) for k in range(4)]
+        assert hist[0] > 0 and sum(hist[1:]) > 0, f"both rejections and acceptances must occur: {hist}"
+    assert scipy_stats.kstest(_pit(model, prompt, generations, temperature), "uniform").pvalue > 1e-3
+    assert scipy_stats.kstest(_pit(model, prompt, generations, 1.0), "uniform").pvalue < 1e-6
+
+
+def test_sampled_rows_with_static_shapes_match_eager():
+    """Seeded sampled rows (speculative and vanilla) give the same tokens attending over the
+    whole masked cache (the CUDA-graph layout, which sampled rows now replay too)."""
+    model = _model(n_future=3, seed=4, init_std=0.3, vocab=16)
+    prompts = _prompts(5, seed=12, max_len=20, vocab=16)
+    params = [SamplingParams(max_new_tokens=24, temperature=0.8, seed=50 + i, speculative=i % 2 == 0) for i in range(5)]
+    eager = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3)).generate_ids(prompts, params)
+    static = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3, static_shapes=True)).generate_ids(prompts, params)
+    assert [(g.tokens, g.stats.accepted_histogram) for g in static] == [(g.tokens, g.stats.accepted_histogram) for g in eager]
+
+
+def test_top_p_of_one_cuts_no_tail_mass():
+    """A float32 cumulative sum passes 1 before a long tail ends: ``top_p = 1`` must keep every token."""
+    from mtp.decoding.sampling import RowSampling, target_probs
+
+    logits = torch.randn(2, 1, 50_000, generator=torch.Generator().manual_seed(0)) * 3
+    rows = RowSampling.build([SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.5)], 50_000, torch.device("cpu"))
+    probs = target_probs(logits, rows)
+    assert (probs[0] > 0).all()
+    assert 0 < (probs[1] > 0).sum() < 50_000
+
+
 def test_vanilla_sampling_respects_top_k_and_seed():
     model = _model(n_future=2, seed=5, init_std=0.5)
     with torch.no_grad():

@@ -13,15 +13,16 @@ small one trained once with ``mtp.train`` and cached.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mtp.decoding.api import SamplingParams
+import torch
+
+from mtp.decoding.api import SamplingParams, derive_seed
 from mtp.decoding.config import EngineConfig
 from mtp.decoding.engine import Engine
-from mtp.decoding.metrics import compare, distinct_ngrams, teacher_forced, timed
+from mtp.decoding.metrics import compare, distinct_ngrams, mean_se, teacher_forced, timed
 from mtp.tokenizer import Tokenizer
 
 EFFICIENCY_TARGET = 0.85
@@ -87,15 +88,27 @@ def with_efficiency(row: dict[str, object], layer_ratio: float) -> dict[str, obj
 
 # ------------------------------------------------------------------------------ peers
 
-Generate = Callable[[list[list[int]]], tuple[list[list[int]], float]]  # a chunk -> (tokens per prompt, seconds)
+# (a chunk of prompts, the index of its first prompt) -> (tokens per prompt, seconds)
+Generate = Callable[[list[list[int]], int], tuple[list[list[int]], float]]
 
 
 def _engine_method(engine: Engine, max_new_tokens: int, temperature: float, speculative: bool) -> Generate:
-    def run(chunk: list[list[int]]) -> tuple[list[list[int]], float]:
-        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=i if temperature else None,
-                                 speculative=speculative) for i in range(len(chunk))]
+    def run(chunk: list[list[int]], first: int) -> tuple[list[list[int]], float]:
+        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, speculative=speculative,
+                                 seed=derive_seed(first + i) if temperature else None) for i in range(len(chunk))]
         out, seconds = timed(engine, chunk, params)
         return [g.tokens for g in out], seconds
+    return run
+
+
+def _hf_method(hf, max_new_tokens: int, eos_id: int | None, kwargs: dict) -> Generate:
+    """``generate`` with these settings; sampled, each chunk is drawn with its own seed (torch's global RNG)."""
+    from mtp.bench.peers import hf_generate
+
+    def run(chunk: list[list[int]], first: int) -> tuple[list[list[int]], float]:
+        if kwargs.get("do_sample"):
+            torch.manual_seed(derive_seed("hf", first))
+        return hf_generate(hf, chunk, max_new_tokens=max_new_tokens, eos_id=eos_id, **kwargs)
     return run
 
 
@@ -109,7 +122,7 @@ def peers(model, tokenizer: Tokenizer, prompts: list[list[int]], batch_sizes: Se
     warming up happen before, on the longest prompt, and are reported separately.
     Greedy rows say for how many prompts they gave the engine's vanilla tokens.
     """
-    from mtp.bench.peers import hf_generate, peer_methods, to_llama
+    from mtp.bench.peers import peer_methods, to_llama
 
     hf = to_llama(model)
     longest = max(prompts, key=len)
@@ -125,9 +138,9 @@ def peers(model, tokenizer: Tokenizer, prompts: list[list[int]], batch_sizes: Se
         for method in peer_methods(temp, lookup_tokens):
             if method.max_batch_size is not None and batch_size > method.max_batch_size:
                 continue
-            run = functools.partial(hf_generate, hf, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, **method.kwargs)
+            run = _hf_method(hf, max_new_tokens, tokenizer.eos_id, method.kwargs)
             start = time.perf_counter()
-            run([longest] * batch_size)  # compiles (static cache) and sizes the cache for the longest prompt
+            run([longest] * batch_size, 0)  # compiles (static cache) and sizes the cache for the longest prompt
             methods[method.name] = (run, time.perf_counter() - start)
         names = list(methods)
         tokens: dict[str, list[list[int]]] = {name: [] for name in names}
@@ -135,17 +148,18 @@ def peers(model, tokenizer: Tokenizer, prompts: list[list[int]], batch_sizes: Se
         for n, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start : start + batch_size]
             for name in names[n % len(names) :] + names[: n % len(names)]:
-                out, dt = methods[name][0](chunk)
+                out, dt = methods[name][0](chunk, start)
                 tokens[name] += out
                 seconds[name] += dt
         for name in names:
             count = sum(len(t) for t in tokens[name])
             same = sum(a == b for a, b in zip(tokens[name], tokens["engine_vanilla"]))
+            distinct, distinct_se = mean_se([distinct_ngrams(t) for t in tokens[name]])
             rows.append({
                 "method": name, "batch_size": batch_size, "temperature": temp, "tokens_per_s": count / seconds[name],
                 "tokens": count, "prompts": len(prompts),
                 "warmup_s": methods[name][1],  # the engine's: compiling both step kinds at every batch size it uses
-                "distinct_8gram": sum(distinct_ngrams(t) for t in tokens[name]) / len(prompts),
+                "distinct_8gram": distinct, "distinct_8gram_se": distinct_se,  # over prompts, one draw each
                 "same_as_engine_vanilla": same if temp == 0 else None,
             })
     return rows

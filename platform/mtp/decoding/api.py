@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +18,13 @@ class RequestError(ValueError):
     def __init__(self, message: str, field: str, code: str = "invalid_value"):
         super().__init__(message)
         self.field, self.code = field, code
+
+
+def derive_seed(*parts: object) -> int:
+    """A request seed from what identifies the draw (e.g. base seed, prompt, draw index): every
+    prompt and draw gets its own random stream, and a rerun the same ones."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 @dataclass

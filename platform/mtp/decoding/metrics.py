@@ -14,12 +14,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from mtp.decoding.api import Generation, SamplingParams
+from mtp.decoding.api import Generation, SamplingParams, derive_seed
 from mtp.model import MTPTransformer
 
 if TYPE_CHECKING:
@@ -86,22 +87,40 @@ def timed(engine: Engine, chunk: list[list[int]], params: SamplingParams | list[
     return out, time.perf_counter() - start
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 for fewer than two values)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+
+
 def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-            temperature: float = 0.0, cap_s: float | None = None) -> dict[str, object]:
+            temperature: float = 0.0, cap_s: float | None = None, draws: int = 1, seed: int = 0) -> dict[str, object]:
     """Vanilla vs self-speculative decoding at one batch size and temperature, interleaved
     chunk by chunk (each chunk's order alternates), after the engine's warm-up; with
-    ``cap_s``, stops after the chunk that passes it (``prompts`` says how many ran)."""
-    modes = {m: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0,
-                               speculative=m == "speculative") for m in ("vanilla", "speculative")}
-    engine.warm_up(list(modes.values()))  # CUDA graphs / compiled steps: every batch size a shrinking batch passes
+    ``cap_s``, stops after the chunk that passes it (``prompts`` says how many ran).
+
+    Sampled (temperature > 0), every prompt is decoded ``draws`` times, each prompt and
+    draw with its own seed (the same for both modes); per-generation measures are
+    reported as mean and standard error.
+    """
+    draws = draws if temperature > 0 else 1
+    settings = {m: SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  speculative=m == "speculative") for m in ("vanilla", "speculative")}
+    engine.warm_up(list(settings.values()))  # CUDA graphs / compiled steps: every batch size a shrinking batch passes
+    modes = list(settings)
+    items = [(i, d) for d in range(draws) for i in range(len(prompts))]
     gens: dict[str, list[Generation]] = {m: [] for m in modes}
     seconds = {m: 0.0 for m in modes}
     decode_seconds = {m: 0.0 for m in modes}  # after the prefill (a chunk's rows are admitted together)
     began = time.perf_counter()
-    for n, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start : start + batch_size]
-        for mode in (("vanilla", "speculative") if n % 2 == 0 else ("speculative", "vanilla")):
-            out, dt = timed(engine, chunk, modes[mode])
+    for n, start in enumerate(range(0, len(items), batch_size)):
+        chunk = items[start : start + batch_size]
+        ids = [prompts[i] for i, _ in chunk]
+        for mode in (modes if n % 2 == 0 else modes[::-1]):
+            params = [dataclasses.replace(settings[mode], seed=derive_seed(seed, i, d) if temperature > 0 else None)
+                      for i, d in chunk]
+            out, dt = timed(engine, ids, params)
             gens[mode].extend(out)
             seconds[mode] += dt
             decode_seconds[mode] += dt - max(g.stats.prefill_s for g in out)
@@ -116,10 +135,13 @@ def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_t
     per_forward = {m: sum(g.stats.elapsed_s - g.stats.prefill_s for g in gens[m]) / max(sum(g.stats.forwards for g in gens[m]), 1)
                    for m in modes}
     mismatched = [i for i, (a, b) in enumerate(zip(van, spec)) if a.tokens != b.tokens]
+    distinct_mean, distinct_se = mean_se(distinct)
     out = {
         "batch_size": batch_size,
         "temperature": temperature,
-        "prompts": len(van),
+        "prompts": len({i for i, _ in items[: len(van)]}),
+        "draws": draws,
+        "generations": len(van),
         "vanilla_tokens_per_s": tokens["vanilla"] / seconds["vanilla"],
         "speculative_tokens_per_s": tokens["speculative"] / seconds["speculative"],
         "exact_match": not mismatched,  # expected of greedy decoding only
@@ -129,7 +151,9 @@ def compare(engine: Engine, prompts: list[list[int]], batch_size: int, max_new_t
         "tokens_per_forward_nonrepetitive": tpf_real,
         "nonrepetitive_prompts": sum(d >= NONREPETITIVE for d in distinct),
         "accepted_histogram": hist,
-        "distinct_8gram": sum(distinct) / len(distinct),
+        "distinct_8gram": distinct_mean,
+        "distinct_8gram_se": distinct_se,
+        "tokens_per_forward_se": mean_se(per_gen)[1] if (per_gen := [g.stats.tokens_per_forward for g in spec if g.stats.forwards]) else None,
         "step_cost_ratio": per_forward["speculative"] / per_forward["vanilla"],
     }
     out["speedup"] = out["speculative_tokens_per_s"] / out["vanilla_tokens_per_s"]

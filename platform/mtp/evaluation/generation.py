@@ -7,7 +7,6 @@ derived from (base seed, task_id, sample index), so a rerun gives the same sampl
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -97,15 +96,11 @@ def context_fit(checkpoint: str, benchmark: Benchmark, max_new_tokens: int) -> C
     return fit
 
 
-def _seed(base: int, task_id: str, index: int) -> int:
-    digest = hashlib.blake2b(f"{base}:{task_id}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
-
-
 def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], config: GenerationConfig) -> list[dict]:
     """[{task_id, sample_index, completion, finish_reason, prompt_truncated, clipped}] for one shard,
     in one process."""
     from mtp.decoding import Engine, SamplingParams
+    from mtp.decoding.api import derive_seed
     from mtp.tracking.registry import resolve_checkpoint
 
     engine = Engine.from_checkpoint(str(resolve_checkpoint(checkpoint)), config.engine)
@@ -120,7 +115,7 @@ def generate_shard(checkpoint: str, problems: list[Problem], stop: list[str], co
             ids.append(prompt)
             params.append(SamplingParams(
                 max_new_tokens=room, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                stop=list(stop), seed=_seed(config.seed, problem.task_id, index), speculative=config.speculative,
+                stop=list(stop), seed=derive_seed(config.seed, problem.task_id, index), speculative=config.speculative,
             ))
             keys.append((problem.task_id, index))
     generations = engine.generate_ids(ids, params)
