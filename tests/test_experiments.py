@@ -140,6 +140,26 @@ def test_task_spec_errors_name_the_key():
         TaskSpec.parse({"name": "polynomial", "train_problems": 0})
 
 
+def test_engine_section_reaches_every_scorer():
+    """An ``engine:`` mapping inside a sweep file's ``task:`` or ``evaluation:`` section becomes
+    that scorer's EngineConfig over its defaults; a wrong key or value fails naming it."""
+    from mtp.config import ConfigError
+    from mtp.sweep.evaluation import EvalSpec
+    from mtp.tasks.speed import SpeedSpec
+
+    task = TaskSpec.parse({"name": "polynomial", "engine": {"device": "cpu", "tree": [2, 1], "compile": True}})
+    assert task.engine == EngineConfig(max_batch_size=64, device="cpu", tree=(2, 1), compile=True)
+    assert SpeedSpec.parse({"name": "speed", "engine": {"dtype": "fp32"}}).engine.dtype == "fp32"
+    evaluation = EvalSpec.parse({"max_new_tokens": 64, "engine": {"max_batch_size": 4}})
+    assert evaluation.generation.engine == EngineConfig(max_batch_size=4) and evaluation.generation.max_new_tokens == 64
+    with pytest.raises(ConfigError, match="task.engine.compile"):
+        TaskSpec.parse({"name": "polynomial", "engine": {"compile": "fast"}})
+    with pytest.raises(ConfigError, match="unknown evaluation.engine key.*batch"):
+        EvalSpec.parse({"engine": {"batch": 4}})
+    with pytest.raises(TaskError, match="max_batch_size"):
+        SpeedSpec.parse({"name": "speed", "engine": {"max_batch_size": 4}})
+
+
 def test_corpus_holds_train_problems_once(tmp_path):
     t = spec("polynomial")
     path = t.write_corpus(tmp_path)

@@ -2,7 +2,8 @@
 
 ``EngineConfig`` is what ``Engine(model, tokenizer, config)`` takes; the serve config
 (``engine:`` in its ``args``), evaluation (``GenerationConfig.engine``, the flags of
-``jobs/evaluate.py``) and sweep files (an ``engine:`` section) all carry one. A new
+``jobs/evaluate.py``) and a sweep file's scorers (an ``engine:`` mapping inside its
+``evaluation:`` or ``task:`` section) all carry one. A new
 option is a field here, with its ``help``: the command-line flags
 (``add_arguments``/``from_args``) and the mapping parser (``from_dict``) are derived
 from the fields, so it reaches every entry point without further edits.
@@ -76,8 +77,10 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, where: str = "engine") -> "EngineConfig":
-        """Build and validate from a mapping (a YAML section); unknown keys and wrong types fail naming the key."""
+    def from_dict(cls, raw: dict[str, Any] | None, where: str = "engine",
+                  defaults: "EngineConfig | None" = None) -> "EngineConfig":
+        """Build and validate from a mapping (a YAML section) over ``defaults``; unknown keys and
+        wrong types fail naming the key."""
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{where} must be a mapping, got {raw!r}")
         raw = raw or {}
@@ -89,7 +92,7 @@ class EngineConfig:
         for name, value in raw.items():
             hint = list[int] | None if name == "tree" else hints[name]
             values[name] = _coerce(value, hint, f"{where}.{name}")
-        return cls(**values).validate()
+        return dataclasses.replace(defaults or cls(), **values).validate()
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

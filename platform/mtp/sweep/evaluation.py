@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from mtp.config import ConfigError
+from mtp.decoding.config import EngineConfig
 from mtp.evaluation.generation import GenerationConfig
 
-_GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"backend", "engine"}
+_GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"backend"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class EvalSpec:
         if unknown:
             raise ConfigError(f"unknown evaluation key(s) {sorted(unknown)}; known: {sorted(own | _GENERATION_KEYS)}")
         generation = {k: tuple(v) if k == "stop" and v is not None else v for k, v in raw.items() if k in _GENERATION_KEYS}
+        if "engine" in generation:
+            generation["engine"] = EngineConfig.from_dict(generation["engine"], "evaluation.engine", cls.generation.engine)
         spec = cls(**{k: v for k, v in raw.items() if k in own},
                    generation=dataclasses.replace(cls.generation, **generation))
         if Path(spec.benchmark).suffix in (".jsonl", ".json", ".gz") and Path(spec.benchmark).is_file():

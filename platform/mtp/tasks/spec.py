@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from mtp.config import ConfigError
 from mtp.config import cache_dir as mtp_cache_dir
+from mtp.decoding.config import EngineConfig
 from mtp.tasks import induction, polynomial, splits, stargraph
 from mtp.tasks.problem import Problem
 
@@ -80,7 +81,7 @@ class TaskSpec:
     test_problems: int = 500
     progress_problems: int = 100  # the first ones of each test set, scored at intermediate checkpoints
     seed: int = 0
-    eval_batch_size: int = 64
+    engine: EngineConfig = EngineConfig(max_batch_size=64)  # what decodes the answers (``engine:``, any field)
 
     @classmethod
     def parse(cls, raw: Any) -> "TaskSpec":
@@ -97,8 +98,9 @@ class TaskSpec:
         bad = set(params) - set(definition.defaults)
         if bad:
             raise TaskError(f"task.params {sorted(bad)} unknown for {raw['name']}; known: {sorted(definition.defaults)}")
-        spec = cls(**{**raw, "params": {**definition.defaults, **params}})
-        for name in ("train_problems", "test_problems", "eval_batch_size"):
+        engine = EngineConfig.from_dict(raw.get("engine"), "task.engine", cls.engine)
+        spec = cls(**{**raw, "params": {**definition.defaults, **params}, "engine": engine})
+        for name in ("train_problems", "test_problems"):
             value = getattr(spec, name)
             if not isinstance(value, int) or value < 1:
                 raise TaskError(f"task.{name}={value!r} must be a positive integer")
@@ -135,10 +137,9 @@ class TaskSpec:
     def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]:
         """Greedy answers of ``checkpoint`` on every held-out evaluation set (its first
         ``limit`` problems if given), scored."""
-        from mtp.decoding import EngineConfig
         from mtp.tasks.scoring import evaluate_task
 
-        return evaluate_task(checkpoint, self.eval_sets(limit), EngineConfig(max_batch_size=self.eval_batch_size))
+        return evaluate_task(checkpoint, self.eval_sets(limit), self.engine)
 
     @property
     def progress_limit(self) -> int:

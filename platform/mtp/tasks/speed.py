@@ -15,6 +15,7 @@ are exact counts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,17 @@ class SpeedSpec:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     temperature: float = 0.8
     threads: int = 1
+    engine: EngineConfig = EngineConfig()  # ``engine:``: device, dtype, compile, ...; its rows are max(batch_sizes)
 
     @classmethod
     def parse(cls, raw: dict) -> "SpeedSpec":
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise TaskError(f"unknown task key(s) {sorted(unknown)} for speed; known: {sorted(cls.__dataclass_fields__)}")
-        spec = cls(**raw)
+        engine = raw.get("engine") or {}
+        if isinstance(engine, dict) and "max_batch_size" in engine:
+            raise TaskError("task.engine.max_batch_size: the speed task's engine rows are max(task.batch_sizes)")
+        spec = cls(**{**raw, "engine": EngineConfig.from_dict(engine, "task.engine")})
         for name in ("prompts", "prompt_tokens", "max_new_tokens", "heldout", "threads"):
             if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
                 raise TaskError(f"task.{name}={getattr(spec, name)!r} must be a positive integer")
@@ -80,7 +85,8 @@ class SpeedSpec:
         with intra_op_threads(self.threads):  # the sweep's process keeps its own setting afterwards
             cfg = from_dict(read_config(checkpoint))
             held_out = heldout_texts(prepare_data(cfg.data, cfg.train.seq_len).val, self.heldout + self.prompts)
-            engine = Engine.from_checkpoint(str(checkpoint), EngineConfig(max_batch_size=max(self.batch_sizes)))
+            engine = Engine.from_checkpoint(
+                str(checkpoint), dataclasses.replace(self.engine, max_batch_size=max(self.batch_sizes)))
             prompts = [ids[: self.prompt_tokens] for ids in held_out[: self.prompts]]
             metrics = {"speed/teacher_forced_tokens_per_forward":
                        teacher_forced(engine.model, held_out[self.prompts:])["teacher_forced_tokens_per_forward"]}
