@@ -511,6 +511,6 @@ def test_llama_port_has_equal_logits_and_greedy_tokens(monkeypatch):
     tokens, _ = peers.hf_generate(hf, prompts, 12, TOKENIZER.eos_id, do_sample=False)
     engine = Engine(model, TOKENIZER, EngineConfig(max_batch_size=3)).generate_ids(prompts, SamplingParams(max_new_tokens=12, speculative=False))
     assert tokens == [g.tokens for g in engine]
-    monkeypatch.setattr(peers, "_halves", lambda w, heads: w)
+    monkeypatch.setattr(peers, "to_halves", lambda w, heads: w)
     with pytest.raises(RuntimeError, match="logits differ"):
         peers.to_llama(model)

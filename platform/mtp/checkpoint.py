@@ -108,7 +108,8 @@ def load_train_state(directory: str | Path, map_location: str | torch.device = "
 
 # Model settings that must agree for a trunk to be reused (n_future may differ; the trunk depth is
 # compared as ``n_trunk_layers``, since ``param_matched`` ties it to n_future).
-_TRUNK_FIELDS = ("vocab_size", "dim", "n_heads", "kv_heads", "hidden_dim", "n_trunk_layers", "rope_theta", "norm_eps")
+_TRUNK_FIELDS = ("vocab_size", "dim", "n_heads", "kv_heads", "hidden_dim", "n_trunk_layers", "rope_theta", "norm_eps",
+                 "attn_bias", "tie_embeddings", "rope_scaling")
 
 
 def transfer_weights(model: MTPTransformer, source: str | Path) -> dict[str, list[int]]:

@@ -48,6 +48,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # What imported models (mtp.importing) need; the defaults are the platform's own architecture.
+    attn_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    tie_embeddings: bool = False  # the unembedding is the embedding matrix
+    rope_scaling: dict[str, Any] | None = None  # HF-style {"rope_type": "linear" | "llama3", "factor": ...}
 
     @property
     def kv_heads(self) -> int:
@@ -83,6 +87,22 @@ class ModelConfig:
                 f"model.param_matched with n_future={self.n_future} removes {self.n_future - 1} trunk layers, "
                 f"but n_layers={self.n_layers} leaves a trunk of only {self.n_layers - 1}"
             )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", "default")
+            missing = [k for k in ROPE_SCALING_KEYS.get(kind, ()) if k not in self.rope_scaling]
+            if kind not in ROPE_SCALING_KEYS or missing:
+                raise ConfigError(
+                    f"model.rope_scaling={self.rope_scaling!r}: supported are rope_type "
+                    + ", ".join(f"{k!r} (with {', '.join(v) or 'nothing else'})" for k, v in ROPE_SCALING_KEYS.items())
+                )
+
+
+# Rotary scalings ``mtp.model.rope_tables`` implements, and the keys each one needs.
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 # Sizes of the paper's scaling grid (LLaMA-style widths) plus tiny CPU presets.
@@ -158,6 +178,10 @@ class DataConfig:
 
 # ------------------------------------------------------------------------ training
 
+# What ``train.freeze`` can hold: the embedding and trunk blocks; head 0's block with the shared
+# final norm and unembedding (all that head 0's prediction adds to the trunk).
+FREEZABLE = ("trunk", "head0")
+
 
 SCHEDULES = ("sequential", "batched", "naive")  # mtp.loss says what each does
 
@@ -187,6 +211,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     init_from: str | None = None  # checkpoint or MLflow URI: start from its weights (n_future may differ)
+    freeze: list[str] = field(default_factory=list)  # parts not trained: "trunk", "head0" (mtp.model.FREEZABLE)
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -212,6 +237,9 @@ class TrainConfig:
             raise ConfigError(f"train.loss_chunk_size={self.loss_chunk_size} must be positive or null")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0")
+        unknown = [part for part in self.freeze if part not in FREEZABLE]
+        if unknown:
+            raise ConfigError(f"train.freeze={self.freeze!r}: unknown parts {unknown}; choose from {', '.join(FREEZABLE)}")
         preset_shape(self.preset)
 
 
@@ -325,6 +353,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
         if origin is list:
             if isinstance(value, str):
                 value = yaml.safe_load(value)

@@ -18,13 +18,14 @@ these weights into its own inference layers (``mtp.decoding.packed``).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import math
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp.config import ModelConfig
+from mtp.config import FREEZABLE, ModelConfig
 
 
 class LayerCache(Protocol):
@@ -52,11 +53,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.type_as(x) * weight
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[max_len, head_dim // 2]`` for rotary position embeddings."""
+def rope_tables(
+    head_dim: int, max_len: int, theta: float, scaling: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[max_len, head_dim // 2]`` for rotary position embeddings.
+
+    ``scaling`` stretches the frequencies as Hugging Face's ``linear`` and ``llama3``
+    rope types do (``ModelConfig.rope_scaling``), for imported long-context models.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = _scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def _scaled_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    kind, factor = scaling.get("rope_type", "default"), float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        return inv_freq
+    # Llama 3.1: long wavelengths divided by ``factor``, short ones kept, a smooth blend between.
+    old_len = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,9 +96,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
@@ -131,21 +157,19 @@ class MTPTransformer(nn.Module):
         self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.n_future))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if cfg.tie_embeddings:  # one parameter; checkpoints store it once, as the embedding
+            self.output.weight = self.tok_embeddings.weight
+            self.register_state_dict_post_hook(_drop_tied_output)
+            self.register_load_state_dict_pre_hook(_fill_tied_output)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Normal(0, std) weights; residual projections scaled by depth (GPT-2)."""
-        depth = self.cfg.n_trunk_layers + 1
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=self.cfg.init_std / (2 * depth) ** 0.5)
-            else:
-                nn.init.normal_(p, std=self.cfg.init_std)
+            init_parameter_(name, p, self.cfg)
 
     def rope(self, positions: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for ``positions [T]``, or for 0..T-1."""
@@ -228,16 +252,61 @@ class MTPTransformer(nn.Module):
         return torch.stack([self.logits(self.head(i, h)) for i in range(self.cfg.n_future)])
 
 
+def init_parameter_(name: str, p: torch.Tensor, cfg: ModelConfig) -> None:
+    """One parameter's initialisation (``reset_parameters``; imported models' fresh heads)."""
+    if name.endswith(".bias"):
+        nn.init.zeros_(p)
+    elif p.dim() < 2:
+        nn.init.ones_(p)
+    elif name.endswith(("wo.weight", "w2.weight")):
+        nn.init.normal_(p, std=cfg.init_std / (2 * (cfg.n_trunk_layers + 1)) ** 0.5)
+    else:
+        nn.init.normal_(p, std=cfg.init_std)
+
+
+def _drop_tied_output(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    state.pop(prefix + "output.weight", None)
+
+
+def _fill_tied_output(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    if prefix + "tok_embeddings.weight" in state:
+        state.setdefault(prefix + "output.weight", state[prefix + "tok_embeddings.weight"])
+
+
+def part_parameters(model: MTPTransformer, part: str) -> Iterator[nn.Parameter]:
+    """The parameters of one ``train.freeze`` part (``mtp.config.FREEZABLE``)."""
+    if part not in FREEZABLE:
+        raise ValueError(f"unknown model part {part!r}; choose from {', '.join(FREEZABLE)}")
+    modules: Iterable[nn.Module] = (
+        (model.tok_embeddings, *model.trunk_layers) if part == "trunk" else (model.heads[0], model.norm, model.output)
+    )
+    for module in modules:
+        yield from module.parameters()
+
+
+def freeze_(model: MTPTransformer, parts: Sequence[str]) -> int:
+    """Stop gradients to ``parts`` (``requires_grad=False``); returns how many parameters stay trainable.
+
+    A tied unembedding is the embedding matrix, so it freezes with either part.
+    """
+    for part in parts:
+        for p in part_parameters(model, part):
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by part, computed from the config alone."""
     d, hid, hd = cfg.dim, cfg.hidden_dim, cfg.head_dim
-    block = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads) + 3 * d * hid + 2 * d
+    bias = (cfg.n_heads + 2 * cfg.kv_heads) * hd if cfg.attn_bias else 0
+    block = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads) + 3 * d * hid + 2 * d + bias
+    unembedding = (0 if cfg.tie_embeddings else cfg.vocab_size * d) + d
     return {
         "embedding": cfg.vocab_size * d,
         "trunk": cfg.n_trunk_layers * block,
         "heads": cfg.n_future * block,
-        "unembedding": cfg.vocab_size * d + d,
-        "total": 2 * cfg.vocab_size * d + d + (cfg.n_trunk_layers + cfg.n_future) * block,
+        "unembedding": unembedding,
+        "total": cfg.vocab_size * d + unembedding + (cfg.n_trunk_layers + cfg.n_future) * block,
     }
 
 

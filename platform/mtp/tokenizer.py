@@ -53,27 +53,40 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers`` model, with the same special tokens as the byte one."""
+    """A Hugging Face ``tokenizers`` model, with the same special tokens as the byte one.
+
+    A pretrained model's tokenizer (``mtp.importing``) keeps its own special tokens:
+    ``special_ids`` names them (``bos``, ``eos``, ``pad``, ``unk``), and
+    ``add_special_tokens`` lets its post-processor add them (Llama's BOS) when encoding.
+    Both are saved in ``tokenizer_meta.json`` beside ``tokenizer.json``.
+    """
 
     kind = "hf"
 
-    def __init__(self, tokenizer) -> None:  # tokenizers.Tokenizer
-        self._tok = tokenizer
-        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-        missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}; add them before training with mtp")
-        self.bos_id, self.eos_id, self.pad_id, self.unk_id = ids
+    def __init__(self, tokenizer, special_ids: dict[str, int] | None = None, add_special_tokens: bool = False) -> None:
+        self._tok = tokenizer  # tokenizers.Tokenizer
+        if special_ids is None:
+            ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+            missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
+            if missing:
+                raise ValueError(f"tokenizer lacks the special tokens {missing}; add them before training with mtp")
+            special_ids = dict(zip(("bos", "eos", "pad", "unk"), ids))
+        self.special_ids = dict(special_ids)
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self.special_ids[k] for k in ("bos", "eos", "pad", "unk"))
+        self.add_special_tokens = add_special_tokens
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
+        """A ``tokenizer.json``; a ``tokenizer_meta.json`` beside it supplies its special ids."""
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        return cls(_Tok.from_file(str(path)))
+        meta_path = path.with_name(TOKENIZER_META)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return cls(_Tok.from_file(str(path)), meta.get("special_ids"), meta.get("add_special_tokens", False))
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "HFTokenizer":
@@ -92,8 +105,12 @@ class HFTokenizer:
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
+    def special_tokens(self) -> dict[str, str]:
+        """The text of each special token (``bos``, ``eos``, ``pad``, ``unk``)."""
+        return {kind: self._tok.id_to_token(i) for kind, i in self.special_ids.items()}
+
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         specials = {self.bos_id, self.eos_id, self.pad_id, self.unk_id}
@@ -102,7 +119,12 @@ class HFTokenizer:
     def save(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self._tok.save(str(Path(directory) / "tokenizer.json"))
-        (Path(directory) / TOKENIZER_META).write_text(json.dumps({"kind": self.kind}))
+        meta: dict = {"kind": self.kind}
+        if self.special_ids != dict(zip(("bos", "eos", "pad", "unk"), (self._tok.token_to_id(t) for t in SPECIAL_TOKENS))):
+            meta["special_ids"] = self.special_ids
+        if self.add_special_tokens:
+            meta["add_special_tokens"] = True
+        (Path(directory) / TOKENIZER_META).write_text(json.dumps(meta))
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -114,5 +136,5 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "hf":
-        return HFTokenizer.from_file(Path(directory) / "tokenizer.json")
+        return HFTokenizer.from_file(Path(directory) / "tokenizer.json")  # reads the same meta for its special ids
     raise ValueError(f"unknown tokenizer kind {kind!r} in {meta_path}")

@@ -1,10 +1,8 @@
 """The same model in Hugging Face ``transformers``, to time what users would otherwise run.
 
 Head 0 of an MTP model is an ordinary Llama-style next-token model (trunk layers
-then head 0's block, shared norm and unembedding), so its weights load into
-``LlamaForCausalLM`` unchanged except for one layout detail: ``mtp.model`` rotates
-interleaved channel pairs, Llama's ``rotate_half`` rotates the two halves of a
-head, so the rows of ``wq``/``wk`` are permuted per head. ``to_llama`` checks that
+then head 0's block, shared norm and unembedding); ``mtp.importing.layout`` maps its
+weights onto ``LlamaForCausalLM`` (the exporter's mapping). ``to_llama`` checks that
 the logits agree before anything is timed.
 
 ``transformers`` is a bench-only extra (``pip install -e .[bench]``), imported here only.
@@ -18,46 +16,23 @@ from typing import Sequence
 
 import torch
 
+from mtp.importing.export import hf_config
+from mtp.importing.layout import next_token_names, to_halves
 from mtp.model import MTPTransformer
 
 LOGITS_ATOL = 1e-4  # fp32; a real layout or config mismatch is off by O(1)
 
 
-def _halves(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Output rows of a q/k projection from interleaved rotary pairs to rotate-half order, per head."""
-    out, dim = w.shape
-    return w.view(heads, out // heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
-
-
 def to_llama(model: MTPTransformer, check_tokens: int = 64):
     """A ``LlamaForCausalLM`` with head 0's weights; raises if its logits differ from the model's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = model.cfg
-    blocks = [*model.trunk_layers, model.heads[0]]
-    config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=len(blocks),
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, bos_token_id=None, eos_token_id=None,
-        pad_token_id=0,
-    )
-    hf = LlamaForCausalLM(config).to(dtype=model.output.weight.dtype, device=model.output.weight.device).eval()
-    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
-             "lm_head.weight": model.output.weight}
-    for i, block in enumerate(blocks):
-        attention, ff, prefix = block.attention, block.feed_forward, f"model.layers.{i}."
-        state.update({
-            prefix + "self_attn.q_proj.weight": _halves(attention.wq.weight, cfg.n_heads),
-            prefix + "self_attn.k_proj.weight": _halves(attention.wk.weight, cfg.kv_heads),
-            prefix + "self_attn.v_proj.weight": attention.wv.weight,
-            prefix + "self_attn.o_proj.weight": attention.wo.weight,
-            prefix + "mlp.gate_proj.weight": ff.w1.weight,
-            prefix + "mlp.up_proj.weight": ff.w3.weight,
-            prefix + "mlp.down_proj.weight": ff.w2.weight,
-            prefix + "input_layernorm.weight": block.attention_norm.weight,
-            prefix + "post_attention_layernorm.weight": block.ffn_norm.weight,
-        })
+    hf_cfg = hf_config(cfg)
+    config = AutoConfig.for_model(hf_cfg.pop("model_type"), **{**hf_cfg, "pad_token_id": 0})
+    hf = AutoModelForCausalLM.from_config(config).to(dtype=model.output.weight.dtype, device=model.output.weight.device).eval()
+    ours = model.state_dict()
+    state = {theirs: to_halves(ours[name], heads) if heads else ours[name] for name, theirs, heads in next_token_names(cfg)}
     missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")

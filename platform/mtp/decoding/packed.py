@@ -127,24 +127,28 @@ class PackedLayer:
         self.eps = cfg.norm_eps
         # [D, q of every group | k of every group | v of every group]: the k|v of all groups are one
         # block per token, written to the cache in one go. Fewer groups get their own copy (see qkv).
+        # Imported models' q/k/v biases (mtp.importing) follow the same column order.
+        projections = [getattr(b.attention, name) for name in ("wq", "wk", "wv") for b in blocks]
+        bias = torch.cat([lin.bias for lin in projections]).detach() if cfg.attn_bias else None
         self._wqkv = {
-            self.groups: torch.cat(
-                [folded(b.attention_norm.weight, getattr(b.attention, name)) for name in ("wq", "wk", "wv") for b in blocks], 1
-            ).contiguous()
+            self.groups: (torch.cat([folded(b.attention_norm.weight, lin) for b, lin in zip(list(blocks) * 3, projections)], 1)
+                          .contiguous(), bias)
         }
         self.wo = stack(lambda b: b.attention.wo.weight.T)
         self.w13 = stack(lambda b: folded(b.ffn_norm.weight, b.feed_forward.w1, b.feed_forward.w3))
         self.w2 = stack(lambda b: b.feed_forward.w2.weight.T)
 
-    def qkv(self, groups: int) -> torch.Tensor:
-        """The fused projection of the first ``groups`` blocks (built once per count, e.g. head 0 alone)."""
+    def qkv(self, groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused projection (weight, bias or None) of the first ``groups`` blocks (built once per
+        count, e.g. head 0 alone)."""
         if groups not in self._wqkv:
             q, k, v = (self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
-            full, G = self._wqkv[self.groups], self.groups
-            starts = (0, G * q, G * (q + k))
-            self._wqkv[groups] = torch.cat(
-                [full[:, s : s + groups * w] for s, w in zip(starts, (q, k, v))], 1
-            ).contiguous()
+            (weight, bias), G = self._wqkv[self.groups], self.groups
+            spans = [(s, s + groups * w) for s, w in zip((0, G * q, G * (q + k)), (q, k, v))]
+            self._wqkv[groups] = (
+                torch.cat([weight[:, a:b] for a, b in spans], 1).contiguous(),
+                torch.cat([bias[a:b] for a, b in spans]) if bias is not None else None,
+            )
         return self._wqkv[groups]
 
     def __call__(
@@ -166,7 +170,9 @@ class PackedLayer:
         """
         B, T = layout.slots.shape
         H, KV, hd = groups * self.n_heads, groups * self.kv_heads, self.head_dim
-        qkv = (_rms(x[0], self.eps) @ self.qkv(groups)).view(B, T, H + 2 * KV, hd)
+        weight, bias = self.qkv(groups)
+        qkv = _rms(x[0], self.eps) @ weight
+        qkv = (qkv if bias is None else qkv + bias).view(B, T, H + 2 * KV, hd)
         _rotate_(qkv[:, :, : H + KV], rope)
         kv = qkv[:, :, H:].unflatten(2, (2, groups, self.kv_heads))  # [B, T, 2, groups, kv_heads, hd]
         if layout.from_start:
