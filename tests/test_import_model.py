@@ -245,3 +245,38 @@ def test_bad_inputs_name_the_file_and_key_and_write_nothing(tmp_path):
     _fails(lambda: import_meta(meta, out), "consolidated.00.pth", "'layers.0.count'", out=out)
     (meta / "params.json").unlink()
     _fails(lambda: import_meta(meta, out), "params.json", out=out)
+
+
+# ------------------------------------------------------------------ training the heads
+
+
+def test_heads_only_training_leaves_trunk_and_head0_bit_identical(tmp_path):
+    """An imported Qwen2 (biases, tied embeddings) trains heads 1.. only: every other tensor is unchanged,
+    and the trunk runs no backward (its parameters never get a gradient)."""
+    from _jobs import tiny_config
+    from mtp.train import train
+
+    src = import_hf(save_hf(hf_model("qwen2"), tmp_path / "hf"), tmp_path / "imported", n_future=3)
+    cfg = tiny_config(tmp_path, **{"train.init_from": str(src), "train.freeze": "[trunk, head0]", "model.n_future": 3,
+                                   "train.max_steps": 3, "train.checkpoint_every": 3, "train.lr": 1e-2})
+    result = train(cfg)
+    before, _, _ = load_model(src)
+    after, tokenizer, config = load_model(result.checkpoint)
+    assert config["data"]["tokenizer"] == str(src / "tokenizer.json") and config["model"]["attn_bias"]
+    assert tokenizer.eos_id == tokenizer._tok.token_to_id("</s>")
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert changed and all(k.startswith(("heads.1.", "heads.2.")) for k in changed), changed
+
+
+def test_frozen_trunk_gets_no_backward():
+    from mtp.config import model_preset
+    from mtp.loss import mtp_targets, sequential_backward
+    from mtp.model import MTPTransformer, freeze_
+
+    model = MTPTransformer(model_preset("debug", n_future=3))
+    freeze_(model, ["trunk", "head0"])
+    inputs, targets = mtp_targets(torch.randint(0, 260, (2, 33)), 3)
+    sequential_backward(model, inputs, targets, chunk_size=16)
+    grads = {name: p.grad is not None for name, p in model.named_parameters()}
+    assert all(grads[k] for k in grads if k.startswith(("heads.1.", "heads.2.")))
+    assert not any(grads[k] for k in grads if not k.startswith(("heads.1.", "heads.2.")))

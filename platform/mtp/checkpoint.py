@@ -141,6 +141,31 @@ def transfer_weights(model: MTPTransformer, source: str | Path) -> dict[str, lis
     return {"kept_heads": kept, "dropped_heads": list(range(n_dst, n_src)), "new_heads": list(range(n_src, n_dst))}
 
 
+# What a finetune takes from its ``train.init_from`` checkpoint: everything that shapes the trunk
+# (not n_future, param_matched, init_std: the new heads' business).
+_INHERITED = ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of", "max_seq_len", "rope_theta",
+              "norm_eps", "attn_bias", "tie_embeddings", "rope_scaling")
+
+
+def inherit_source_model(cfg: JobConfig, directory: str | Path) -> JobConfig:
+    """Take the model's shape and tokenizer from ``directory``, the checkpoint ``train.init_from`` names.
+
+    A finetune (``--init-from``, an imported model) trains the source's trunk, so its
+    width, depth, rotary settings and tokenizer are the source's, whatever preset the
+    job names; ``n_future`` and ``param_matched`` stay the job's, with ``n_layers``
+    set so that the trunk keeps the source's depth. Idempotent; returns ``cfg`` validated.
+    """
+    directory = Path(directory)
+    src = model_config(directory)
+    for name in _INHERITED:
+        setattr(cfg.model, name, getattr(src, name))
+    cfg.model.n_layers = src.n_trunk_layers + 1 + (cfg.model.n_future - 1 if cfg.model.param_matched else 0)
+    cfg.data.tokenizer = str(directory / "tokenizer.json") if (directory / "tokenizer.json").is_file() else "byte"
+    if cfg.train.seq_len is not None and cfg.train.seq_len > cfg.model.max_seq_len:
+        cfg.train.seq_len = cfg.model.max_seq_len
+    return cfg.validate()
+
+
 def source_run_id(directory: str | Path) -> str | None:
     """The MLflow run that trained a checkpoint (recorded in its config), if any."""
     return read_config(directory).get("tracking", {}).get("run_id")

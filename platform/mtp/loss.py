@@ -168,8 +168,12 @@ def _head_backward(
     head starts.
     """
     z = model.head(i, h_leaf)
+    if not z.requires_grad and not model.output.weight.requires_grad:  # frozen head on a frozen trunk: no backward
+        with torch.no_grad():
+            return _summed_ce(model, z, targets, chunk_size)
     z_grad, ce_sum = _chunked_ce_backward(model, z.detach().requires_grad_(), targets, scale, chunk_size)
-    z.backward(z_grad)
+    if z.requires_grad:
+        z.backward(z_grad)
     return ce_sum
 
 
@@ -189,8 +193,8 @@ def sequential_backward(
     float64 as the same expression in Python floats would be.
     """
     weights = _weights(targets.shape[0], head_weights)
-    h = model.trunk(inputs)
-    h_leaf = h.detach().requires_grad_()
+    h = model.trunk(inputs)  # a frozen trunk (train.freeze) builds no graph: nothing to run backward through
+    h_leaf = h.detach().requires_grad_(h.requires_grad)
     valid_counts = (targets != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1)
     # From host memory with non_blocking: a plain torch.tensor(..., device=cuda) waits for the stream.
     weights_t = torch.tensor(weights, dtype=torch.float64).to(targets.device, non_blocking=True)
@@ -199,7 +203,8 @@ def sequential_backward(
         _head_backward(model, i, h_leaf, targets[i], scales[i], chunk_size) / valid_counts[i]
         for i in range(len(weights))
     ]
-    h.backward(h_leaf.grad)
+    if h.requires_grad:
+        h.backward(h_leaf.grad)
     per_head = torch.stack(head_losses)
     return StepLosses(per_head, (weights_t.to(per_head.dtype) * per_head).sum())
 
@@ -316,12 +321,16 @@ def evaluate_head_losses(
     h = model.trunk(inputs)
     out = []
     for i in range(targets.shape[0]):
-        z = model.head(i, h).reshape(-1, h.shape[-1])
-        tg = targets[i].reshape(-1)
-        step = chunk_size or z.shape[0]
-        ce = sum(
-            F.cross_entropy(_upcast(model.logits(z[s : s + step])), tg[s : s + step], ignore_index=IGNORE_INDEX, reduction="sum")
-            for s in range(0, z.shape[0], step)
-        )
-        out.append(torch.stack([ce, (tg != IGNORE_INDEX).sum().to(ce.dtype)]))
+        ce = _summed_ce(model, model.head(i, h), targets[i], chunk_size)
+        out.append(torch.stack([ce, (targets[i] != IGNORE_INDEX).sum().to(ce.dtype)]))
     return torch.stack(out)
+
+
+def _summed_ce(model: MTPTransformer, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Summed CE of ``logits(hidden [B, T, D])`` against ``targets [B, T]``, chunk by chunk of positions."""
+    z, tg = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    step = chunk_size or z.shape[0]
+    return sum(
+        F.cross_entropy(_upcast(model.logits(z[s : s + step])), tg[s : s + step], ignore_index=IGNORE_INDEX, reduction="sum")
+        for s in range(0, z.shape[0], step)
+    )

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from mtp.checkpoint import WEIGHTS, load_train_state, save_checkpoint, transfer_weights
+from mtp.checkpoint import WEIGHTS, inherit_source_model, load_train_state, save_checkpoint, transfer_weights
 from mtp.config import ConfigError, JobConfig, TrainConfig
 from mtp.data import BatchPrefetcher, BlockSampler, DataPosition, PackedData, gather_blocks, prepare_data, val_indices
 from mtp.device import resolve_device
 from mtp.loss import batched_loss, evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
-from mtp.model import MTPTransformer, training_flops_per_token
+from mtp.model import MTPTransformer, freeze_, training_flops_per_token
 from mtp.parallel import (
     SHARDS,
     DistInfo,
@@ -222,6 +222,11 @@ class Trainer:
         if cfg.train.init_from:  # every rank loads the same weights; a fresh optimizer follows
             heads = transfer_weights(self.model, init_dir or cfg.train.init_from)
             self._print(f"initialised from {cfg.train.init_from}: {heads}")
+        if cfg.train.freeze:  # before the optimizer: frozen parameters get no state and never change
+            trainable = freeze_(self.model, cfg.train.freeze)
+            if not trainable:
+                raise ConfigError(f"train.freeze={cfg.train.freeze} leaves no parameter to train")
+            self._print(f"frozen: {', '.join(cfg.train.freeze)}; {trainable:,} parameters train")
         self.model = self.model.to(self.device)
         broadcast_parameters(self.model)
         self.sharded = cfg.scaling.strategy == "fsdp" and self.info.world_size > 1
@@ -482,6 +487,8 @@ def train(
     a run its store already holds complete returns that checkpoint without training.
     """
     cfg = copy.deepcopy(cfg).validate()
+    if cfg.train.init_from:
+        inherit_source_model(cfg, init_dir or cfg.train.init_from)
     cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
     store = store or LocalCheckpoints(Path(cfg.train.output_dir) / cfg.tracking.run_name)
     data = data or prepare_data(cfg.data, cfg.train.seq_len)

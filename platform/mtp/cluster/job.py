@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mtp.checkpoint import CONFIG, read_config
+from mtp.checkpoint import CONFIG, inherit_source_model, read_config
 from mtp.cluster.lifecycle import run_tracked
 from mtp.cluster.ray_env import connect
 from mtp.cluster.trainer import check_placement, fit_on_workers
@@ -63,6 +63,8 @@ def run_job(
 ) -> JobResult:
     """Train ``cfg`` on the Ray cluster (local if none), tracked in MLflow unless ``track=False``."""
     cfg = copy.deepcopy(cfg).validate()
+    if cfg.train.init_from:  # as train() does, here too, so that the run's params show the real shape
+        inherit_source_model(cfg, resolve_checkpoint(cfg.train.init_from))
     cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
     resume_dir = find_checkpoint(resume) if resume is not None else None
     if resume_dir is not None and not cfg.tracking.run_id:
