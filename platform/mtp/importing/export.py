@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mtp.checkpoint import WEIGHTS, local_checkpoint_dir, model_config
+from mtp.checkpoint import WEIGHTS, model_config
 from mtp.config import ModelConfig
 from mtp.importing.layout import next_token_names, to_halves
 from mtp.importing.stream import ConversionError, TensorPlan, atomic_directory, safetensors_dtype, write_safetensors
@@ -43,7 +43,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None
     """Write ``checkpoint``'s next-token model to the HF directory ``out`` (streamed, atomic)."""
     from safetensors import safe_open
 
-    directory = local_checkpoint_dir(checkpoint)
+    directory = Path(checkpoint)
     cfg = model_config(directory)
     tokenizer = load_tokenizer(directory)
     weights = directory / WEIGHTS
