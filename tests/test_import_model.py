@@ -288,8 +288,9 @@ def test_end_to_end_heads_on_an_exported_model(tmp_path):
     from _jobs import write_corpus
     from mtp.bench.byom import ByomSettings, run_byom
 
-    s = ByomSettings(preset="debug", source=str(write_corpus(tmp_path / "corpus")), vocab=300, max_documents=None, seq_len=64, batch_size=8, base_steps=60,
-                     head_steps=60, n_future=3, prompts=3, prompt_tokens=24, new_tokens=24, lr=1e-2)
+    s = ByomSettings(preset="debug", source=str(write_corpus(tmp_path / "corpus")), vocab=300, max_documents=None,
+                     seq_len=64, batch_size=8, base_steps=30, head_steps=30, n_future=3, prompts=3, prompt_tokens=24,
+                     new_tokens=24, lr=1e-2)
     result = run_byom(tmp_path, s)
     assert all(result["greedy_identical"].values()), result["greedy_identical"]
     assert result["trunk_and_head0_bit_identical"]

@@ -24,6 +24,7 @@ from mtp.checkpoint import load_model
 from mtp.config import build_config
 from mtp.data import prepare_data
 from mtp.decoding.api import SamplingParams
+from mtp.decoding.config import EngineConfig
 from mtp.decoding.engine import Engine
 from mtp.decoding.metrics import acceptance
 from mtp.importing.export import export_hf
@@ -65,7 +66,7 @@ def held_out_prompts(cfg, s: ByomSettings) -> list[list[int]]:
 
 def decode(checkpoint: Path, prompts: list[list[int]], s: ByomSettings, speculative: bool) -> dict[str, Any]:
     model, tokenizer, _ = load_model(checkpoint)
-    engine = Engine(model, tokenizer, max_batch_size=1)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, device="cpu"))
     params = SamplingParams(max_new_tokens=s.new_tokens, speculative=speculative)
     engine.generate_ids(prompts[:1], params)  # warm-up
     start = time.perf_counter()
