@@ -296,3 +296,26 @@ def test_end_to_end_heads_on_an_exported_model(tmp_path):
     assert result["trunk_and_head0_bit_identical"]
     decoding = result["decoding"]
     assert decoding["heads trained"]["tokens_per_forward"] > decoding["imported (heads = copies)"]["tokens_per_forward"]
+
+
+def test_engine_decodes_an_imported_model_exactly(tmp_path):
+    """The packed decoder runs Qwen2's q/k/v biases and tied unembedding: its greedy tokens equal HF's,
+    self-speculative (heads copied, so drafts are accepted) as plain, and text prompts/stops use the
+    model's own tokenizer."""
+    from mtp.decoding.api import SamplingParams
+    from mtp.decoding.config import EngineConfig
+    from mtp.decoding.engine import Engine
+
+    hf = hf_model("qwen2")
+    model, tokenizer, _ = load_model(import_hf(save_hf(hf, tmp_path / "hf"), tmp_path / "mtp", n_future=3))
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2, device="cpu"))
+    prompts = [TOKENS[0, :12].tolist(), TOKENS[1, :7].tolist()]
+    plain = engine.generate_ids(prompts, SamplingParams(max_new_tokens=10, speculative=False))
+    fast = engine.generate_ids(prompts, SamplingParams(max_new_tokens=10))
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                pad_token_id=0, min_new_tokens=10)[0, len(p):].tolist() for p in prompts]
+    assert [g.tokens for g in plain] == [g.tokens for g in fast] == expected
+    assert all(g.stats.tokens_per_forward > 2 for g in fast)  # copies of head 0 draft what it then verifies
+    text = engine.generate(["def add(a, b):"], SamplingParams(max_new_tokens=8, stop=["\n"]))[0]
+    assert "\n" not in text.text and text.prompt_tokens == tokenizer.encode("def add(a, b):")
