@@ -9,6 +9,7 @@ writable tmpfs holding the interpreter's read-only binds, emptied after every pr
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import sys
 
@@ -160,6 +161,9 @@ def safe_sys_path() -> None:
             kept.append(entry)
     sys.path[:] = kept
     sys.path_importer_cache.clear()
+    # Rebuild the finders (and their directory listings) here, once: forked children inherit them
+    # instead of each listing every directory again at its first import.
+    importlib.machinery.PathFinder.find_spec("_mtp_sandbox_warm_import_caches_")
 
 
 def mount_scratch(uid: int, size_mb: int) -> str:

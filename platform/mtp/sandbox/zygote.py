@@ -148,8 +148,8 @@ class CandidateZygote:
                 os._exit(127)
         theirs.close()
         self.pid, self._sock = pid, ours
+        self._pending_status = False  # a child's end not collected yet
         self._send(config)
-        self._pending_status = False
 
     def _send(self, message: dict) -> None:
         self._sock.send(json.dumps(message).encode())
@@ -174,6 +174,8 @@ class CandidateZygote:
 
     def order(self, mode: str, limits: Limits, cwd: str, fds: list[int]) -> None:
         """Fork a child running ``mode`` with ``fds`` as its 0, 1, 2...; ``forked`` then reads its pid."""
+        if self._pending_status and self.status(10.0) is None:  # the last child's end, not collected yet
+            raise RuntimeError("the candidate zygote did not report its last child's end")
         socket.send_fds(self._sock, [json.dumps({"mode": mode, "limits": limits.to_dict(), "cwd": cwd}).encode()], fds)
 
     def forked(self) -> int:
@@ -326,26 +328,25 @@ class Zygote:
             outcome.timed_out = self._watch(main, streams, start + wall_s, limits.timeout_s)
             ended_alone = self.candidates.status(0) if candidate is not None else None  # before our kill
             self._end_tree()
-            if candidate is None:
-                status = self._forked_status()
-            else:
-                status = self.children.pop(main)
-                if ended_alone is None:
-                    # The judge can see the candidate's socket close before the candidate's exit status
-                    # is reapable (a loaded machine widens that window). A death already under way keeps
-                    # its own signal through our kill, and we send only SIGKILL, so any other is its own.
-                    after = self._forked_status()
-                    if os.WIFSIGNALED(after) and os.WTERMSIG(after) != signal.SIGKILL:
-                        ended_alone = after
+            status = self._forked_status() if candidate is None else self.children.pop(main)
             if os.WIFSIGNALED(status):
                 outcome.signal = os.WTERMSIG(status)
             else:
                 outcome.exit_code = os.WEXITSTATUS(status)
-            if ended_alone is not None and os.WIFSIGNALED(ended_alone):
-                outcome.candidate_signal = os.WTERMSIG(ended_alone)
             for fd, capture in streams.items():
                 self._drain(fd, capture)
             self._read_status(parent_sock, main, nonce, outcome)
+            if ended_alone is None and candidate is not None and not outcome.passed_signal:
+                # Only a verdict other than a pass names how the candidate ended (a pass leaves its
+                # status for the next order to collect). The judge can see the candidate's socket
+                # close before the candidate's exit status is reapable (a loaded machine widens that
+                # window): a death already under way keeps its own signal through our kill, and we
+                # send only SIGKILL, so any other is its own.
+                after = self._forked_status()
+                if os.WIFSIGNALED(after) and os.WTERMSIG(after) != signal.SIGKILL:
+                    ended_alone = after
+            if ended_alone is not None and os.WIFSIGNALED(ended_alone):
+                outcome.candidate_signal = os.WTERMSIG(ended_alone)
         finally:
             for fd in streams:
                 os.close(fd)
