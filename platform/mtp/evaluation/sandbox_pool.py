@@ -106,8 +106,16 @@ class LocalScorer:
     def __init__(self, config: RunnerConfig):
         self.workers = config.workers or LOCAL_SLOTS_PER_CPU * (os.cpu_count() or 1)
         self._boxes: queue.Queue[Sandbox] = queue.Queue()
-        for _ in range(self.workers):
-            self._boxes.put(Sandbox(SandboxConfig(insecure=config.insecure)))
+        # Started side by side: each start is mostly waiting on its two interpreters to load.
+        with ThreadPoolExecutor(self.workers) as pool:
+            starts = [pool.submit(Sandbox, SandboxConfig(insecure=config.insecure)) for _ in range(self.workers)]
+        for start in starts:
+            if start.exception() is None:
+                self._boxes.put(start.result())
+        failed = next((start.exception() for start in starts if start.exception() is not None), None)
+        if failed is not None:
+            self.close()
+            raise failed
 
     def _run_one(self, program: Program, limits: Limits) -> tuple[str, Verdict]:
         box = self._boxes.get()
