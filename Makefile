@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup train test bench gpu-check clean cluster-up cluster-down
+.PHONY: setup train test bench gpu-check gpu-repro clean cluster-up cluster-down
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test: setup
 # The CPU dry run: make gpu-check ARGS="--device cpu --tiny"
 gpu-check:
 	PYTHONPATH=platform $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) jobs/gpu_check.py $(ARGS)
+
+# The induction experiment at the paper's 1M size, n=1 vs n=2, several seeds at once on one GPU
+# (docs/REPRODUCTION.md); the same installs-nothing rule. CPU dry run: make gpu-repro ARGS="--device cpu --tiny"
+gpu-repro:
+	PYTHONPATH=platform $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) jobs/gpu_repro.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db runs

@@ -38,6 +38,8 @@ class TaskDef:
     defaults: dict[str, Any]
     train: Callable[..., Callable]  # params -> sampler
     evals: dict[str, Callable[..., Callable]]  # eval set name -> (params -> sampler)
+    # eval set name -> (the set it is made from, (params, problem) -> its counterpart): the same problems, changed
+    derived: dict[str, tuple[str, Callable[..., Problem]]] = field(default_factory=dict)
 
 
 TASKS: dict[str, TaskDef] = {
@@ -55,9 +57,13 @@ TASKS: dict[str, TaskDef] = {
         evals={"in_domain": lambda p: stargraph.sampler(p["degree"], p["arm_length"])},
     ),
     "induction": TaskDef(
-        defaults={"n_names": 3, "n_sentences": 4, "templates": "story"},
-        train=lambda p: induction.sampler(p["n_names"], p["n_sentences"], p["templates"]),
-        evals={"in_domain": lambda p: induction.sampler(p["n_names"], p["n_sentences"], p["templates"])},
+        defaults={"n_names": 3, "n_sentences": 4, "templates": "story", "train_names": 0},
+        train=lambda p: induction.sampler(p["n_names"], p["n_sentences"], p["templates"], p["train_names"]),
+        evals={
+            "in_domain": lambda p: induction.sampler(p["n_names"], p["n_sentences"], p["templates"], p["train_names"],
+                                                     "test"),
+        },
+        derived={"counterfactual": ("in_domain", lambda p, q: induction.counterfactual(q, p["train_names"]))},
     ),
 }
 
@@ -126,13 +132,17 @@ class TaskSpec:
         first ``limit`` of each if given (a seeded stream: the same problems every time,
         and drawing fewer draws a prefix of the full set)."""
         count = self.test_problems if limit is None else min(limit, self.test_problems)
-        return {name: self.problems("test", count, name) for name in self.definition.evals}
+        sets = {name: self.problems("test", count, name) for name in self.definition.evals}
+        for name, (source, change) in self.definition.derived.items():
+            sets[name] = [change(self.params, q) for q in sets[source]]
+        return sets
 
     def metric_names(self) -> list[str]:
         """What ``evaluate`` reports, for a sweep's ``metric``."""
         from mtp.tasks.scoring import METRICS
 
-        return [f"task/{name}/{metric}" for name in self.definition.evals for metric in METRICS]
+        return [f"task/{name}/{metric}" for name in [*self.definition.evals, *self.definition.derived]
+                for metric in METRICS]
 
     def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]:
         """Greedy answers of ``checkpoint`` on every held-out evaluation set (its first
