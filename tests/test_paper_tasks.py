@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from mtp.experiments import induction
-from mtp.experiments.tasks import TaskSpec
+from mtp.tasks import induction
+from mtp.tasks.spec import TaskSpec
 
 NAME = re.compile(r"(?<![A-Za-z])[A-Z][a-z](?![A-Za-z])")
 

@@ -38,7 +38,7 @@ from mtp.config import ModelConfig
 from mtp.loss import mtp_targets, sequential_backward
 from mtp.model import MTPTransformer, count_parameters
 from mtp.packing import document_units, pack_whole
-from mtp.experiments.tasks import TaskSpec
+from mtp.tasks.spec import TaskSpec
 from mtp.tokenizer import ByteTokenizer
 
 SETS = ("copy", "counterfactual")
