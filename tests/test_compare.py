@@ -177,3 +177,26 @@ def test_a_fake_sweep_gets_its_verdicts_from_the_numbers(tmp_path):
     text = paths[1].read_text()
     assert "guess_seen_other 0.512" in text and "clear guess_seen_other (0.512) by 0.05" in text
     assert "| 64 | n=2 |" in text
+
+
+def test_a_sweep_file_with_arms_searches_arm_labels_and_builds_their_configs():
+    from mtp.sweep.spec import SweepError, parse_spec
+
+    raw = {"name": "arms", "metric": "val/bpb",
+           "config": {"model": {"dim": 64, "n_layers": 3, "n_heads": 4, "multiple_of": 32, "max_seq_len": 64},
+                      "train": {"seq_len": 64, "max_steps": 100, "batch_size": 8}},
+           "space": {"model.n_future": {"grid": [1, 2]}, "train.seed": {"grid": [0, 1]}},
+           "arms": {"compute_matched": True, "next_token_heads": True}, "verdict": {"margin": 0.05},
+           "plot": {"x": "arm", "lines": "model.dim"}}
+    spec = parse_spec(raw)
+    assert list(spec.searched) == ["arm", "train.seed"] and spec.grid_size() == 8
+    assert spec.verdict.margin == 0.05
+    compute = spec.base({"arm": "n=1 compute-matched to n=2", "train.seed": 1})
+    assert (compute.model.n_future, compute.train.max_steps, compute.train.seed) == (1, 139, 1)
+    heads = spec.base({"arm": "n=2 all heads t+1"})
+    assert (heads.model.n_future, heads.train.head_targets, heads.train.max_steps) == (2, "next", 100)
+    assert len(spec.probe_configs()) == 8
+    with pytest.raises(SweepError, match="n=1 baseline"):
+        parse_spec({**raw, "space": {"model.n_future": {"grid": [2, 4]}}})
+    with pytest.raises(SweepError, match="verdict"):
+        parse_spec({**raw, "verdict": {"margin": -1}})

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mtp.config import JobConfig
-from mtp.model import training_flops_per_token
 
 KINDS = ("param_matched", "compute_matched", "next_token_heads")
 ARM = "arm"  # the grid dimension's name, and the summary's column
@@ -80,6 +79,8 @@ class ArmsSpec:
 def compute_matched_steps(baseline: JobConfig, controlled: JobConfig) -> int:
     """Steps that give ``baseline`` the training FLOPs ``controlled`` spends in its ``max_steps``
     (same tokens per step; rounded up, so the control never gets less compute)."""
+    from mtp.model import training_flops_per_token  # torch: only where a control is built
+
     for cfg in (baseline, controlled):
         cfg.validate()
     per_step = [training_flops_per_token(c.model, c.train.seq_len) * c.train.seq_len * c.train.batch_size

@@ -149,8 +149,9 @@ def _row(result, spec: SweepSpec, client: MlflowClient, experiment_id: str, pare
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_BOOKKEEPING}
     trial_id = str(result.metrics["trial_id"])
     config = dict(result.config or {})
-    base = spec.base({k: v for k, v in config.items() if k in spec.space}).flat()
-    params = {k: config.get(k, base[k]) for k in dict.fromkeys([*spec.space, spec.plot.x, spec.plot.lines])}
+    base = spec.base({k: v for k, v in config.items() if k in spec.searched}).flat()
+    shown = [*spec.searched, *(["model.n_future"] if spec.arms else []), spec.plot.x, spec.plot.lines]
+    params = {k: config.get(k, base.get(k)) for k in dict.fromkeys(shown)}
     error = None
     if result.error is not None:
         error = f"{type(result.error).__name__}: {result.error}"

@@ -21,8 +21,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def write_summary(rows: list[TrialRow], metrics: list[str], x: str, lines: str, directory: Path,
-                  title: str) -> list[Path]:
-    """``task_summary.csv`` / ``task_summary.md`` (mean ± std, n) and one error-bar figure per metric."""
+                  title: str, floors: dict[str, dict[str, float]] | None = None) -> list[Path]:
+    """``task_summary.csv`` / ``task_summary.md`` (mean ± std, n) and one error-bar figure per metric
+    (``floors``: per metric, each floor drawn as a horizontal line)."""
     directory.mkdir(parents=True, exist_ok=True)
     records = []
     for metric in metrics:
@@ -37,7 +38,8 @@ def write_summary(rows: list[TrialRow], metrics: list[str], x: str, lines: str, 
         writer.writerows(records)
     md_path = directory / "task_summary.md"
     md_path.write_text(format_markdown(records, x, lines))
-    figures = [plot_with_error_bars(rows, m, x, lines, directory / f"{m.replace('/', '_')}_vs_{x}.png", title)
+    figures = [plot_with_error_bars(rows, m, x, lines, directory / f"{m.replace('/', '_')}_vs_{x}.png", title,
+                                    (floors or {}).get(m, {}))
                for m in metrics]
     return [csv_path, md_path, *figures]
 
@@ -59,7 +61,8 @@ def format_markdown(records: list[dict[str, Any]], x: str, lines: str) -> str:
     return "\n".join(out)
 
 
-def plot_with_error_bars(rows: list[TrialRow], metric: str, x: str, lines: str, path: Path, title: str) -> Path:
+def plot_with_error_bars(rows: list[TrialRow], metric: str, x: str, lines: str, path: Path, title: str,
+                        floors: dict[str, float] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +75,8 @@ def plot_with_error_bars(rows: list[TrialRow], metric: str, x: str, lines: str, 
         n = min(len(v) for v in by_x.values())
         ax.errorbar(list(by_x), [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4,
                     label=f"{lines.split('.')[-1]}={line} (n>={n} seeds)")
+    for i, (name, value) in enumerate(sorted((floors or {}).items(), key=lambda kv: -kv[1])):
+        ax.axhline(value, color="grey", linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=f"floor: {name}")
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric} (mean ± std)")
     ax.set_title(title)

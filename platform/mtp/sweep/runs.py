@@ -44,15 +44,25 @@ def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, swee
     params = {
         "metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler.type,
         "num_samples": spec.num_samples, "trial_resources": json.dumps(spec.trial_resources),
-        **{f"space.{k}": json.dumps({d.kind: list(d.values) or [d.low, d.high]}) for k, d in spec.space.items()},
+        **{f"space.{k}": json.dumps({d.kind: list(d.values) or [d.low, d.high]}) for k, d in spec.searched.items()},
         **{f"config.{k}": v for k, v in spec.config.items()},
+        "verdict.margin": spec.verdict.margin, "verdict.floor": spec.verdict.floor,
     }
     items = _params(params)
     for start in range(0, len(items), 100):  # MLflow's per-request limit
         client.log_batch(run_id, params=items[start : start + 100])
     if sweep_file is not None:
         client.log_artifact(run_id, str(sweep_file))
+    for metric, floors in task_floors(spec).items():  # fixed before any trial, on the trials' test sets
+        for floor, value in floors.items():
+            client.log_metric(run_id, _metric_key(f"floor/{floor}/{metric}"), value)
     return run_id
+
+
+def task_floors(spec: SweepSpec) -> dict[str, dict[str, float]]:
+    """The sweep's task floors per metric ({} for a sweep without a task that has floors)."""
+    floors = getattr(spec.task, "floors", None)
+    return floors() if floors is not None else {}
 
 
 def reopen_parent(client: MlflowClient, run_id: str) -> None:
@@ -102,15 +112,21 @@ def finish_parent(
         csv_path, json_path = write_table(rows, spec.metric, directory)
         plot = plot_metric(rows, spec.metric, spec.mode, spec.plot.x, spec.plot.lines,
                            directory / f"{spec.metric.replace('/', '_')}_vs_{spec.plot.x}.png", title=spec.name)
-        (directory / "summary.txt").write_text(format_table(rows, spec.metric, list(spec.space)) + "\n")
+        (directory / "summary.txt").write_text(format_table(rows, spec.metric, list(spec.searched)) + "\n")
         for path in (csv_path, json_path, plot, directory / "summary.txt"):
             client.log_artifact(parent_id, str(path))
         if spec.task is not None:  # mean ± std over seeds of every task metric, table and figures
             from mtp.sweep.report import write_summary
 
+            from mtp.compare.table import write_comparison
+
+            floors = task_floors(spec)
             for path in write_summary(rows, spec.task.metric_names(), spec.plot.x, spec.plot.lines,
-                                      directory / "task", spec.name):
+                                      directory / "task", spec.name, floors):
                 client.log_artifact(parent_id, str(path), "task")
+            if floors:  # per setting and arm: interval to n=1 and the verdict (task metrics: higher is better)
+                for path in write_comparison(rows, list(floors), floors, spec.verdict, "max", directory / "task"):
+                    client.log_artifact(parent_id, str(path), "task")
     metrics = {"trials": len(rows), "trials_failed": sum(r.status == "error" for r in rows),
                "trials_stopped": sum(r.status == "stopped" for r in rows)}
     if best is not None:

@@ -25,6 +25,8 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
     plot: {x: model.n_future, lines: train.preset}
     evaluation: {benchmark: humaneval, k: [1]}  # optional: pass@k becomes the metric
     task: {name: polynomial}         # optional: train on a synthetic task, score it (mtp.tasks)
+    arms: {compute_matched: true, next_token_heads: true}  # optional controls beside each n > 1 (mtp.compare.arms)
+    verdict: {margin: 0.05, floor: two_rule_lookup}        # optional: fixed before the run (mtp.compare.table)
 
 ``evaluation`` and ``task`` are scorers (``mtp.sweep.scorers``). Parsing writes and
 downloads nothing: a task's corpus path is known from its settings, and the driver
@@ -40,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtp.compare.arms import ARM, Arm, ArmsSpec, by_label
+from mtp.compare.arms import overrides as arm_overrides
+from mtp.compare.table import VerdictSpec
 from mtp.config import ConfigError, JobConfig, apply_overrides, build_config, flatten_mapping, read_yaml_mapping
 from mtp.sweep.scorers import SECTIONS
 
@@ -171,6 +176,8 @@ class SweepSpec:
     plot: PlotSpec = field(default_factory=PlotSpec)
     evaluation: Any = None  # a Scorer (mtp.sweep.evaluation.EvalSpec): pass@k of each final checkpoint
     task: Any = None  # a Scorer (mtp.tasks): a synthetic task (its corpus is data.source) or the speed measurement
+    arms: ArmsSpec | None = None  # controls beside param-matched n: the grid's model.n_future becomes ``arm``
+    verdict: VerdictSpec = field(default_factory=VerdictSpec)  # the comparison's rule, fixed before the run
 
     @property
     def scorers(self) -> dict[str, Any]:
@@ -181,29 +188,51 @@ class SweepSpec:
     def trial_resources(self) -> dict[str, float]:
         return dict(self.resources["trial"])
 
+    def arm_list(self) -> list[Arm]:
+        """The comparison's arms (none without an ``arms`` section)."""
+        return self.arms.arms(list(self.space["model.n_future"].values)) if self.arms else []
+
+    @property
+    def searched(self) -> dict[str, Dimension]:
+        """The dimensions Tune searches: ``space``, with ``arm`` (labels) in place of model.n_future when
+        the sweep has arms."""
+        if not self.arms:
+            return self.space
+        labels = tuple(a.label for a in self.arm_list())
+        return {ARM: Dimension(ARM, "grid", labels), **{k: d for k, d in self.space.items() if k != "model.n_future"}}
+
     def base(self, overrides: dict[str, Any] | None = None) -> JobConfig:
-        """The training config of one trial: base file <- fixed config <- ``overrides``."""
-        return build_config(self.base_config, {**self.config, **(overrides or {})})
+        """The training config of one trial: base file <- fixed config <- ``overrides`` (an ``arm``
+        label among them becomes its config fields, ``mtp.compare.arms``)."""
+        fields = {**self.config, **(overrides or {})}
+        label = fields.pop(ARM, None)
+        if label is not None:
+            arm = by_label(self.arm_list()).get(label)
+            if arm is None:
+                raise SweepError(f"arm {label!r} is not one of this sweep's arms {list(by_label(self.arm_list()))}")
+            fields.update(arm_overrides(arm, lambda extra: build_config(self.base_config, {**fields, **extra})))
+        return build_config(self.base_config, fields)
 
     def param_space(self) -> dict[str, Any]:
-        """The Ray Tune ``param_space``: dotted config keys, as the trial receives them."""
+        """The Ray Tune ``param_space``: dotted config keys (and ``arm``), as the trial receives them."""
         defaults = JobConfig().flat()
         return {
-            key: dim.to_tune(integer=isinstance(defaults[key], int) and not isinstance(defaults[key], bool))
-            for key, dim in self.space.items()
+            key: dim.to_tune(integer=isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool))
+            for key, dim in self.searched.items()
         }
 
     def grid_size(self) -> int:
         """Number of trials: every grid point, ``num_samples`` times (random dimensions drawn anew)."""
-        finite = [len(d.values) for d in self.space.values() if d.kind == "grid"]
+        finite = [len(d.values) for d in self.searched.values() if d.kind == "grid"]
         return math.prod(finite) * self.num_samples
 
     def probe_configs(self) -> list[JobConfig]:
         """Build (and so validate) the configs the sweep can produce; raise naming the value."""
-        dims = list(self.space.values())
+        searched = self.searched
+        dims = list(searched.values())
         combos = math.prod(len(d.probe_values) for d in dims)
         if combos <= MAX_PROBED_CONFIGS:
-            points = [dict(zip(self.space, vals)) for vals in itertools.product(*(d.probe_values for d in dims))]
+            points = [dict(zip(searched, vals)) for vals in itertools.product(*(d.probe_values for d in dims))]
         else:  # too many to enumerate: vary one dimension at a time around the first values
             first = {d.key: d.probe_values[0] for d in dims}
             points = [{**first, d.key: v} for d in dims for v in d.probe_values]
@@ -276,6 +305,8 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
             resources=_resources(data.get("resources")),
             max_concurrent_trials=_concurrency(data.get("max_concurrent_trials", "auto")),
             plot=_section(PlotSpec, data.get("plot"), "plot"),
+            arms=_arms(data.get("arms"), space_raw),
+            verdict=_parsed(VerdictSpec.parse, data.get("verdict")),
             **scorers,
         )
         if spec.mode not in ("min", "max"):
@@ -284,7 +315,7 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
             raise SweepError(f"num_samples={spec.num_samples!r} must be a positive integer")
         spec.scheduler.validate()
         for axis in (spec.plot.x, spec.plot.lines):
-            if axis not in defaults:
+            if axis not in defaults and not (axis == ARM and spec.arms):
                 raise SweepError(f"plot axis {axis!r} is not a config field")
         reported = {name: scorer.metric_names() for name, scorer in scorers.items()}
         if reported and not any(spec.metric in names for names in reported.values()):
@@ -335,6 +366,22 @@ def _resources(raw: Any) -> dict[str, dict[str, float]]:
 
 
 _RESOURCE_ALIASES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
+
+
+def _arms(raw: Any, space: dict[str, Any]) -> ArmsSpec | None:
+    if raw is None:
+        return None
+    n_future = space.get("model.n_future")
+    if not (isinstance(n_future, dict) and isinstance(n_future.get("grid"), list) and 1 in n_future["grid"]):
+        raise SweepError("arms compare with the n=1 baseline: the space needs model.n_future: {grid: [1, ...]}")
+    return _parsed(ArmsSpec.parse, raw)
+
+
+def _parsed(parse: Any, raw: Any) -> Any:
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
 
 
 def _concurrency(raw: Any) -> int | None:

@@ -138,7 +138,7 @@ def _fit_on_workers(cfg: JobConfig, callback) -> Iterator[Path | None]:
 
 def trial_run_name(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> str:
     """``n_future=2 preset=tiny (ab12_00003)``: readable in the MLflow run list."""
-    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in params.items() if k in spec.space)
+    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in params.items() if k in spec.searched)
     return f"{shown} ({trial_id})"
 
 

@@ -137,6 +137,21 @@ class TaskSpec:
             sets[name] = [change(self.params, q) for q in sets[source]]
         return sets
 
+    def floors(self, fit_problems: int = 5000) -> dict[str, dict[str, float]]:
+        """``task/<set>/<metric>`` -> {floor: score}: the task's non-learning answers on the very test
+        sets the trials are scored on (``mtp.compare.floors``); constants fitted on training problems."""
+        from mtp.compare.floors import FLOORS, task_floors
+
+        if self.name not in FLOORS:
+            return {}
+        fit = self.problems("train", min(fit_problems, self.train_problems)) if self.name == "polynomial" else []
+        out: dict[str, dict[str, float]] = {}
+        for name, problems in self.eval_sets().items():
+            for floor, scores in task_floors(self.name, problems, fit).items():
+                for metric, value in scores.items():
+                    out.setdefault(f"task/{name}/{metric}", {})[floor] = value
+        return out
+
     def metric_names(self) -> list[str]:
         """What ``evaluate`` reports, for a sweep's ``metric``."""
         from mtp.tasks.scoring import METRICS
