@@ -8,6 +8,13 @@ A sweep file's ``task:`` section builds a ``TaskSpec`` (a ``mtp.sweep.scorers.Sc
       train_problems: 100000            # documents in the training corpus
       test_problems: 500                # per evaluation set
       progress_problems: 100            # of those, scored at each intermediate checkpoint (0: none)
+      score_split: test                 # val while choosing sizes/budgets (the test split stays unseen)
+
+``params: {stratified: true}`` (polynomial) scores one test set per operation count
+(``ops_01`` ...; test_problems each, or all the split holds) and reports in/out of
+domain pooled over their counts (all their problems together). Every corpus line also carries the problem's
+``prompt``, so ``data.prompt_column: prompt`` (with ``data.pack: whole``) trains on the
+answers only.
 
 The corpus (one JSON line per training problem) is written once, under
 ``$MTP_CACHE_DIR/tasks``, named by a hash of everything that changes it, and
@@ -40,16 +47,23 @@ class TaskDef:
     evals: dict[str, Callable[..., Callable]]  # eval set name -> (params -> sampler)
     # eval set name -> (the set it is made from, (params, problem) -> its counterpart): the same problems, changed
     derived: dict[str, tuple[str, Callable[..., Problem]]] = field(default_factory=dict)
+    # with params["stratified"]: params -> {stratum: (the eval set it is part of, params -> sampler)}
+    strata: Callable[[dict[str, Any]], dict[str, tuple[str, Callable]]] | None = None
 
 
 TASKS: dict[str, TaskDef] = {
     "polynomial": TaskDef(
-        defaults={"min_ops": 1, "max_ops": 5, "ood_min_ops": 6, "ood_max_ops": 10},
+        defaults={"min_ops": 1, "max_ops": 5, "ood_min_ops": 6, "ood_max_ops": 10, "stratified": False},
         train=lambda p: polynomial.sampler(p["min_ops"], p["max_ops"]),
         evals={
             "in_domain": lambda p: polynomial.sampler(p["min_ops"], p["max_ops"]),
             "out_of_domain": lambda p: polynomial.sampler(p["ood_min_ops"], p["ood_max_ops"]),
         },
+        # the paper reports per operation count: one test set per count (test_problems each, or all
+        # there are), in/out of domain all their problems pooled
+        strata=lambda p: {f"ops_{k:02d}": ("in_domain" if k <= p["max_ops"] else "out_of_domain",
+                                           lambda _, k=k: polynomial.sampler(k, k))
+                          for k in [*range(p["min_ops"], p["max_ops"] + 1), *range(p["ood_min_ops"], p["ood_max_ops"] + 1)]},
     ),
     "stargraph": TaskDef(
         defaults={"degree": 2, "arm_length": 5},
@@ -66,6 +80,11 @@ TASKS: dict[str, TaskDef] = {
         derived={"counterfactual": ("in_domain", lambda p, q: induction.counterfactual(q, p["train_names"]))},
     ),
 }
+
+
+def pooled(by_stratum: dict[str, float], sizes: dict[str, int]) -> float:
+    """A pooled set's score from its strata's: their mean weighted by problems (all its problems together)."""
+    return sum(v * sizes[n] for n, v in by_stratum.items()) / sum(sizes[n] for n in by_stratum)
 
 
 class TaskError(ConfigError):
@@ -86,6 +105,7 @@ class TaskSpec:
     train_problems: int = 100_000
     test_problems: int = 500
     progress_problems: int = 100  # the first ones of each test set, scored at intermediate checkpoints
+    score_split: str = "test"  # "val" while choosing sizes and budgets: the test split is for the final runs only
     seed: int = 0
     engine: EngineConfig = EngineConfig(max_batch_size=64)  # what decodes the answers (``engine:``, any field)
 
@@ -110,6 +130,8 @@ class TaskSpec:
             value = getattr(spec, name)
             if not isinstance(value, int) or value < 1:
                 raise TaskError(f"task.{name}={value!r} must be a positive integer")
+        if spec.score_split not in ("test", "val"):
+            raise TaskError(f"task.score_split={spec.score_split!r} must be 'test' or 'val'")
         if not isinstance(spec.progress_problems, int) or spec.progress_problems < 0:
             raise TaskError(f"task.progress_problems={spec.progress_problems!r} must be a non-negative integer")
         try:
@@ -122,17 +144,36 @@ class TaskSpec:
     def definition(self) -> TaskDef:
         return TASKS[self.name]
 
+    @property
+    def stratified(self) -> bool:
+        return bool(self.params.get("stratified")) and self.definition.strata is not None
+
+    def _evals(self) -> dict[str, Callable]:
+        """Evaluation set name -> sampler factory: the strata of a stratified task, else the task's sets."""
+        if self.stratified:
+            return {name: make for name, (_, make) in self.definition.strata(self.params).items()}
+        return self.definition.evals
+
+    def groups(self) -> dict[str, list[str]]:
+        """Of a stratified task: each pooled set (in_domain, ...) and its strata, reported as their mean."""
+        out: dict[str, list[str]] = {}
+        for name, (group, _) in (self.definition.strata(self.params).items() if self.stratified else ()):
+            out.setdefault(group, []).append(name)
+        return out
+
     def problems(self, split: str, count: int, eval_set: str | None = None) -> list[Problem]:
-        """``count`` distinct problems of ``split``; ``eval_set`` picks an evaluation distribution."""
-        make = self.definition.evals[eval_set] if eval_set else self.definition.train
-        return list(splits.draw(make(self.params), problem_key, split, self.seed, count, stream=eval_set or ""))
+        """``count`` distinct problems of ``split`` (of a stratum: at most, all there are); ``eval_set``
+        picks an evaluation distribution."""
+        make = self._evals()[eval_set] if eval_set else self.definition.train
+        return list(splits.draw(make(self.params), problem_key, split, self.seed, count, stream=eval_set or "",
+                                at_most=self.stratified and eval_set is not None))
 
     def eval_sets(self, limit: int | None = None) -> dict[str, list[Problem]]:
         """Held-out test problems per evaluation set (never in any training corpus); the
         first ``limit`` of each if given (a seeded stream: the same problems every time,
         and drawing fewer draws a prefix of the full set)."""
         count = self.test_problems if limit is None else min(limit, self.test_problems)
-        sets = {name: self.problems("test", count, name) for name in self.definition.evals}
+        sets = {name: self.problems(self.score_split, count, name) for name in self._evals()}
         for name, (source, change) in self.definition.derived.items():
             sets[name] = [change(self.params, q) for q in sets[source]]
         return sets
@@ -146,25 +187,38 @@ class TaskSpec:
             return {}
         fit = self.problems("train", min(fit_problems, self.train_problems)) if self.name == "polynomial" else []
         out: dict[str, dict[str, float]] = {}
-        for name, problems in self.eval_sets().items():
+        sets = self.eval_sets()
+        for name, problems in sets.items():
             for floor, scores in task_floors(self.name, problems, fit).items():
                 for metric, value in scores.items():
                     out.setdefault(f"task/{name}/{metric}", {})[floor] = value
+        sizes = {name: len(problems) for name, problems in sets.items()}
+        for group, names in self.groups().items():
+            for metric in {m.rsplit("/", 1)[1] for m in out}:
+                for floor in out[f"task/{names[0]}/{metric}"]:
+                    out.setdefault(f"task/{group}/{metric}", {})[floor] = pooled(
+                        {n: out[f"task/{n}/{metric}"][floor] for n in names}, sizes)
         return out
 
     def metric_names(self) -> list[str]:
         """What ``evaluate`` reports, for a sweep's ``metric``."""
         from mtp.tasks.scoring import METRICS
 
-        return [f"task/{name}/{metric}" for name in [*self.definition.evals, *self.definition.derived]
+        return [f"task/{name}/{metric}" for name in [*self._evals(), *self.groups(), *self.definition.derived]
                 for metric in METRICS]
 
     def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]:
         """Greedy answers of ``checkpoint`` on every held-out evaluation set (its first
         ``limit`` problems if given), scored."""
-        from mtp.tasks.scoring import evaluate_task
+        from mtp.tasks.scoring import METRICS, evaluate_task
 
-        return evaluate_task(checkpoint, self.eval_sets(limit), self.engine)
+        sets = self.eval_sets(limit)
+        scores = evaluate_task(checkpoint, sets, self.engine)
+        sizes = {name: len(problems) for name, problems in sets.items()}
+        for group, names in self.groups().items():
+            for metric in METRICS:
+                scores[f"task/{group}/{metric}"] = pooled({n: scores[f"task/{n}/{metric}"] for n in names}, sizes)
+        return scores
 
     @property
     def progress_limit(self) -> int:
@@ -180,7 +234,8 @@ class TaskSpec:
     def corpus_path(self, cache_dir: str | Path | None = None) -> Path:
         root = Path(cache_dir) / "tasks" if cache_dir else mtp_cache_dir("tasks")
         # named by what decides its lines only: how many test problems are scored, and when, does not
-        makes = {"name": self.name, "params": self.params, "train_problems": self.train_problems, "seed": self.seed}
+        makes = {"name": self.name, "params": self.params, "train_problems": self.train_problems, "seed": self.seed,
+                 "lines": "text+prompt"}
         digest = hashlib.sha256(json.dumps(makes, sort_keys=True).encode()).hexdigest()[:12]
         return root / f"{self.name}-{digest}.jsonl"
 
@@ -193,7 +248,7 @@ class TaskSpec:
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         with tmp.open("w") as fh:
             for problem in self.problems("train", self.train_problems):
-                fh.write(json.dumps({"text": problem.text}) + "\n")
+                fh.write(json.dumps({"text": problem.text, "prompt": problem.prompt}) + "\n")
         os.replace(tmp, path)
         return path
 

@@ -18,6 +18,7 @@ _BUCKETS = {"train": range(0, 90), "val": range(90, 95), "test": range(95, 100)}
 _STREAMS = {"train": 0, "val": 1, "test": 2}
 
 T = TypeVar("T")
+EXHAUSTED_AFTER = 20_000  # draws in a row that find nothing new: a stratum's split holds no more
 
 
 def split_of(key: str) -> str:
@@ -32,25 +33,30 @@ def check_split(split: str) -> None:
 
 
 def draw(sample: Callable[[random.Random], T], key: Callable[[T], str], split: str, seed: int,
-         count: int, stream: str = "") -> Iterator[T]:
+         count: int, stream: str = "", at_most: bool = False) -> Iterator[T]:
     """``count`` problems of ``split``: ``sample(rng)`` draws, ``key`` decides membership.
 
     ``stream`` separates draws that share a seed (e.g. in- and out-of-domain test
     sets). Duplicates within a split are kept only once, so a small problem space
-    raises instead of looping forever.
+    raises instead of looping forever, or with ``at_most`` ends with every problem it found
+    (a stratum smaller than asked for: all of it).
     """
     check_split(split)
     rng = random.Random(f"{seed}:{split}:{stream}:{_STREAMS[split]}")
     seen: set[str] = set()
-    misses = 0
+    misses = in_a_row = 0
     while len(seen) < count:
         problem = sample(rng)
         k = key(problem)
         if k in seen or split_of(k) != split:
             misses += 1
+            in_a_row += 1
+            if at_most and in_a_row > EXHAUSTED_AFTER:
+                return
             if misses > 1000 * (count + 100):
                 raise ValueError(f"only {len(seen)} distinct {split} problems found, {count} asked for: "
                                  "the problem space is too small")
             continue
+        in_a_row = 0
         seen.add(k)
         yield problem
