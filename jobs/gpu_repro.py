@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="seeds per arm (default 4, tiny 2)")
     p.add_argument("--steps", type=int, help="training steps per trial (default 8000: ~100x the CPU sweep's tokens)")
     p.add_argument("--budget-s", type=float, help="training deadline of every trial, from the start (default 400)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other setting of mtp.gpu_repro.ReproConfig, e.g. --set dim=64 --set workers=8")
     p.add_argument("--json", type=Path, default=Path("runs/gpu_repro.json"), help="where the results go")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seeds", "steps", "budget_s"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    cfg = config_for(args.tiny, args.device, seeds=args.seeds, steps=args.steps, budget_s=args.budget_s)
+    try:
+        cfg = config_for(args.tiny, args.device, args.set, seeds=args.seeds, steps=args.steps, budget_s=args.budget_s)
+    except ValueError as exc:
+        p.error(str(exc))
     result = run(cfg)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{device}, torch {torch.__version__}: {len(result['trials'])} trials in {result['elapsed_s']:.0f} s"

@@ -21,6 +21,7 @@ reports the tokens it really trained on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import multiprocessing as mp
 import tempfile
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mtp.compare.arms import Arm, ArmsSpec, flops_matched_steps
 from mtp.compare.floors import induction_floors
 from mtp.compare.stats import ArmStats, verdict
 from mtp.config import ModelConfig
@@ -55,6 +57,7 @@ class ReproConfig:
     lr: float = 3e-3
     warmup: int = 100
     n_futures: tuple[int, ...] = (1, 2)
+    controls: bool = True  # beside each n > 1: n=1 with its FLOPs, and n with every head on t+1 (mtp.compare.arms)
     seeds: int = 4
     workers: int = 0  # trials at once; 0: all of them
     train_problems: int = 200_000
@@ -114,15 +117,30 @@ def scores(model: MTPTransformer, sets: dict[str, list], device: torch.device, l
 # ----------------------------------------------------------------------- one trial
 
 
-def _lr(cfg: ReproConfig, step: int) -> float:
+def _lr(cfg: ReproConfig, step: int, steps: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_trial(cfg: ReproConfig, n_future: int, seed: int, blocks_path: str, deadline: float) -> dict[str, Any]:
-    """Train one (n, seed) trial until its steps or the deadline; its scores over training and at the end."""
+def model_config(cfg: ReproConfig, n_future: int) -> ModelConfig:
+    return ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_future=n_future,
+                       param_matched=True, max_seq_len=cfg.seq_len, multiple_of=32)
+
+
+def arms(cfg: ReproConfig) -> list[Arm]:
+    return ArmsSpec(compute_matched=cfg.controls, next_token_heads=cfg.controls).arms(list(cfg.n_futures))
+
+
+def arm_steps(cfg: ReproConfig, arm: Arm) -> int:
+    if arm.kind != "compute_matched":
+        return cfg.steps
+    return flops_matched_steps(model_config(cfg, 1), model_config(cfg, arm.controls), cfg.seq_len, cfg.steps)
+
+
+def train_trial(cfg: ReproConfig, arm: Arm, seed: int, blocks_path: str, deadline: float) -> dict[str, Any]:
+    """Train one (arm, seed) trial until its steps or the deadline; its scores over training and at the end."""
     device = torch.device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -130,8 +148,8 @@ def train_trial(cfg: ReproConfig, n_future: int, seed: int, blocks_path: str, de
     blocks = np.load(blocks_path, mmap_mode="r")
     sets = task(cfg).eval_sets()
     sets = {"copy": sets["in_domain"], "counterfactual": sets["counterfactual"]}
-    model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_future=n_future,
-                            param_matched=True, max_seq_len=cfg.seq_len, multiple_of=32)
+    model_cfg = model_config(cfg, arm.n_future)
+    steps = arm_steps(cfg, arm)
     model = MTPTransformer(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     def amp():  # bf16 on the GPU, as the platform trains there; fp32 on the CPU dry run
@@ -141,18 +159,19 @@ def train_trial(cfg: ReproConfig, n_future: int, seed: int, blocks_path: str, de
     pad = ByteTokenizer().pad_id
     history, best, formed_step = [], None, None
     start, step = time.time(), 0
-    while step < cfg.steps and time.time() < deadline:
+    while step < steps and time.time() < deadline:
         for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = _lr(cfg, step, steps)
         tokens = torch.from_numpy(blocks[np.sort(rng.integers(0, len(blocks), cfg.batch_size))].astype(np.int64))
-        inputs, targets = mtp_targets(tokens.to(device, non_blocking=True), n_future, pad, masked=False)
+        inputs, targets = mtp_targets(tokens.to(device, non_blocking=True), arm.n_future, pad,
+                                      next_token_only=arm.kind == "next_token_heads")
         with amp():
             sequential_backward(model, inputs, targets)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step == steps:
             with amp():
                 point = {"step": step, **scores(model, sets, device, cfg.eval_problems)}
             history.append(point)
@@ -163,7 +182,8 @@ def train_trial(cfg: ReproConfig, n_future: int, seed: int, blocks_path: str, de
     train_s = time.time() - start
     with amp():
         final = scores(model, sets, device)
-    return {"n_future": n_future, "seed": seed, "steps": step, "tokens": step * cfg.batch_size * cfg.seq_len,
+    return {"arm": arm.label, "n_future": arm.n_future, "seed": seed, "steps": step, "planned_steps": steps,
+            "tokens": step * cfg.batch_size * cfg.seq_len,
             "train_s": train_s, "final": final, "best": best, "formed_step": formed_step, "history": history,
             "params": count_parameters(model_cfg)["total"]}
 
@@ -185,12 +205,12 @@ def run(cfg: ReproConfig) -> dict[str, Any]:
     sets = spec.eval_sets()
     floors = {"copy": induction_floors(sets["in_domain"]), "counterfactual": induction_floors(sets["counterfactual"])}
     data_s = time.time() - t0
-    trials = [(n, s) for s in range(cfg.seeds) for n in cfg.n_futures]
+    trials = [(arm, s) for s in range(cfg.seeds) for arm in arms(cfg)]
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "blocks.npy")
         np.save(path, blocks)
         deadline = t0 + cfg.budget_s
-        jobs = [(cfg, n, s, path, deadline) for n, s in trials]
+        jobs = [(cfg, arm, s, path, deadline) for arm, s in trials]
         workers = min(cfg.workers or len(jobs), len(jobs))
         if workers == 1:
             results = [_trial(j) for j in jobs]
@@ -203,39 +223,51 @@ def run(cfg: ReproConfig) -> dict[str, Any]:
 
 
 def summarize(cfg: ReproConfig, results: list[dict], floors: dict[str, dict]) -> list[dict[str, Any]]:
-    """Per arm and score: final and best mean ± std, formation, and each n>1 arm's verdict against n=1."""
+    """Per arm and score: final and best mean ± std, formation, and each arm's verdict against n=1."""
     rows = []
     for name in (*SETS, "joint"):
         floor = max(floors["counterfactual" if name != "copy" else "copy"].values(), key=lambda f: f["exact_match"])
-        by_n = {n: [r for r in results if r["n_future"] == n] for n in cfg.n_futures}
-        for n, mine in by_n.items():
+        by_arm = {a.label: [r for r in results if r["arm"] == a.label] for a in arms(cfg)}
+        for label, mine in by_arm.items():
             final = [r["final"][name] for r in mine]
             best = [r["best"][name] if r["best"] else r["final"][name] for r in mine]
             formed = [r["formed_step"] for r in mine if r["formed_step"] is not None]
-            row = {"score": name, "arm": f"n={n}", "final": asdict(ArmStats.of(final)), "best": asdict(ArmStats.of(best)),
+            row = {"score": name, "arm": label, "final": asdict(ArmStats.of(final)), "best": asdict(ArmStats.of(best)),
                    "formed": f"{len(formed)}/{len(mine)}", "formed_steps": formed,
+                   "steps": [r["steps"] for r in mine], "planned_steps": mine[0]["planned_steps"],
                    "tokens": sum(r["tokens"] for r in mine) / len(mine), "floor": floor["exact_match"]}
-            if n != 1:
-                row["verdict"] = verdict(final, [r["final"][name] for r in by_n[1]], floor=floor["exact_match"],
+            if label != "n=1":
+                row["verdict"] = verdict(final, [r["final"][name] for r in by_arm["n=1"]], floor=floor["exact_match"],
                                          margin=cfg.margin).text()
             rows.append(row)
     return rows
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = ["| score | arm | final (mean ± std, seeds) | best checkpoint | copy formed (seeds, steps) | tokens/trial | verdict vs n=1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| score | arm | final (mean ± std, seeds) | best checkpoint | copy formed (seeds, steps) | steps done / planned "
+             "| tokens/trial | verdict vs n=1 |", "|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         f, b = r["final"], r["best"]
         lines.append(f"| {r['score']} | {r['arm']} | {f['mean']:.3f} ± {f['std']:.3f} ({f['n']}) | "
                      f"{b['mean']:.3f} ± {b['std']:.3f} | {r['formed']} {r['formed_steps'] or ''} | "
-                     f"{r['tokens'] / 1e6:.2f}M | {r.get('verdict', 'baseline')} |")
+                     f"{min(r['steps'])}-{max(r['steps'])} / {r['planned_steps']} | {r['tokens'] / 1e6:.2f}M | "
+                     f"{r.get('verdict', 'baseline')} |")
     shown = "; ".join(f"{s}: " + ", ".join(f"{k} {v['exact_match']:.3f}" for k, v in f.items())
                       for s, f in result["floors"].items())
     return "\n".join(lines) + f"\n\nfloors on the same test stories: {shown}"
 
 
-def config_for(tiny: bool, device: str, **overrides: Any) -> ReproConfig:
+def config_for(tiny: bool, device: str, settings: Sequence[str] = (), **overrides: Any) -> ReproConfig:
+    """The default (or tiny) sizes, then ``settings`` (``field=value``, e.g. ``dim=64``), then ``overrides``."""
+    fields = {f.name: f for f in dataclasses.fields(ReproConfig)}
+    parsed = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key in ("task_params", "n_futures", "device"):
+            raise ValueError(f"--set {item!r}: use field=value with a field among "
+                             f"{sorted(set(fields) - {'task_params', 'n_futures', 'device'})}")
+        kind = type(getattr(ReproConfig(), key))
+        parsed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     cfg = ReproConfig(device=device)
-    return replace(cfg, **{**(TINY if tiny else {}), **{k: v for k, v in overrides.items() if v is not None}})
+    return replace(cfg, **{**(TINY if tiny else {}), **parsed, **{k: v for k, v in overrides.items() if v is not None}})
 

@@ -78,14 +78,21 @@ class ArmsSpec:
 
 def compute_matched_steps(baseline: JobConfig, controlled: JobConfig) -> int:
     """Steps that give ``baseline`` the training FLOPs ``controlled`` spends in its ``max_steps``
-    (same tokens per step; rounded up, so the control never gets less compute)."""
-    from mtp.model import training_flops_per_token  # torch: only where a control is built
-
+    (rounded up, so the control never gets less compute)."""
     for cfg in (baseline, controlled):
         cfg.validate()
-    per_step = [training_flops_per_token(c.model, c.train.seq_len) * c.train.seq_len * c.train.batch_size
-                * c.train.grad_accum for c in (baseline, controlled)]
-    return math.ceil(controlled.train.max_steps * per_step[1] / per_step[0] - 1e-9)
+    tokens = [c.train.seq_len * c.train.batch_size * c.train.grad_accum for c in (baseline, controlled)]
+    return flops_matched_steps(baseline.model, controlled.model, baseline.train.seq_len, controlled.train.max_steps,
+                               tokens[1] / tokens[0])
+
+
+def flops_matched_steps(baseline: Any, controlled: Any, seq_len: int, steps: int, token_ratio: float = 1.0) -> int:
+    """Steps of ``baseline`` (a ModelConfig) with the FLOPs of ``steps`` of ``controlled``; ``token_ratio``:
+    the controlled arm's tokens per step over the baseline's."""
+    from mtp.model import training_flops_per_token  # torch: only where a control is built
+
+    ratio = training_flops_per_token(controlled, seq_len) / training_flops_per_token(baseline, seq_len)
+    return math.ceil(steps * ratio * token_ratio - 1e-9)
 
 
 def overrides(arm: Arm, build: Callable[[dict[str, Any]], JobConfig]) -> dict[str, Any]:
