@@ -84,6 +84,15 @@ def test_polynomial_floors_fit_on_training_problems_only():
     assert strongest(floors, "exact_match") == ("two_rule_lookup", 0.25)
 
 
+def test_floor_names_are_the_floors_computed():
+    from mtp.compare.floors import NAMES, task_floors
+
+    toy = {"induction": [Problem("Ab met Cd. Cd hit A", "b")], "polynomial": [Problem("o3x=", "30000")],
+           "stargraph": [Problem("kq,zc,qa,kz|kc=", "kzc")]}
+    for task, names in NAMES.items():
+        assert tuple(task_floors(task, toy[task], toy["polynomial"])) == names
+
+
 def test_stargraph_floors_on_a_toy_graph():
     # start k, arms k-q-a and k-z-c, goal c: path kzc
     test = [Problem("kq,zc,qa,kz|kc=", "kzc")]
@@ -200,3 +209,5 @@ def test_a_sweep_file_with_arms_searches_arm_labels_and_builds_their_configs():
         parse_spec({**raw, "space": {"model.n_future": {"grid": [2, 4]}}})
     with pytest.raises(SweepError, match="verdict"):
         parse_spec({**raw, "verdict": {"margin": -1}})
+    with pytest.raises(SweepError, match="not a floor of this sweep's task"):
+        parse_spec({**raw, "verdict": {"floor": "guess_seen"}})  # no task: no floors

@@ -130,6 +130,13 @@ FLOORS: dict[str, Callable[..., dict[str, Floor]]] = {
 }
 
 
+NAMES: dict[str, tuple[str, ...]] = {  # what each task's floors are called (for checking a sweep file)
+    "induction": ("guess_seen", "guess_seen_other"),
+    "polynomial": ("constant", "two_rule_lookup"),
+    "stargraph": ("copy_start_goal", "shortcut"),
+}
+
+
 def task_floors(task: str, test: Sequence[Scored], fit: Sequence[Scored]) -> dict[str, Floor]:
     """Every floor of ``task`` on ``test`` (``fit``: training problems for fitted constants); {} for a
     task without floors."""

@@ -317,6 +317,13 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
         for axis in (spec.plot.x, spec.plot.lines):
             if axis not in defaults and not (axis == ARM and spec.arms):
                 raise SweepError(f"plot axis {axis!r} is not a config field")
+        if spec.verdict.floor is not None:
+            from mtp.compare.floors import NAMES
+
+            known = NAMES.get(getattr(spec.task, "name", None), ())
+            if spec.verdict.floor not in known:
+                raise SweepError(f"verdict.floor={spec.verdict.floor!r} is not a floor of this sweep's task; "
+                                 f"its floors: {list(known) or 'none'}")
         reported = {name: scorer.metric_names() for name, scorer in scorers.items()}
         if reported and not any(spec.metric in names for names in reported.values()):
             raise SweepError(f"metric {spec.metric!r} is not reported by the {' or the '.join(reported)}; "
