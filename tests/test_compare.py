@@ -211,3 +211,15 @@ def test_a_sweep_file_with_arms_searches_arm_labels_and_builds_their_configs():
         parse_spec({**raw, "verdict": {"margin": -1}})
     with pytest.raises(SweepError, match="not a floor of this sweep's task"):
         parse_spec({**raw, "verdict": {"floor": "guess_seen"}})  # no task: no floors
+
+
+def test_formation_reports_best_beside_final_and_the_step_each_seed_formed():
+    from mtp.compare.table import formation
+
+    rows = [r for r in _fake_sweep(effect=0.0, baseline=0.5, seeds=2) if r.status == "ok" and r.params["model.dim"] == 64]
+    histories = {r.trial_id: [(500, 0.2), (1000, 0.95 if r.params["model.n_future"] == 2 else 0.6), (1500, 0.5)]
+                 for r in rows}
+    histories[rows[-1].trial_id] = [(500, 0.1), (1000, 0.3), (1500, 0.92)]  # the last n=2 seed forms late
+    text = formation(rows, histories, "task/counterfactual/exact_match", 0.9)
+    assert "| dim=64 | n=1 | 0.500 ± 0.000 (2) | 0.600 ± 0.000 (2) | 0/2 | - |" in text
+    assert "| dim=64 | n=2 | 0.710 ± 0.297 (2) | 0.935 ± 0.021 (2) | 2/2 | 1000, 1500 |" in text

@@ -26,13 +26,14 @@ class VerdictSpec:
     margin: float = 0.0  # how far the n=1 mean must clear the floor for any comparison to count
     floor: str | None = None  # the floor to clear; None: the strongest one of the metric
     seed: int = 0  # of the bootstrap
+    formed_at: float | None = None  # a seed "formed" the skill when the sweep metric first reaches this
 
     @classmethod
     def parse(cls, raw: Any) -> "VerdictSpec":
         if raw is None:
             return cls()
-        if not isinstance(raw, dict) or set(raw) - {"margin", "floor", "seed"}:
-            raise ValueError(f"verdict must be a mapping of margin, floor, seed; got {raw!r}")
+        if not isinstance(raw, dict) or set(raw) - {"margin", "floor", "seed", "formed_at"}:
+            raise ValueError(f"verdict must be a mapping of margin, floor, seed, formed_at; got {raw!r}")
         spec = cls(**raw)
         if not isinstance(spec.margin, (int, float)) or isinstance(spec.margin, bool) or spec.margin < 0:
             raise ValueError(f"verdict.margin={spec.margin!r} must be a number >= 0")
@@ -128,3 +129,28 @@ def write_comparison(rows: list[Any], metrics: list[str], floors_by_metric: dict
         writer.writeheader()
         writer.writerows(records)
     return [path, md]
+
+
+def formation(rows: Iterable[Any], histories: dict[str, list[tuple[int, float]]], metric: str, threshold: float,
+              arm_key: str = "arm") -> str:
+    """Per setting and arm: the final and the best checkpoint's ``metric`` (mean ± std over seeds), and how
+    many seeds reached ``threshold``, at which step. ``histories``: trial id -> [(step, value)]."""
+    groups: dict[tuple, list[Any]] = {}
+    for row in rows:
+        if row.status == "ok" and histories.get(row.trial_id):
+            setting = tuple((k, v) for k, v in row.params.items()
+                            if k not in SEED_KEYS and k not in (arm_key, "model.n_future"))
+            groups.setdefault((setting, arm_of(row.params, arm_key)), []).append(row)
+    lines = [f"**{metric}** over training: best checkpoint beside the final one; formed = first checkpoint "
+             f"at or above {threshold:g}", "",
+             "| setting | arm | final | best checkpoint | seeds formed | steps |", "|---|---|---|---|---|---|"]
+    for (setting, arm), mine in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "n=1", kv[0][1])):
+        points = [sorted(histories[r.trial_id]) for r in mine]
+        final = ArmStats.of([p[-1][1] for p in points])
+        best = ArmStats.of([max(v for _, v in p) for p in points])
+        steps = [next((s for s, v in p if v >= threshold), None) for p in points]
+        formed = [s for s in steps if s is not None]
+        shown = " ".join(f"{k.split('.')[-1]}={v}" for k, v in setting) or "-"
+        lines.append(f"| {shown} | {arm} | {final.cell()} | {best.cell()} | {len(formed)}/{len(mine)} | "
+                     f"{', '.join(map(str, formed)) or '-'} |")
+    return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ class ExperimentResult:
     name: str
     tracking_uri: str
     parent_run_id: str  # the experiment's parent run (finetune: the finetuning sweep's)
-    table: str  # markdown: task metrics, mean ± std over seeds, as logged to the parent run
+    table: str  # markdown: task metrics, mean ± std over seeds, and the comparison to n=1 with floors and verdicts
     trials: int
     failed: int
     seconds: float
@@ -50,8 +50,18 @@ def run_experiment(name: str, spaces: Path, **sweep_options) -> ExperimentResult
     else:
         result = run_sweep(load_spec(files[0]), sweep_file=files[0], **sweep_options)
         rows = result.rows
-        table = Path(mlflow.artifacts.download_artifacts(
-            run_id=result.parent_run_id, artifact_path="task/task_summary.md", tracking_uri=result.tracking_uri,
-        )).read_text()
+        table = "\n".join(
+            Path(mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path=f"task/{artifact}",
+                                                     tracking_uri=result.tracking_uri)).read_text()
+            for artifact in _artifacts(result)
+        )
     return ExperimentResult(name, result.tracking_uri, result.parent_run_id, table, len(rows),
                             sum(r.status == "error" for r in rows), time.monotonic() - start)
+
+
+def _artifacts(result) -> list[str]:
+    """The parent run's tables: mean ± std over seeds, and the comparison where the task has floors."""
+    from mlflow.tracking import MlflowClient
+
+    listed = {a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.parent_run_id, "task")}
+    return [name for name in ("task_summary.md", "comparison.md", "formation.md") if f"task/{name}" in listed]

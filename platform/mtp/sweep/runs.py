@@ -127,6 +127,14 @@ def finish_parent(
             if floors:  # per setting and arm: interval to n=1 and the verdict (task metrics: higher is better)
                 for path in write_comparison(rows, list(floors), floors, spec.verdict, "max", directory / "task"):
                     client.log_artifact(parent_id, str(path), "task")
+            if spec.verdict.formed_at is not None:
+                from mtp.compare.table import formation
+
+                histories = {r.trial_id: [(m.step, m.value) for m in client.get_metric_history(r.run_id, spec.metric)]
+                             for r in rows if r.run_id}
+                path = directory / "task" / "formation.md"
+                path.write_text(formation(rows, histories, spec.metric, spec.verdict.formed_at))
+                client.log_artifact(parent_id, str(path), "task")
     metrics = {"trials": len(rows), "trials_failed": sum(r.status == "error" for r in rows),
                "trials_stopped": sum(r.status == "stopped" for r in rows)}
     if best is not None:
