@@ -35,7 +35,7 @@ class EngineConfig:
     tree: tuple[int, ...] | None = field(default=None, metadata={
         "help": "greedy drafts verify a tree: top tokens per head, e.g. 3 2 1 (default: the chain of all heads)"})
     static_shapes: bool = field(default=False, metadata={
-        "help": "every step attends over the whole masked cache: its shapes depend on the batch size only (implied by cuda_graphs and compile)"})
+        "help": "every step attends over the whole masked cache: its shapes depend on the batch size only (implied by cuda_graphs)"})
     cuda_graphs: bool = field(default=False, metadata={"help": "capture each step kind and batch size once, replay it"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each step kind (any device)"})
 

@@ -11,8 +11,8 @@ token for token and step for step) and adds what makes it fast and servable:
   reference runs one chain per path;
 * many requests in one batch, each row at its own position, joining and leaving
   between steps (continuous batching), with per-row sampling settings and seeds;
-* static step shapes, so a step can be compiled (``torch.compile``, any device) or
-  replayed as a CUDA graph.
+* fixed step buffers, so a step can be compiled (``torch.compile``, any device; the
+  attended cache length a dynamic size) or replayed as a CUDA graph (static shapes).
 
 Requests run in rows of a fixed-size batch. A row is admitted with a prefill
 (which also yields its first token and the heads' first drafts), then advances one
@@ -203,13 +203,13 @@ class Engine:
     ``config.tree`` (widths per draft depth, e.g. ``(3, 2, 1)``) makes greedy requests
     verify a Medusa-style candidate tree instead of a single chain.
     ``static_shapes`` gives every step fixed shapes for its batch size (attention over
-    a fixed bucket of cache slots, masked); ``cuda_graphs`` (implies it) captures each
-    greedy step kind and batch size once and replays it, which removes the per-kernel
-    launch cost that dominates small-batch decoding on GPUs. ``compile`` (implies
-    static shapes; not with ``cuda_graphs``) runs each step through ``torch.compile``,
-    on any device: a step kind is compiled once for one row and once for
-    ``max_batch_size`` rows (a step of 2.. rows pads up to it), on first use or in
-    ``warm_up`` (which a server calls before taking requests).
+    the whole cache, masked); ``cuda_graphs`` (implies it) captures each step kind and
+    batch size once and replays it, which removes the per-kernel launch cost that
+    dominates small-batch decoding on GPUs. ``compile`` (not with ``cuda_graphs``) runs
+    each step through ``torch.compile``, on any device, attending over the filled part
+    of the cache only (its length a dynamic size): a step kind is compiled once for one
+    row and once for ``max_batch_size`` rows (a step of 2.. rows pads up to it), on
+    first use or in ``warm_up`` (which a server calls before taking requests).
     The model is moved to the config's device and dtype and its weights are repacked
     once here: build a new Engine after changing them. Any number of threads may
     submit, generate and stream at once: their requests share one continuous batch
@@ -240,7 +240,7 @@ class Engine:
             for tree in (self.chain, self.tree):  # the heads' fused projections, built outside any capture
                 self.packed.heads.qkv(1 + (len(tree.tree.widths) if tree is not None else 0))
         self._rows: dict[_Mode, _Rows] = {}  # device state per step kind, allocated once
-        self.static_shapes = config.static_shapes or config.cuda_graphs or config.compile
+        self.static_shapes = config.static_shapes or config.cuda_graphs
         self._graphs = CudaGraphs() if config.cuda_graphs else None
         self._compiled = CompiledSteps(self._device_step, self.cache.slots - 1) if config.compile else None
         self._lock = threading.Lock()  # one step at a time
