@@ -16,9 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-import torch  # noqa: E402
-
-from mtp.importing.stream import ConversionError  # noqa: E402
+from mtp.importing.stream import CAST, ConversionError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +24,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory or MLflow URI (models:/name@alias, runs:/...)")
     p.add_argument("--out", type=Path, required=True, help="HF directory to write")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast the weights (default: as stored)")
+    p.add_argument("--dtype", choices=tuple(CAST), help="cast the weights (default: as stored)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--tracking-uri", help="MLflow store an MLflow URI is resolved in")
     args = p.parse_args(argv)
     from mtp.importing.export import export_hf
     from mtp.tracking.registry import resolve_checkpoint
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    dtype = CAST.get(args.dtype)
     try:
         out = export_hf(resolve_checkpoint(args.checkpoint, args.tracking_uri), args.out, dtype, args.overwrite)
     except (ConversionError, FileNotFoundError) as exc:

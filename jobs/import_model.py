@@ -23,11 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
-import torch  # noqa: E402
-
-from mtp.importing.stream import ConversionError  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from mtp.importing.stream import CAST, ConversionError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-heads", choices=("copy", "random"), default="copy",
                    help="heads the source lacks start as copies of head 0 (default) or freshly initialised")
     p.add_argument("--max-seq-len", type=int, help="context the decoder allocates for (default: the model's, at most 4096)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast the weights (default: as stored)")
+    p.add_argument("--dtype", choices=tuple(CAST), help="cast the weights (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--register", metavar="NAME", help="log to MLflow and register as a new version of NAME")
     p.add_argument("--tracking-uri", help="MLflow store for --register (default: MLFLOW_TRACKING_URI or the local store)")
@@ -56,7 +52,7 @@ def register(checkpoint: Path, name: str, uri: str | None) -> str | None:
     from mtp.checkpoint import read_config
     from mtp.config import from_dict
     from mtp.tracking.runs import register_checkpoint, start_run
-    from mtp.tracking.store import client
+    from mtp.tracking.store import client, tracking_uri
 
     cfg = from_dict(read_config(checkpoint))
     cfg.tracking.experiment, cfg.tracking.run_name = "mtp-import", f"import-{checkpoint.name}"
@@ -64,15 +60,13 @@ def register(checkpoint: Path, name: str, uri: str | None) -> str | None:
     provenance = json.loads((checkpoint / "import.json").read_text())
     run_id = start_run(cfg, tags={f"import.{k}": str(v) for k, v in provenance.items()})
     model_uri = register_checkpoint(cfg, run_id, checkpoint)
-    from mtp.tracking.store import tracking_uri
-
     client(tracking_uri(cfg.tracking)).set_terminated(run_id)
     return model_uri
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = CAST.get(args.dtype)
     source = args.hf or args.meta
     start = time.perf_counter()
     try:

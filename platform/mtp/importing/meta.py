@@ -127,8 +127,8 @@ def import_meta(
 ) -> Path:
     """Convert a Meta MTP checkpoint directory into an mtp checkpoint with ``n_future`` heads
     (default: the checkpoint's ``n_future_tokens``; fewer drop heads, more add copies of head 0
-    or fresh ones). ``tokenizer`` defaults to ``tokenizer.json`` in ``source``
-    (``mtp.importing.sentencepiece`` converts Meta's ``tokenizer.model``).
+    or fresh ones). ``tokenizer`` defaults to ``tokenizer.json`` in ``source`` (Meta's
+    SentencePiece ``tokenizer.model`` is not read: see the README).
     """
     from mtp.importing.hf import hf_tokenizer
 

@@ -25,6 +25,8 @@ _DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
 
+CAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the jobs' --dtype choices
+
 
 class ConversionError(ValueError):
     """An input cannot be converted; the message names the file and the key at fault."""
