@@ -19,6 +19,7 @@ from mtp.bench.schedules import MEMORY_TARGET, BenchSpec, compare, format_table
 from mtp.checkpoint import load_model
 from mtp.config import ConfigError
 from mtp.data import prepare_data
+from mtp.model import count_parameters
 from mtp.train import train
 
 TINY = BenchSpec(device="cpu", preset="tiny", batch_size=2, seq_len=64, chunk_size=16, rounds=1, steps_per_round=1)
@@ -27,7 +28,7 @@ TINY = BenchSpec(device="cpu", preset="tiny", batch_size=2, seq_len=64, chunk_si
 def test_schedules_report_every_variant_and_sequential_saves_memory():
     rows = compare(TINY, vocab_size=512, log=lambda _: None)
     by_name = {r.variant: r for r in rows}
-    assert list(by_name) == ["n1", "naive", "sequential", "sequential-chunked"]
+    assert list(by_name) == ["n1", "naive", "sequential", "sequential-chunked", "batched"]
     assert all(r.tokens_per_s > 0 and r.peak_memory_bytes > 0 for r in rows)
     n1 = by_name["n1"]
     assert (n1.n_future, n1.time_ratio, n1.memory_ratio, n1.flop_ratio) == (1, 1.0, 1.0, 1.0)
@@ -39,8 +40,13 @@ def test_schedules_report_every_variant_and_sequential_saves_memory():
     assert chunked.peak_memory_bytes < seq.peak_memory_bytes < naive.peak_memory_bytes
     assert seq.memory_ratio <= MEMORY_TARGET
     assert naive.memory_ratio > 1
+    # Batched: as many block activations as n=1 (param-matched) and no logits; what it adds is
+    # the heads' stacked weights (saved for the backward) and their gradient, fixed costs that
+    # dominate only at toy sizes like this one.
+    heads_bytes = count_parameters(TINY.model_config(512, 4))["heads"] * 4
+    assert by_name["batched"].peak_memory_bytes - n1.peak_memory_bytes < 2 * heads_bytes
     table = format_table(TINY, rows)
-    assert "sequential-chunked" in table and "target sequential:" in table
+    assert "sequential-chunked" in table and "target sequential:" in table and "target batched:" in table
 
 
 def test_schedules_reject_a_preset_too_shallow_to_param_match():

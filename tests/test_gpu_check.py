@@ -19,7 +19,9 @@ from mtp import data
 from mtp.bench.gpu_check import cli, correctness, runner
 from mtp.bench.gpu_check.report import FAIL, Budget, Row
 from mtp.bench.gpu_check.training import VARIANTS
-from mtp.config import DataConfig
+from mtp.config import DataConfig, ModelConfig
+from mtp.device import datasheet_peak_flops, mfu, peak_for_name
+from mtp.model import training_flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,14 @@ def test_dry_run_passes_without_ray_mlflow_or_datasets(tmp_path):
     assert list(training) == [f"tiny {v.name}" for v in VARIANTS]
     assert all(m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0 for m in training.values())
     assert training["tiny sequential-chunked"]["flop_ratio"] > 1 and "time_ratio" not in training["tiny n1"]
+    assert training["tiny batched"]["time_ratio_vs_n1_batched"] > 0
+    # The CPU has no datasheet peak: MFU is n/a, not a number against a measured 0.0 TFLOP/s,
+    # and toy sizes judge no target (no "MISSED" beside a ratio of 1.000).
+    peak = rows[runner.STAGES[1], "bf16 matmul peak"]
+    assert "MFU n/a" in peak["target"] and " 0.0 " not in peak["summary"] and "FLOP/s" in peak["summary"]
+    assert all(m["mfu"] is None for m in training.values())
+    stage2 = [r for (s, _), r in rows.items() if s == runner.STAGES[1]]
+    assert not [r for r in stage2 if "MISSED" in r["target"] or "met" in r["target"].split()]
 
     steps = [r for (s, name), r in rows.items() if s == runner.STAGES[2] and name.startswith("step ")]
     assert len(steps) == 4 and all(r["metrics"]["ms_per_step"] > 0 for r in steps)
@@ -117,6 +127,19 @@ def test_a_budget_too_small_skips_every_stage_with_a_row_saying_so(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {r["stage"] for r in result["rows"]} == set(runner.STAGES)
     assert {r["summary"] for r in result["rows"]} == {"skipped: budget"} and result["passed"]
+
+
+def test_mfu_is_against_the_datasheet_peak_with_causal_attention():
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == peak_for_name("NVIDIA H200") == 989.4e12
+    assert peak_for_name("NVIDIA H100 PCIe") == 756e12 and peak_for_name("NVIDIA L40S") == 362e12
+    assert peak_for_name("NVIDIA L4") == 121e12 and peak_for_name("AMD Instinct MI300X") is None
+    assert datasheet_peak_flops("cpu") is None and mfu(1e6, 1e9, None) is None
+    assert mfu(1e5, 2e9, 1e15, devices=2) == pytest.approx(0.1)
+    cfg = ModelConfig(vocab_size=1000, dim=256, n_layers=6, n_heads=8, n_future=2)
+    per_key = training_flops_per_token(cfg, 2048) - training_flops_per_token(cfg, 1024)  # attention only
+    layers = cfg.n_trunk_layers + cfg.n_future
+    # causal: each token sees seq_len / 2 keys on average, QK^T and AV at 2 FLOPs per MAC, x3 for fwd+bwd
+    assert per_key == pytest.approx(layers * 3 * 2 * 2 * cfg.n_heads * cfg.head_dim * 1024 / 2)
 
 
 def test_budget_lends_a_stage_what_earlier_stages_left():

@@ -13,6 +13,7 @@ from mtp.loss import (
     mtp_targets,
     naive_loss,
     sequential_backward,
+    step_backward,
 )
 from mtp.model import MTPTransformer
 from mtp.bench.profiling import LiveTensorBytes
@@ -126,17 +127,15 @@ def test_fused_linear_cross_entropy_never_holds_the_whole_logits():
 
 @pytest.mark.parametrize("chunk_size", [None, 7])
 def test_sequential_backward_under_bf16_autocast_adds_no_error(chunk_size, device):
-    """Against the fp32 naive gradients, the sequential (and chunked) backward under bf16
-    autocast errs no more than the naive backward under bf16 does: the schedule adds nothing."""
+    """Against the fp32 naive gradients, the sequential (and chunked) backward and the batched
+    fused loss under bf16 autocast err no more than the naive backward under bf16 does: the
+    schedule adds nothing."""
     inputs, targets = mtp_targets(_batch().to(device), 4)
 
     def error(schedule: str) -> float:
         model = _model(4, dtype=torch.float32).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            if schedule == "naive":
-                naive_loss(model, inputs, targets)[0].backward()
-            else:
-                sequential_backward(model, inputs, targets, chunk_size=chunk_size)
+            step_backward(schedule, model, inputs, targets, chunk_size=chunk_size)
         return max(float((p.grad - ref[n]).norm() / ref[n].norm()) for n, p in model.named_parameters())
 
     reference = _model(4, dtype=torch.float32).to(device)
@@ -145,6 +144,7 @@ def test_sequential_backward_under_bf16_autocast_adds_no_error(chunk_size, devic
     naive = error("naive")
     assert 0 < naive <= BF16_NAIVE
     assert error("sequential") <= BF16_EXCESS * naive + 1e-3
+    assert error("batched") <= BF16_EXCESS * naive + 1e-3
 
 
 def test_loss_scale_accumulates_like_grad_accumulation():

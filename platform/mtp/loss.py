@@ -313,6 +313,33 @@ def _compiled_heads():
     return torch.compile(MTPTransformer.heads_batched)
 
 
+def step_backward(
+    schedule: str,
+    model: MTPTransformer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    head_weights: Sequence[float] | None = None,
+    chunk_size: int | None = None,
+    loss_scale: float = 1.0,
+    compiled: bool = False,
+) -> StepLosses:
+    """One micro-batch's forward and backward on ``schedule`` (``TrainConfig.schedule``).
+
+    Accumulates ``loss_scale`` times the loss's gradients; returns the detached losses.
+    The training loop and every measurement of the schedules call this one function.
+    """
+    if schedule == "sequential":
+        return sequential_backward(model, inputs, targets, head_weights, chunk_size, loss_scale)
+    if schedule == "batched":
+        loss, losses = batched_loss(model, inputs, targets, head_weights, chunk_size, compiled)
+    elif schedule == "naive":
+        loss, losses = naive_loss(model, inputs, targets, head_weights)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: 'sequential', 'batched' or 'naive'")
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    return losses
+
+
 @torch.no_grad()
 def evaluate_head_losses(
     model: MTPTransformer, inputs: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None

@@ -311,13 +311,15 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward+backward FLOPs per input token (6N rule plus causal attention).
+    """Forward+backward FLOPs per input token: 6N (matmul parameters) plus causal attention.
 
     Every head pays its block and the shared unembedding, so this is the floor of
-    how much slower n_future > 1 trains than the next-token model.
+    how much slower n_future > 1 trains than the next-token model. Attention: per
+    layer QK^T and AV, 2 FLOPs per multiply-add each, over on average ``seq_len / 2``
+    keys (causal; PaLM's appendix counts all ``seq_len``), times 3 for the backward.
     """
     counts = count_parameters(cfg)
     layers = cfg.n_trunk_layers + cfg.n_future
     dense = counts["trunk"] + counts["heads"] + cfg.n_future * cfg.vocab_size * cfg.dim
-    attention = layers * 2 * cfg.n_heads * cfg.head_dim * seq_len  # QK^T and AV (PaLM's count)
-    return 6 * dense + 6 * attention
+    attention = layers * 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len / 2  # per token, forward
+    return 6 * dense + 3 * attention

@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 from mtp.checkpoint import WEIGHTS, inherit_source_model, load_train_state, save_checkpoint, transfer_weights
 from mtp.config import ConfigError, JobConfig, TrainConfig
 from mtp.data import BatchPrefetcher, BlockSampler, DataPosition, PackedData, gather_blocks, prepare_data, val_indices
-from mtp.device import resolve_device
-from mtp.loss import batched_loss, evaluate_head_losses, mtp_targets, naive_loss, sequential_backward
+from mtp.device import datasheet_peak_flops, mfu, resolve_device
+from mtp.loss import evaluate_head_losses, mtp_targets, step_backward
 from mtp.model import MTPTransformer, freeze_, training_flops_per_token
 from mtp.parallel import (
     SHARDS,
@@ -53,9 +53,6 @@ from mtp.parallel import (
     set_gradient_sync,
     shard_blocks,
 )
-
-# Dense bf16 peak FLOP/s by GPU name, for MFU. Devices not listed get no MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
 
 class TrainingError(RuntimeError):
@@ -179,13 +176,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
 def default_run_name(cfg: JobConfig) -> str:
@@ -326,18 +316,8 @@ class Trainer:
                 set_gradient_sync(self.model, micro == tc.grad_accum - 1)
             inputs, targets = self._targets(self.batches.next())
             with self._autocast():
-                if tc.schedule == "sequential":
-                    losses = sequential_backward(
-                        self.model, inputs, targets, tc.head_weights, tc.loss_chunk_size, loss_scale=1.0 / tc.grad_accum
-                    )
-                elif tc.schedule == "batched":
-                    loss, losses = batched_loss(
-                        self.model, inputs, targets, tc.head_weights, tc.loss_chunk_size, compiled=tc.compile
-                    )
-                    (loss / tc.grad_accum).backward()
-                else:
-                    loss, losses = naive_loss(self.model, inputs, targets, tc.head_weights)
-                    (loss / tc.grad_accum).backward()
+                losses = step_backward(tc.schedule, self.model, inputs, targets, tc.head_weights, tc.loss_chunk_size,
+                                       loss_scale=1.0 / tc.grad_accum, compiled=tc.compile)
             head_losses += losses.head_losses.float() / tc.grad_accum
         all_reduce_gradients(self.replicated)
         return head_losses
@@ -403,7 +383,7 @@ class Trainer:
         tc = self.cfg.train
         tokens_per_step = tc.batch_size * tc.grad_accum * self.info.world_size * tc.seq_len
         flops_per_token = training_flops_per_token(self.cfg.model, tc.seq_len)
-        device_peak = peak_flops(self.device)
+        device_peak = datasheet_peak_flops(self.device)
         self._print(
             f"training {self.cfg.train.preset} n_future={self.cfg.model.n_future} on {self.info.world_size} x "
             f"{self.device.type}: {len(self.data.train)} blocks of {tc.seq_len + 1} tokens, "
@@ -435,7 +415,7 @@ class Trainer:
                 metrics["perf/step_time_s"] = elapsed / interval_steps
                 metrics["perf/peak_memory_bytes"] = float(peak_memory_bytes(self.device))
                 if device_peak:
-                    metrics["perf/mfu"] = tokens_per_s * flops_per_token / (device_peak * self.info.world_size)
+                    metrics["perf/mfu"] = mfu(tokens_per_s, flops_per_token, device_peak, self.info.world_size)
                 if self.step % tc.eval_every == 0 or last:
                     metrics.update(self.evaluate())
                 self._log(metrics, eta=(tc.max_steps - self.step) * elapsed / interval_steps)

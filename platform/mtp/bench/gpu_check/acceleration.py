@@ -127,7 +127,7 @@ def train_model(sizes: AccelerationSizes, device: torch.device, train_s: float, 
         "params": params, "steps": steps, "train_s": seconds, "prepare_data_s": prepared_s,
         "tokens": steps * cfg.train.batch_size * cfg.train.seq_len, "corpus_tokens": int(data.train.size), **m,
     }
-    mfu = f", MFU {m['perf/mfu']:.2f} (datasheet peak)" if "perf/mfu" in m else ""
+    mfu = f", MFU {m['perf/mfu']:.2f}" if "perf/mfu" in m else ", MFU n/a (no datasheet peak)"
     row = Row(
         STAGE, f"train byte-level n={cfg.model.n_future}", MEASURED,
         f"{params / 1e6:.3g}M params, {steps} steps in {seconds:.0f} s ({metrics['tokens'] / 1e6:.3g}M tokens, "
