@@ -142,6 +142,13 @@ def test_mfu_is_against_the_datasheet_peak_with_causal_attention():
     assert per_key == pytest.approx(layers * 3 * 2 * 2 * cfg.n_heads * cfg.head_dim * 1024 / 2)
 
 
+def test_the_full_check_fits_one_ten_minute_device_command():
+    """docs/GPU.md's "Next run" is one call of the device tool (at most 600 s a command): the
+    default budget leaves room for start-up (imports, CUDA init) and an item that overruns."""
+    assert runner.GPU.budget_s + 120 <= 600
+    assert sum(runner.GPU.plan_s.values()) == runner.GPU.budget_s
+
+
 def test_budget_lends_a_stage_what_earlier_stages_left():
     now = [0.0]
     budget = Budget(100, {"a": 50, "b": 30, "c": 20}, clock=lambda: now[0])
