@@ -216,7 +216,7 @@ def _linear_ce_chunk(
     gradients of ``sum(scale * CE)`` with respect to ``x`` and ``weight``.
 
     The logits live only inside this function; compiled, their softmax, loss and
-    gradient are one or two fused passes (the ``_ce_and_grad_`` math, out of place).
+    gradient are one or two fused passes (the ``_ce_and_grad_`` math).
     """
     logits = x @ weight.t()
     valid = targets != IGNORE_INDEX
@@ -224,8 +224,9 @@ def _linear_ce_chunk(
     wide = _upcast(logits)
     lse = torch.logsumexp(wide, dim=-1, keepdim=True)
     ce = (lse - wide.gather(-1, safe_targets)).squeeze(-1) * valid
-    row_scale = (valid * scale).to(wide.dtype).unsqueeze(-1)
-    grad = (wide - lse).exp().scatter_add(-1, safe_targets, -torch.ones_like(lse)) * row_scale
+    grad = (wide - lse).exp_()  # softmax - onehot, scaled; in place: one [N, V] buffer in eager mode
+    grad.scatter_add_(-1, safe_targets, -torch.ones_like(lse))
+    grad.mul_((valid * scale).to(grad.dtype).unsqueeze(-1))
     grad = grad.to(logits.dtype)
     return ce, grad @ weight, grad.t() @ x
 
