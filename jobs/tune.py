@@ -21,7 +21,8 @@ sys.path.insert(0, str(SOURCE_ROOT))
 
 from mtp.cluster.ray_env import connect  # noqa: E402
 from mtp.data import DataError  # noqa: E402
-from mtp.sweep import SweepError, load_spec, run_sweep  # noqa: E402
+from mtp.hints import command, mlflow_browse  # noqa: E402
+from mtp.sweep import SweepError, SweepInterrupted, interrupted_count, load_spec, run_sweep  # noqa: E402
 from mtp.sweep.summary import format_table  # noqa: E402
 from mtp.tracking.store import TrackingError  # noqa: E402
 from mtp.cluster.logs import set_verbose  # noqa: E402
@@ -46,8 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do not reject trials larger than the cluster is now (autoscaling clusters)")
     p.add_argument("--register", metavar="MODEL_NAME", default=None,
                    help="register the best trial's model as a new version of MODEL_NAME and make it @champion")
-    p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's INFO logs too")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and MLflow's INFO logs, Tune's trial tables and every trial's output too")
     return p.parse_args(argv)
+
+
+def resume_command(args: argparse.Namespace, sweep_dir: str) -> str:
+    """The command that continues this sweep, as the user ran it."""
+    extra = ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
+    extra += ["--address", args.address] if args.address else []
+    return command(sys.argv[0], "--space", args.space, "--resume", sweep_dir, *extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, DataError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SweepInterrupted as exc:
+        print(f"\n{exc}\nresume with: {resume_command(args, exc.sweep_dir)}", file=sys.stderr)
+        return 130
+    if result.interrupted:
+        print(f"\ninterrupted: {interrupted_count(result.trials_done, result.trials_total)} "
+              f"(parent run {result.parent_run_id} marked KILLED)")
+        print(f"resume with: {resume_command(args, result.sweep_dir)}")
+        return 130
     print()
     print(format_table(result.rows, spec.metric, list(spec.space)))
     print()
@@ -82,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({', '.join(f'{k}={result.best.params[k]}' for k in spec.space)})")
     print(f"MLflow: {result.tracking_uri}  experiment {spec.experiment!r} (id {result.experiment_id})  "
           f"parent run {result.parent_run_id}")
-    if result.tracking_uri.startswith(("http://", "https://")):
-        print(f"  browse: {result.tracking_uri}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}")
-    else:
-        print(f"  browse: mlflow ui --backend-store-uri {result.tracking_uri}")
+    print(f"  browse: {mlflow_browse(result.tracking_uri, result.experiment_id, result.parent_run_id)}")
     print(f"sweep dir (for --resume): {result.sweep_dir}")
     if args.register and result.best is not None and result.best.run_id:
         model = register_run_model(result.best.run_id, args.register, result.tracking_uri)

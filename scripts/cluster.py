@@ -134,8 +134,40 @@ def terminate(pids: list[int], timeout_s: float = 5.0, group: bool = False) -> N
             return
 
 
-def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
-    """Start the MLflow server and the Ray head; write state.json and env.sh; return the state."""
+def listening(ports: set[int]) -> dict[int, str]:
+    """Which of ``ports`` listen, on which local address (``0.0.0.0``/``::``: every interface)."""
+    found: dict[int, str] = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, port = local.split(":")
+            if state != "0A" or int(port, 16) not in ports:  # 0A: LISTEN
+                continue
+            found[int(port, 16)] = _address(address, width)
+    return found
+
+
+def _address(hex_address: str, width: int) -> str:
+    if width == 8:
+        return socket.inet_ntop(socket.AF_INET, bytes.fromhex(hex_address)[::-1])
+    words = bytes.fromhex(hex_address)
+    return socket.inet_ntop(socket.AF_INET6, b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def exposed(state: dict) -> dict[str, int]:
+    """The cluster's ports that listen on every interface, by name (what ``--host`` could not bind)."""
+    names = {port: name for name, port in state["ports"].items()}
+    bound = listening(set(names))
+    return {names[port]: port for port, address in sorted(bound.items()) if address in ("0.0.0.0", "::")}
+
+
+def up(state_dir: Path, num_cpus: int | None, auth: bool, host: str = "127.0.0.1") -> dict:
+    """Start the MLflow server and the Ray head, their ports bound to ``host`` where Ray lets
+    them be (``exposed`` says which are not); write state.json and env.sh; return the state."""
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state_dir / STATE).exists():
         raise ClusterError(f"{state_dir / STATE} exists: a cluster is up (run `down` first)")
@@ -146,7 +178,8 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
     # Short and unique: Ray's unix sockets live under it (path length is limited), and
     # `down` finds this cluster's processes by it.
     ray_tmp = tempfile.mkdtemp(prefix="mtp-ray-", dir="/tmp")
-    mlflow_uri = f"http://127.0.0.1:{ports['mlflow']}"
+    local = "127.0.0.1" if host in ("127.0.0.1", "0.0.0.0", "::") else host  # where clients reach it
+    mlflow_uri = f"http://{local}:{ports['mlflow']}"
     from ray.util import get_node_ip_address  # the address Ray binds (it ignores 127.0.0.1)
 
     gcs_address = f"{get_node_ip_address()}:{ports['port']}"
@@ -154,7 +187,7 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
     # group cleaner, ...) otherwise find several Ray instances on a shared machine and fail.
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ADDRESS": gcs_address}
-    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    dashboard = f"http://{local}:{ports['dashboard-port']}"
     client_env = {  # what a shell needs: `ray job submit` and `serve deploy` talk to the dashboard,
         # a driver started in the shell (python jobs/train.py) joins the head's GCS
         "RAY_API_SERVER_ADDRESS": dashboard, "RAY_DASHBOARD_ADDRESS": dashboard, "RAY_ADDRESS": gcs_address,
@@ -174,7 +207,7 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
     store.mkdir(exist_ok=True)
     mlflow_log = logs / "mlflow.log"
     mlflow = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
+        [str(bin_dir / "mlflow"), "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
         env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=store,
         stdout=mlflow_log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -182,11 +215,13 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
     state = {"ray_temp_dir": ray_tmp, "mlflow_pgid": mlflow.pid, "ports": ports, "env": client_env,
              "gcs_address": gcs_address, "mlflow_store": str(store)}
     (state_dir / STATE).write_text(json.dumps(state, indent=2))  # from here on, `down` can clean up
-    ray_args = [str(bin_dir / "ray"), "start", "--head", "--temp-dir", ray_tmp, "--dashboard-host", "127.0.0.1",
+    ray_args = [str(bin_dir / "ray"), "start", "--head", "--temp-dir", ray_tmp, "--dashboard-host", host,
                 "--include-dashboard", "true", "--disable-usage-stats"]
     ray_args += [f"--{name}={ports[name]}" for name in RAY_PORTS]
     if num_cpus is not None:
         ray_args.append(f"--num-cpus={num_cpus}")
+    if local != "127.0.0.1":  # Ray replaces a loopback node address by the machine's own (services.py)
+        ray_args.append(f"--node-ip-address={local}")
     ray_log = logs / "ray-start.log"
     with ray_log.open("ab") as out:  # its own session: `down` stops every process in it
         head = subprocess.Popen(ray_args, env=env, cwd=state_dir, stdout=out, stderr=subprocess.STDOUT,
@@ -196,7 +231,7 @@ def up(state_dir: Path, num_cpus: int | None, auth: bool) -> dict:
         started = head.wait()
     if started != 0:
         raise ClusterError(f"`ray start` failed (exit {started}); see {ray_log}")
-    wait_http(f"http://127.0.0.1:{ports['dashboard-port']}/api/version", 60, "the Ray dashboard", ray_log)
+    wait_http(f"{dashboard}/api/version", 60, "the Ray dashboard", ray_log)
     wait_http(f"{mlflow_uri}/health", 120, "the MLflow server", mlflow_log)
     exports = "".join(f"export {k}={v}\n" for k, v in client_env.items())
     exports += f"export MTP_SERVE_PORT={ports['serve']}\nexport PATH={bin_dir}:$PATH  # ray, serve, python: the venv's\n"
@@ -231,11 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=REPO / ".cluster")
     parser.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
     parser.add_argument("--no-auth", action="store_true", help="start Ray without token authentication")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the dashboard, the MLflow server and (where Ray allows) the Ray ports listen "
+                             "on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
             try:
-                state = up(args.state_dir, args.num_cpus, auth=not args.no_auth)
+                state = up(args.state_dir, args.num_cpus, auth=not args.no_auth, host=args.host)
             except BaseException:
                 if (args.state_dir / STATE).exists():
                     down(args.state_dir)
@@ -246,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"MLflow server:  {env['MLFLOW_TRACKING_URI']}  (store {state['mlflow_store']})")
             print(f"Serve port:     {state['ports']['serve']}  (jobs/serve_config.py --port)")
             print(f"Ray auth:       {env['RAY_AUTH_MODE']}")
+            wide = exposed(state)
+            if wide and args.host not in ("0.0.0.0", "::"):
+                print(f"Listening on every interface (Ray 2.60 has no option to bind them to {args.host}; token "
+                      f"auth guards them): {', '.join(f'{name} {port}' for name, port in wide.items())}")
             print(f"\nFor the CLI:    source {args.state_dir / 'env.sh'}")
         else:
             stopped = down(args.state_dir)

@@ -42,6 +42,8 @@ def cluster(tmp_path_factory):
     assert up.returncode == 0, up.stderr[-3000:]
     state = json.loads((state_dir / "state.json").read_text())
     assert "MLflow server:" in up.stdout and state["env"]["RAY_AUTH_MODE"] == "token"
+    wide = _cluster_script().exposed(state)  # bound to 127.0.0.1 (the default --host) where Ray allows it
+    assert "dashboard-port" not in wide and "mlflow" not in wide, wide
     try:
         yield {"state": state, "dir": state_dir, "env": {**env, **state["env"], "HF_DATASETS_OFFLINE": "1",
                                                          "HF_HUB_OFFLINE": "1"}}
@@ -90,6 +92,14 @@ def test_train_evaluate_and_serve_through_the_cluster_clis(cluster, tmp_path):
     assert run.data.tags["mlflow.source.name"] == "jobs/train.py"
     assert run.data.tags["mtp.ray_working_dir"].startswith("gcs://_ray_pkg_")  # the uploaded code, by content hash
     assert any(runs.glob("*/checkpoint_*")), "checkpoints belong under train.output_dir, not the job's working dir"
+
+    # 1b. Resumed as a job with --resume alone (and a longer schedule): the checkpoint's config
+    #     holds the absolute output dir, so the command needs no --set train.output_dir.
+    run_dir = next(runs.glob("*/checkpoint_*")).parent
+    out = submit(cluster, "resume-cluster-path", "python", "jobs/train.py", "--resume", str(run_dir),
+                 "--max-steps", "6")
+    assert "resume: train.max_steps = 6 (the checkpoint's run had 4)" in out, out[-3000:]
+    assert (run_dir / "checkpoint_000006").is_dir() and client.get_run(version.run_id).info.status == "FINISHED"
 
     # 2. Evaluation as a job, default backend (sandbox workers as Ray actors on the cluster).
     out = submit(cluster, "eval-cluster-path", "python", "jobs/evaluate.py", "--model", f"models:/{MODEL}@champion",

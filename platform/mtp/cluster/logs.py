@@ -20,12 +20,21 @@ What it silences, and why each needs its own switch:
   ``quiet_process``, which ``runtime_env`` installs as the workers' setup hook.
 - MLflow's INFO lines (system-metrics monitor start/stop, model logging and
   registration), its run links (the job prints its own summary) and download progress bars.
+- What workers and Ray's actors write to stderr (tracebacks of a failed worker, the Train
+  controller's and Ray's own error logs): ``route_worker_logs`` sends every worker line to
+  the job's log file and only stdout (the job's progress lines) to the console; the job
+  prints one line per failure itself (``mtp.cluster.failures``).
+- HF ``datasets`` progress bars (tokenising, packing), and Ray's notice that a local
+  instance turned token authentication on (README: "Ray 2.60 and authentication").
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from pathlib import Path
 
 VERBOSE_ENV = "MTP_VERBOSE"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -33,7 +42,12 @@ NOISY_LOGGERS = ("mlflow",)
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 RUN_LINK_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # the job prints its run's link once, in its summary
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# "Token authentication is enabled for this Ray cluster ..." on every local instance a job starts
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"  # read when mlflow is imported, which resets its loggers' level
+RAY_PRINT_HANDLER = "ray_print_logs"  # Ray's own handler of worker output on the driver
+RAY_DAEMONS = ("raylet", "autoscaler")  # their lines reach the driver as a worker's would
+DATASETS_PROGRESS_ENV = "HF_DATASETS_DISABLE_PROGRESS_BARS"
 
 
 def verbose() -> bool:
@@ -54,7 +68,7 @@ def ray_log_level() -> int:
 def worker_env_vars() -> dict[str, str]:
     """Environment for every worker of the job (merged into its ``runtime_env``)."""
     env = {VERBOSE_ENV: "1" if verbose() else "0", PROGRESS_BAR_ENV: "true" if verbose() else "false",
-           MLFLOW_LEVEL_ENV: "INFO" if verbose() else "WARNING"}
+           MLFLOW_LEVEL_ENV: "INFO" if verbose() else "WARNING", DATASETS_PROGRESS_ENV: "0" if verbose() else "1"}
     if PREEMPTION_WATCHER_ENV in os.environ:  # the user's explicit choice wins
         env[PREEMPTION_WATCHER_ENV] = os.environ[PREEMPTION_WATCHER_ENV]
     elif not verbose():
@@ -73,12 +87,15 @@ def quiet_process() -> None:
     """Call once in each process (driver or worker) that should follow the verbosity setting."""
     level = ray_log_level()
     if not verbose():
+        os.environ.setdefault(DATASETS_PROGRESS_ENV, "1")
+        _disable_datasets_progress()
         os.environ.setdefault(PROGRESS_BAR_ENV, "false")
         os.environ.setdefault(RUN_LINK_ENV, "true")
         os.environ.setdefault(MLFLOW_LEVEL_ENV, "WARNING")
     names = list(NOISY_LOGGERS)
     if not verbose():
         logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+        logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
     try:  # Ray names this logger after its file (see the module docstring)
         from ray.train.v2._internal.execution import context
 
@@ -87,3 +104,59 @@ def quiet_process() -> None:
         pass
     for name in names:
         logging.getLogger(name).setLevel(level)
+
+
+def _disable_datasets_progress() -> None:
+    """``datasets`` reads its variable once, at import: turn its bars off where it is already imported."""
+    import sys
+
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
+_muted: list[bool] = []
+
+
+def mute_workers() -> None:
+    """From now on worker lines go to the log file only: the job has said how it ended, and
+    lines still arriving from workers that Ray is shutting down would follow that summary."""
+    _muted.append(True)
+
+
+def route_worker_logs(log_file: Path | None, console: bool = True) -> Path | None:
+    """On the driver: every line Ray forwards from workers goes to ``log_file`` (with its
+    worker's name and pid); the console gets only their stdout (none without ``console``:
+    a sweep's trials), or everything with ``--verbose``.
+
+    Ray prints worker output through a handler it registers on the driver, and the raylet's
+    error messages ("A worker died or was killed ...") through its module function
+    ``print_to_stdstream``, looked up at each call: both are replaced. Call after ``ray.init``;
+    returns ``log_file``. Without ``log_to_driver`` there is nothing to route.
+    """
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    if not any(name == RAY_PRINT_HANDLER for name, _ in dispatcher.handlers):
+        return None
+    _muted.clear()
+    to_console = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)
+    default_ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    lock = threading.Lock()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def handle(data: dict, ignore_prefix: bool = default_ignore_prefix) -> None:
+        if log_file is not None:
+            who = data.get("actor_name") or data.get("task_name") or "worker"
+            stamp = time.strftime("%H:%M:%S")
+            stream = "stderr" if data.get("is_err") else "stdout"
+            with lock, log_file.open("a") as out:
+                out.writelines(f"{stamp} ({who} pid={data.get('pid')}) {stream}: {line}\n" for line in data["lines"])
+        if verbose() or (console and not _muted and not (data.get("is_err") or data.get("pid") in RAY_DAEMONS)):
+            to_console(data, ignore_prefix=ignore_prefix)
+
+    handle.__wrapped__ = to_console
+    ray_worker.print_to_stdstream = handle
+    dispatcher.remove_handler(RAY_PRINT_HANDLER)
+    dispatcher.add_handler(RAY_PRINT_HANDLER, handle)
+    return log_file

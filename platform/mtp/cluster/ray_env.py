@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 MTP_PACKAGE = Path(__file__).resolve().parents[1]  # .../mtp, shipped to every worker
 DEFAULT_TIMEOUT_S = 30.0
 RAY_BOOTSTRAP_FILE = "/tmp/ray/ray_current_cluster"  # where `ray start` writes the head's address
+ACTOR_ALIVE = 2  # gcs_pb2.ActorTableData.ALIVE
 
 
 class ClusterQueryError(RuntimeError):
@@ -104,13 +106,38 @@ def resources(available: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     """Total resources of the alive nodes, or what is free on them now (``available=True``)."""
     if not available:
         return total_resources(nodes(timeout_s))
-    alive = {node.node_id for node in nodes(timeout_s)}
-    free: dict[str, float] = {}
+    return total_resources(free_nodes(timeout_s))
+
+
+def free_nodes(timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Node]:
+    """The alive nodes with what is free on each now (``resources`` = available, not total)."""
+    alive = {node.node_id: node for node in nodes(timeout_s)}
+    free = []
     for usage in _query("get_all_resource_usage", timeout_s).resource_usage_data.batch:
-        if usage.node_id.hex() in alive:
-            for name, amount in usage.resources_available.items():
-                free[name] = free.get(name, 0.0) + amount
-    return free
+        node = alive.get(usage.node_id.hex())
+        if node is not None:
+            free.append(Node(node.node_id, node.address, dict(usage.resources_available)))
+    return sorted(free, key=lambda node: node.node_id)
+
+
+def holders(names: tuple[str, ...] = ("CPU", "GPU"), timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, dict[str, float]]:
+    """Who holds ``names`` now: alive actors by class (``ServeReplica:app:Model``, ...) -> resources held."""
+    import asyncio
+
+    async def query(client):
+        return await asyncio.wait_for(client.async_get_all_actor_info(timeout=timeout_s), timeout_s)
+
+    actors = _in_thread(lambda client: asyncio.run(query(client)), "its actor list", timeout_s)
+    held: dict[str, dict[str, float]] = {}
+    for actor in actors.values():
+        if actor.state != ACTOR_ALIVE:
+            continue
+        for name, amount in actor.required_resources.items():
+            if name in names and amount > 0:
+                who = (actor.class_name or "actor").rsplit(".", 1)[-1]  # not test.<locals>.Holder
+                mine = held.setdefault(who, {})
+                mine[name] = mine.get(name, 0.0) + amount
+    return held
 
 
 def total_resources(alive: list[Node]) -> dict[str, float]:
@@ -123,13 +150,35 @@ def total_resources(alive: list[Node]) -> dict[str, float]:
 
 
 def _query(method: str, timeout_s: float) -> Any:
-    """Call ``method`` on the driver's own GCS client, with a deadline."""
+    """Call ``method`` on the driver's own GCS client, with a deadline that holds."""
+    return _in_thread(lambda client: getattr(client, method)(timeout=timeout_s), method, timeout_s)
+
+
+def _in_thread(call: Any, what: str, timeout_s: float) -> Any:
+    """``call(gcs_client)`` in a helper thread, given up on after ``timeout_s``.
+
+    The binding's own ``timeout`` was seen not to hold in a long-lived driver after a Ray
+    Train run (``NodeInfoAccessor::GetAllNoCache`` waiting on a future for ever, GIL
+    released). A thread that never returns is left behind; the caller gets a
+    ClusterQueryError and carries on without the answer.
+    """
     import ray
 
     if not ray.is_initialized():
         raise ClusterQueryError("not connected to Ray: call mtp.cluster.ray_env.connect() first")
     client = ray._private.worker.global_worker.gcs_client
-    try:
-        return getattr(client, method)(timeout=timeout_s)
-    except Exception as exc:  # the binding raises its own (unexported) RPC error types
-        raise ClusterQueryError(f"Ray's GCS did not answer {method} within {timeout_s:g} s: {exc}") from exc
+    answer: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            answer["value"] = call(client)
+        except Exception as exc:  # the binding raises its own (unexported) RPC error types
+            answer["error"] = exc
+
+    thread = threading.Thread(target=run, name="mtp-gcs-query", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    if "value" in answer:
+        return answer["value"]
+    detail = answer.get("error", "no answer, its own deadline did not hold")
+    raise ClusterQueryError(f"Ray's GCS did not answer ({what}) within {timeout_s:g} s: {detail}")

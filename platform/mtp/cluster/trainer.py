@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -32,6 +34,13 @@ def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
     return {k: v for k, v in resources.items() if v > 0}
 
 
+def fitting_workers(scaling: ScalingConfig, nodes: list[ray_env.Node]) -> int:
+    """How many workers of ``scaling``'s size the ``nodes`` (with the resources given) hold at once."""
+    need = worker_resources(scaling)
+    return sum(min((math.floor(node.resources.get(k, 0) / v + 1e-9) for k, v in need.items()),
+                   default=scaling.num_workers) for node in nodes)
+
+
 def check_placement(scaling: ScalingConfig, timeout_s: float = 30.0) -> None:
     """Fail before any work when the live nodes cannot hold ``num_workers`` workers at once."""
     need = worker_resources(scaling)
@@ -40,16 +49,58 @@ def check_placement(scaling: ScalingConfig, timeout_s: float = 30.0) -> None:
     except ray_env.ClusterQueryError as exc:  # a pre-flight check must not stop (or hang) a job
         print(f"warning: skipping the placement check: {exc}", file=sys.stderr)
         return
-    capacity = 0
-    for node in nodes:
-        have = node.resources
-        capacity += min((math.floor(have.get(k, 0) / v + 1e-9) for k, v in need.items()), default=scaling.num_workers)
+    capacity = fitting_workers(scaling, nodes)
     if capacity < scaling.num_workers:
         totals = ", ".join(f"{k}={sum(n.resources.get(k, 0) for n in nodes):g}" for k in need)
         raise PlacementError(
             f"scaling.num_workers={scaling.num_workers} with {need} per worker cannot be placed: "
             f"the cluster ({len(nodes)} node(s), {totals}) fits {capacity} such worker(s)"
         )
+
+
+def wait_for_placement(scaling: ScalingConfig, wait_s: float = 0.0, poll_s: float = 2.0, timeout_s: float = 30.0) -> None:
+    """Check that the workers fit in what is free now (not just in the cluster's total), waiting
+    up to ``wait_s`` with one line that says who holds the rest; raise PlacementError after that.
+
+    Without this, Ray Train waits for the resources itself and prints a 30-line
+    ``WorkerGroupStartupTimeoutError`` every minute, for ever.
+    """
+    deadline, announced = time.monotonic() + wait_s, False
+    while True:
+        try:
+            free = ray_env.free_nodes(timeout_s)
+        except ray_env.ClusterQueryError as exc:
+            print(f"warning: skipping the free-resources check: {exc}", file=sys.stderr)
+            return
+        fits = fitting_workers(scaling, free)
+        if fits >= scaling.num_workers:
+            if announced:
+                print(f"resources free after {wait_s - (deadline - time.monotonic()):.0f} s: starting", flush=True)
+            return
+        need = worker_resources(scaling)
+        held = _held_by(tuple(need), timeout_s)
+        what = (f"scaling.num_workers={scaling.num_workers} with {need} each: only "
+                f"{', '.join(f'{k}={sum(n.resources.get(k, 0) for n in free):g}' for k in need)} is free now "
+                f"(room for {fits} worker(s)); the rest is held by {held}")
+        if time.monotonic() >= deadline:
+            hint = "wait for them with --wait-for-resources SECONDS, " if wait_s == 0 else ""
+            raise PlacementError(f"{what}; {hint}free them, or lower --num-workers")
+        if not announced:
+            print(f"waiting up to {wait_s:g} s for resources: {what}", flush=True)
+            announced = True
+        time.sleep(poll_s)
+
+
+def _held_by(names: tuple[str, ...], timeout_s: float) -> str:
+    """``ServeReplica:app:Model (CPU 1), ...`` for the console, or why it is not known."""
+    try:
+        held = ray_env.holders(names, timeout_s)
+    except ray_env.ClusterQueryError:
+        return "(could not list Ray's actors)"
+    if not held:
+        return "tasks or other drivers (no actor holds them)"
+    return ", ".join(f"{who} ({', '.join(f'{k} {v:g}' for k, v in amounts.items())})"
+                     for who, amounts in sorted(held.items()))
 
 
 class RayCheckpoints:
@@ -89,7 +140,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
     cfg = from_dict(payload["config"])
     callbacks = list(payload.get("callbacks", ())) if dist_info().is_main else []
     if dist_info().is_main and cfg.tracking.run_id:
-        restarted = ray.train.get_checkpoint() is not None  # Ray restarted the worker group after a failure
+        restarted = _restarted(payload.get("resume_from"))
         resumed = restarted or payload.get("resume_from") is not None
         callbacks.append(MLflowCallback(cfg.tracking.run_id, tracking_uri(cfg.tracking), resumed=resumed,
                                         restarted=restarted))
@@ -99,6 +150,15 @@ def worker_loop(payload: dict[str, Any]) -> None:
     finally:
         for callback in callbacks:
             callback.close()
+
+
+def _restarted(resume_from: str | None) -> bool:
+    """Whether Ray restarted the worker group after a failure: it hands the workers a checkpoint,
+    other than the one a ``--resume`` in the same run directory starts from (Ray restores that too)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return False
+    return resume_from is None or os.path.realpath(checkpoint.path) != os.path.realpath(resume_from)
 
 
 def build_trainer(

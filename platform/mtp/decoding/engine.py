@@ -264,11 +264,13 @@ class Engine:
     def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
         return self.generate_ids([self.tokenizer.encode(p) for p in prompts], params)
 
-    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Generation]:
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams],
+                     progress: Callable[[int, int], None] | None = None) -> list[Generation]:
         """Any number of prompts, batched ``max_batch_size`` rows at a time; results in prompt order.
 
         Requests are queued grouped by step kind (so a mixed list does not switch
         kinds at every row) and decoded together with whatever else is running.
+        ``progress(done, total)`` is called whenever more of them have finished.
         """
         requests = self._requests(prompt_ids, params)
         groups: dict[_Mode, list[Request]] = {}
@@ -276,9 +278,13 @@ class Engine:
             groups.setdefault(r.mode, []).append(r)
         self._enqueue([r for group in groups.values() for r in group])
         pending = list(reversed(requests))  # oldest last: the first to finish, popped cheaply
+        reported = 0
         while pending:
             while pending and pending[-1].done:
                 pending.pop()
+            if progress is not None and len(requests) - len(pending) > reported:
+                reported = len(requests) - len(pending)
+                progress(reported, len(requests))
             if pending and not self.step() and not pending[-1].done:
                 raise RuntimeError("the engine went idle with unfinished requests")
         failed = next((r.error for r in requests if r.error is not None), None)

@@ -172,9 +172,14 @@ def _logged(evaluation: Evaluation, params: dict[str, Any], uri: str | None, tar
     if uri is not None and target is not None:
         evaluation.run_id = log_evaluation(evaluation.scored, params, uri, target.experiment, evaluation.training_run,
                                            target.run_name)
+        from mtp.hints import mlflow_browse
+        from mtp.tracking.store import client
+
         link = f", linked to training run {evaluation.training_run}" if evaluation.training_run else ""
         _say(report, f"MLflow evaluation run {evaluation.run_id} (experiment {target.experiment}){link}; "
                      f"per-sample results are its *_samples.jsonl artifacts")
+        experiment = client(uri).get_run(evaluation.run_id).info.experiment_id
+        _say(report, f"  browse: {mlflow_browse(uri, experiment, evaluation.run_id)}")
     return evaluation
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+from mtp.sweep import SweepError, SweepResult
 
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "algorithmic": ("paper_algorithmic.yaml",),
@@ -29,11 +32,14 @@ class ExperimentResult:
     trials: int
     failed: int
     seconds: float
+    interrupted: SweepResult | None = None  # the sweep Ctrl-C stopped (its parent run ended KILLED)
+    resume: tuple[str, ...] = ()  # the sweep directories ``run_experiment(resume=...)`` continues
 
 
-def run_experiment(name: str, spaces: Path, **sweep_options) -> ExperimentResult:
+def run_experiment(name: str, spaces: Path, resume: Sequence[str] = (), **sweep_options) -> ExperimentResult:
     """Run one experiment (its files in the folder ``spaces``) on the connected Ray cluster;
-    ``sweep_options`` go to ``run_sweep``."""
+    ``sweep_options`` go to ``run_sweep``. ``resume`` (an interrupted result's ``resume``)
+    continues it; an interrupted experiment has no table."""
     import mlflow
 
     from mtp.experiments.finetune import run_finetune
@@ -44,11 +50,18 @@ def run_experiment(name: str, spaces: Path, **sweep_options) -> ExperimentResult
     files = [spaces / f for f in EXPERIMENTS[name]]
     start = time.monotonic()
     if name == "finetune":
-        both = run_finetune(*files, **sweep_options)
+        both = run_finetune(*files, resume=resume, **sweep_options)
+        if both.interrupted is not None:
+            return _interrupted(name, both.interrupted, tuple(both.resume), start)
         result, table = both.finetune, both.table
         rows = both.pretrain.rows + both.finetune.rows
     else:
-        result = run_sweep(load_spec(files[0]), sweep_file=files[0], **sweep_options)
+        if len(resume) > 1:
+            raise SweepError(f"{name} is one sweep: --resume takes one sweep directory, not {len(resume)}")
+        result = run_sweep(load_spec(files[0]), sweep_file=files[0], resume=resume[0] if resume else None,
+                           **sweep_options)
+        if result.interrupted:
+            return _interrupted(name, result, (result.sweep_dir,), start)
         rows = result.rows
         table = "\n".join(
             Path(mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path=f"task/{artifact}",
@@ -65,3 +78,8 @@ def _artifacts(result) -> list[str]:
 
     listed = {a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.parent_run_id, "task")}
     return [name for name in ("task_summary.md", "comparison.md", "formation.md") if f"task/{name}" in listed]
+
+
+def _interrupted(name: str, result: SweepResult, resume: tuple[str, ...], start: float) -> ExperimentResult:
+    return ExperimentResult(name, result.tracking_uri, result.parent_run_id, "", result.trials_done,
+                            sum(r.status == "error" for r in result.rows), time.monotonic() - start, result, resume)

@@ -6,6 +6,8 @@ table, a metric-vs-n_future plot and a ``best_trial`` tag.
 """
 
 from mtp.sweep.driver import SweepResult, run_sweep
+from mtp.sweep.progress import SweepInterrupted, interrupted_count
 from mtp.sweep.spec import SweepError, SweepSpec, load_spec
 
-__all__ = ["SweepError", "SweepResult", "SweepSpec", "load_spec", "run_sweep"]
+__all__ = ["SweepError", "SweepInterrupted", "SweepResult", "SweepSpec", "interrupted_count", "load_spec",
+           "run_sweep"]

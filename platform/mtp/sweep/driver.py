@@ -15,6 +15,7 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from mtp.cluster import logs
 from mtp.cluster.trainer import PlacementError, check_placement
 from mtp.config import ConfigError
 from mtp.data import prepare_data
@@ -22,9 +23,11 @@ import mtp.sweep.runs as runs
 from mtp.sweep.resources import (
     TrialDemand, check_feasible, cluster_view, fitting_concurrency, runs_inline, trial_bundle,
 )
+from mtp.sweep.progress import DONE, SweepInterrupted, SweepProgress, quiet_tune
 from mtp.sweep.spec import SweepError, SweepSpec
 from mtp.sweep.summary import TrialRow
 from mtp.sweep.trial import TrialContext, run_trial
+from mtp.tracking.runs import source_tags
 from mtp.tracking.store import check_tracking
 from mtp.tracking.store import experiment_id as experiment_for
 from mtp.tracking.store import tracking_uri as resolve_tracking_uri
@@ -44,6 +47,12 @@ class SweepResult:
     parent_run_id: str
     sweep_dir: str
     max_concurrent_trials: int
+    trials_total: int = 0
+    trials_done: int = 0  # finished or failed; fewer than trials_total: the sweep was interrupted
+
+    @property
+    def interrupted(self) -> bool:
+        return self.trials_done < self.trials_total
 
 
 def run_sweep(
@@ -58,7 +67,10 @@ def run_sweep(
     """Run (or, with ``resume`` = a sweep directory, continue) a sweep; needs a connected Ray.
 
     ``check_resources=False`` skips the capacity check, for autoscaling clusters whose
-    nodes appear only once trials ask for them.
+    nodes appear only once trials ask for them. A sweep stopped by Ctrl-C returns early
+    (``SweepResult.interrupted``): its parent run and the runs of the trials it stopped end
+    KILLED, with no summary; ``resume`` continues it. Every worker's output goes to
+    ``<sweep_dir>.log`` (the console with ``--verbose``); the console gets one line per trial.
     """
     from ray import tune
 
@@ -90,6 +102,7 @@ def run_sweep(
     client = MlflowClient(uri)
     experiment_id = experiment_for(client, spec.experiment, uri)
 
+    source = source_tags()  # the sweep's own command and commit, for the parent and every trial's run
     if resume:
         sweep_dir = str(Path(resume).resolve())
         if not tune.Tuner.can_restore(sweep_dir):
@@ -106,14 +119,19 @@ def run_sweep(
         storage = Path(storage_path or DEFAULT_STORAGE).resolve()
         # A reused name and storage path would silently resume an old run: make it unique.
         sweep_dir = str(storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}")
-        parent_id = runs.start_parent(client, experiment_id, spec, sweep_dir, sweep_file)
+        parent_id = runs.start_parent(client, experiment_id, spec, sweep_dir, sweep_file, source)
 
+    logs.route_worker_logs(Path(f"{sweep_dir}.log"), console=False)
     context = TrialContext(spec=spec, tracking_uri=uri, experiment_id=experiment_id,
-                           parent_run_id=parent_id, sweep_dir=sweep_dir)
+                           parent_run_id=parent_id, sweep_dir=sweep_dir, source=source)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context), lambda params: trial_bundle(spec, params)
     )
+    total = spec.grid_size()
+    progress = SweepProgress(total)
+    verbosity = quiet_tune()  # also for a restored sweep, which runs its first session's RunConfig
     if resume:
+        # Tuner.restore runs the first session's RunConfig: its (pickled) SweepProgress, not ``progress``
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(
@@ -127,20 +145,25 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=Path(sweep_dir).name, storage_path=str(Path(sweep_dir).parent),
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                verbose=1,
+                verbose=verbosity, callbacks=[progress],
             ),
         )
     try:
         grid = tuner.fit()
-    except BaseException:
-        client.set_tag(parent_id, "error", "driver interrupted; continue with --resume " + sweep_dir)
-        client.set_terminated(parent_id, status=RunStatus.to_string(RunStatus.KILLED))
+    except BaseException as exc:  # a second Ctrl-C: Tune gives up saving and raises
+        runs.interrupt(client, parent_id, None if resume else progress.done, total, sweep_dir)
+        if isinstance(exc, KeyboardInterrupt):
+            raise SweepInterrupted(sweep_dir, None if resume else progress.done, total) from exc
         raise
-    rows = [_row(result, spec, client, experiment_id, parent_id) for result in grid]
+    done = sum(trial.status in DONE for trial in grid._experiment_analysis.trials)
+    rows = [_row(result, spec, client, experiment_id, parent_id) for result in grid if result.metrics]
     rows.sort(key=lambda r: r.trial_id)
+    if done < total:  # Ctrl-C: Tune stopped the trials, saved its state and returned
+        runs.interrupt(client, parent_id, done, total, sweep_dir, [r.run_id for r in rows if r.run_id])
+        return SweepResult(rows, None, uri, experiment_id, parent_id, sweep_dir, concurrency, total, done)
     runs.close_children(client, rows)
     best = runs.finish_parent(client, parent_id, spec, rows)
-    return SweepResult(rows, best, uri, experiment_id, parent_id, sweep_dir, concurrency)
+    return SweepResult(rows, best, uri, experiment_id, parent_id, sweep_dir, concurrency, total, done)
 
 
 def _row(result, spec: SweepSpec, client: MlflowClient, experiment_id: str, parent_id: str) -> TrialRow:

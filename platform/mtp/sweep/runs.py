@@ -23,6 +23,7 @@ SWEEP_DIR_TAG = "mtp.sweep.dir"
 TRIAL_TAG = "mtp.sweep.trial_id"
 BEST_TRIAL_TAG = "best_trial"
 BEST_RUN_TAG = "best_run_id"
+INTERRUPTED_TAG = "interrupted"
 
 
 def find_parent(client: MlflowClient, experiment_id: str, sweep_dir: str) -> str | None:
@@ -34,11 +35,14 @@ def find_parent(client: MlflowClient, experiment_id: str, sweep_dir: str) -> str
     return runs[0].info.run_id if runs else None
 
 
-def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, sweep_dir: str, sweep_file: Path | None) -> str:
-    """Create the parent run: the sweep's definition as params, the sweep file as an artifact."""
+def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, sweep_dir: str, sweep_file: Path | None,
+                 source: dict[str, str] | None = None) -> str:
+    """Create the parent run: the sweep's definition as params, the sweep file as an artifact,
+    ``source`` (the sweep's command and commit, ``mtp.tracking.runs.source_tags``) as tags."""
     run = client.create_run(
         experiment_id, run_name=spec.name,
-        tags={SWEEP_DIR_TAG: sweep_dir, "mtp.kind": "sweep", "metric": spec.metric, "mode": spec.mode},
+        tags={**(source or {}), SWEEP_DIR_TAG: sweep_dir, "mtp.kind": "sweep", "metric": spec.metric,
+              "mode": spec.mode},
     )
     run_id = run.info.run_id
     params = {
@@ -67,9 +71,24 @@ def task_floors(spec: SweepSpec) -> dict[str, dict[str, float]]:
 
 def reopen_parent(client: MlflowClient, run_id: str) -> None:
     """Mark a resumed sweep's parent run as running again."""
-    if "error" in client.get_run(run_id).data.tags:
-        client.delete_tag(run_id, "error")
+    tags = client.get_run(run_id).data.tags
+    for key in ("error", INTERRUPTED_TAG):
+        if key in tags:
+            client.delete_tag(run_id, key)
     client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+
+def interrupt(client: MlflowClient, parent_id: str, done: int | None, total: int, sweep_dir: str,
+              child_ids: list[str] = ()) -> None:
+    """A sweep stopped early (Ctrl-C): its parent and the trial runs it stopped end KILLED, saying so."""
+    from mtp.sweep.progress import interrupted_count
+
+    client.set_tag(parent_id, INTERRUPTED_TAG, f"{interrupted_count(done, total)}; continue with --resume {sweep_dir}")
+    for run_id in child_ids:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "stopped", "the sweep was interrupted")
+            client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    client.set_terminated(parent_id, status=RunStatus.to_string(RunStatus.KILLED))
 
 
 def find_child(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str) -> str | None:
@@ -82,9 +101,10 @@ def find_child(client: MlflowClient, experiment_id: str, parent_id: str, trial_i
     return runs[0].info.run_id if runs else None
 
 
-def child_tags(parent_id: str, trial_id: str, name: str) -> dict[str, str]:
-    """Tags that nest a trial's training run under the sweep's parent run."""
-    return {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, "mlflow.runName": name}
+def child_tags(parent_id: str, trial_id: str, name: str, source: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags that nest a trial's training run under the sweep's parent run, with the sweep's
+    ``source`` (a trial process's own command line is Ray's ``default_worker.py``)."""
+    return {**(source or {}), PARENT_TAG: parent_id, TRIAL_TAG: trial_id, "mlflow.runName": name}
 
 
 _CHILD_STATUS = {"ok": RunStatus.FINISHED, "stopped": RunStatus.KILLED, "error": RunStatus.FAILED}

@@ -12,7 +12,7 @@ restarted after a driver crash resumes its own checkpoints and its own MLflow ru
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +35,7 @@ class TrialContext:
     experiment_id: str
     parent_run_id: str
     sweep_dir: str
+    source: dict[str, str] = field(default_factory=dict)  # the sweep's command and commit (its driver's)
 
 
 def trial_config(context: TrialContext, params: dict[str, Any], trial_id: str) -> JobConfig:
@@ -122,7 +123,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                 raise RuntimeError("the sweep scores each trial, but training left no checkpoint")
             log_scores(client, cfg.tracking.run_id, scorer.evaluate(checkpoint), cfg.train.max_steps)
 
-    tags = None if resumed else runs.child_tags(context.parent_run_id, trial_id, trial_run_name(spec, params, trial_id))
+    tags = None if resumed else runs.child_tags(context.parent_run_id, trial_id, trial_run_name(spec, params, trial_id),
+                                         context.source)
     run_tracked(cfg, fit, tags=tags, after_fit=after_fit)
     tune.report({**logged_metrics(client, cfg.tracking.run_id), **final})
 

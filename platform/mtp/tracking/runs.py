@@ -146,6 +146,12 @@ def start_run(cfg: JobConfig, config_file: str | Path | None = None, tags: dict[
     return run_id
 
 
+def last_logged_step(client, run_id: str) -> int:
+    """The last step any training or validation metric of the run was logged at (-1: none)."""
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("train/", "val/"))]
+    return max((m.step for k in keys for m in client.get_metric_history(run_id, k)), default=-1)
+
+
 class MLflowCallback:
     """Rank 0's metric logger (``mtp.train.TrainCallback``), with system metrics.
 
@@ -160,7 +166,7 @@ class MLflowCallback:
                  restarted: bool = False):
         self.client = mlflow_client(uri)
         self.run_id = run_id
-        self.logged_through = self._last_logged_step() if resumed or restarted else -1
+        self.logged_through = last_logged_step(self.client, run_id) if resumed or restarted else -1
         if restarted:
             from mlflow.entities import Metric
 
@@ -173,11 +179,6 @@ class MLflowCallback:
 
             self.monitor = SystemMetricsMonitor(run_id, sampling_interval=5, resume_logging=resumed, tracking_uri=uri)
             self.monitor.start()
-
-    def _last_logged_step(self) -> int:
-        """The last step any training or validation metric of the run was logged at (-1: none)."""
-        keys = [k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(("train/", "val/"))]
-        return max((m.step for k in keys for m in self.client.get_metric_history(self.run_id, k)), default=-1)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -211,7 +212,8 @@ def plot_head_losses(client, run_id: str, n_future: int, directory: Path) -> Pat
         ax.set_title(f"{split} loss per head")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():  # no validation yet (a run that failed early): no empty legend, no warning
+            ax.legend()
     axes[0].set_ylabel("cross-entropy (nats)")
     fig.tight_layout()
     path = directory / "head_losses.png"
@@ -227,12 +229,11 @@ class FinishedRun:
     experiment_id: str
     model_uri: str | None  # models:/<name>/<version> when registered
 
-    def describe(self) -> str:
+    def describe(self, browse: str | None = None) -> str:
+        """The run, where to look at it (``browse``: e.g. ``mtp.hints.mlflow_browse``), its model."""
         lines = [f"MLflow run {self.run_id} (experiment {self.experiment_id}) in {self.tracking_uri}"]
-        if self.tracking_uri.startswith("sqlite:///"):
-            lines.append(f"  browse: mlflow ui --backend-store-uri {self.tracking_uri}")
-        else:
-            lines.append(f"  browse: {self.tracking_uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+        if browse:
+            lines.append(f"  browse: {browse}")
         if self.model_uri:
             lines.append(f"  model:  {self.model_uri}")
         return "\n".join(lines)
@@ -251,6 +252,8 @@ def finish_run(
     model_uri = None
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    elif "error" in client.get_run(run_id).data.tags:  # an earlier attempt's: this one finished
+        client.delete_tag(run_id, "error")
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(run_id, str(plot_head_losses(client, run_id, cfg.model.n_future, Path(tmp))), "plots")
     if checkpoint_dir is not None:

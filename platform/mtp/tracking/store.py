@@ -7,6 +7,9 @@ Every MLflow call of the platform gets its client here, with its store named exp
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,16 +33,34 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return uri
 
 
-def check_tracking(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any work, when the store cannot be reached or written."""
+def check_tracking(uri: str, timeout: float = 5.0, patience_s: float = 60.0) -> None:
+    """Fail fast, before any work, when the store cannot be reached or written.
+
+    A server that refuses the connection (nothing listens) or answers with an error fails at
+    once; one that is slow to answer (a busy machine) is asked again with backoff for up to
+    ``patience_s``, as MLflow's own client would retry it.
+    """
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                if response.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {response.status}")
-        except (urllib.error.URLError, OSError) as exc:
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {exc}") from None
-    elif uri.startswith("sqlite:///"):
+        deadline, wait = time.monotonic() + patience_s, 1.0
+        while True:
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                    if response.status != 200:
+                        raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {response.status}")
+                    return
+            except urllib.error.HTTPError as exc:
+                raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {exc.code}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                slow = isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason)
+                if not slow or time.monotonic() + wait > deadline:
+                    waited = f" (no answer within {patience_s:g} s)" if slow else ""
+                    raise TrackingError(f"MLflow tracking server {uri} is unreachable: {reason}{waited}") from None
+                print(f"MLflow tracking server {uri} is slow to answer ({reason}); asking again in {wait:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(wait)
+                wait = min(wait * 2, 16.0)
+    if uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///") :]).parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: directory {parent} does not exist or is not writable")
