@@ -137,7 +137,7 @@ def test_arms_expand_to_labelled_configs():
     assert overrides(arms[3], build) == {"model.n_future": 2, "train.head_targets": "next"}
     with pytest.raises(ValueError, match="n=1 baseline"):
         ArmsSpec(compute_matched=True).arms([2, 4])
-    with pytest.raises(ValueError, match="unknown arms key"):
+    with pytest.raises(ValueError, match="arms.compute_match: unknown key"):
         ArmsSpec.parse({"compute_match": True})
 
 

@@ -54,18 +54,18 @@ def sweep(**overrides) -> dict:
          "train.preset='huge' has a bad config: unknown preset 'huge'"),
         ({"space": {"train.preset": {"grid": ["debug"]}}}, "['train.preset'] appear in both config and space"),
         ({"space": {"model.n_future": {"grid": [1, 0]}}}, "model.n_future=0 must be a positive number"),
-        ({"config": {"train": {"lrr": 1.0}}}, "unknown config key 'train.lrr'"),
+        ({"config": {"train": {"lrr": 1.0}}}, "train.lrr: unknown config key"),
         ({"config": {"model.n_future": 2}}, "appear in both config and space"),
-        ({"schedule": "asha"}, "unknown sweep key(s) ['schedule']"),
+        ({"schedule": "asha"}, "schedule: unknown key"),
         ({"scheduler": {"type": "asha", "grace_period": 5, "max_t": 2}}, "grace_period=5 exceeds scheduler.max_t=2"),
-        ({"mode": "lowest"}, "mode='lowest' must be 'min' or 'max'"),
+        ({"mode": "lowest"}, "mode: expected one of 'min', 'max', got 'lowest'"),
         ({"resources": {"trial": {"CPU": 0}}}, "resources.trial must reserve something"),
         ({"max_concurrent_trials": 0}, "max_concurrent_trials=0"),
-        ({"metric": ""}, "metric must be a non-empty string"),
+        ({"metric": ""}, "metric: must not be empty"),
         ({"evaluation": {"benchmark": str(EVAL_BENCHMARK)}}, "metric 'val/bpb' is not reported by the evaluation; use one of ['eval_mbpp/T0/pass_at_1']"),
         ({"evaluation": {"benchmark": "nope"}}, "evaluation.benchmark='nope': unknown benchmark"),
         ({"evaluation": {"k": [1, 10]}}, "needs n_samples >= 10"),
-        ({"evaluation": {"samples": 3}}, "unknown evaluation key(s) ['samples']"),
+        ({"evaluation": {"samples": 3}}, "evaluation.samples: unknown key"),
     ],
 )
 def test_bad_sweep_files_name_the_problem(overrides, expected):
@@ -92,6 +92,25 @@ def test_search_space_translates_to_tune():
     assert spec.grid_size() == 6
     # Every grid point and both ends of each range were built into a valid config.
     assert len(spec.probe_configs()) == 3 * 2 * 2 * 2
+
+
+def test_a_range_over_an_int_or_none_field_samples_integers():
+    """``int | None`` fields (default None) are integers too: a float seq_len would fail every trial."""
+    from ray.tune.search.sample import Integer
+
+    ranges = {"train.seq_len": [16.5, 32], "model.ffn_hidden": [64, 128], "data.max_documents": [10, 20]}
+    config = {"train": {k: v for k, v in TINY_TRAIN["train"].items() if k != "seq_len"}, "data": {"num_proc": 1}}
+    spec = parse_spec(sweep(config=config, space={**{k: {"uniform": v} for k, v in ranges.items()},
+                                                  "model.n_kv_heads": {"loguniform": [1, 2]}}))
+    assert spec.space["train.seq_len"].probe_values == (17, 32)  # the integers inside the range
+    space = spec.param_space()
+    assert all(isinstance(space[k], Integer) for k in [*ranges, "model.n_kv_heads"])
+    for _ in range(5):
+        sampled = {k: d.sample() for k, d in space.items() if k != "model.n_future"}
+        assert all(isinstance(v, int) for v in sampled.values()), sampled
+        spec.base(sampled)  # a trial's config builds
+    with pytest.raises(SweepError, match="space.train.seq_len.uniform: train.seq_len holds integers"):
+        parse_spec(sweep(config=config, space={"train.seq_len": {"uniform": [16.2, 16.8]}}))
 
 
 def test_shipped_sweep_files_are_valid():

@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
+from mtp.specs import ConfigError, build, coerce
 
 
 # --------------------------------------------------------------------------- model
@@ -324,52 +322,6 @@ def _positive(obj: Any, *names: str) -> None:
             raise ConfigError(f"{section}.{name}={value!r} must be a positive number")
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check/convert one value against a dataclass field type; error names ``where``."""
-    hint = annotation
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if hint is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if hint is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise TypeError
-            return str(value)
-        if origin is dict:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise TypeError
-            return dict(value)
-        if origin is list:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, (list, tuple)):
-                raise TypeError
-            return [_coerce(v, args[0], where) for v in value]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
-    return value
-
-
 _SECTIONS = {f.name: f for f in dataclasses.fields(JobConfig)}
 
 
@@ -378,13 +330,13 @@ def apply_overrides(cfg: JobConfig, overrides: dict[str, Any]) -> JobConfig:
     for key, value in overrides.items():
         section_name, _, name = key.partition(".")
         if section_name not in _SECTIONS or not name:
-            raise ConfigError(f"unknown config key {key!r}; sections are {', '.join(_SECTIONS)}")
+            raise ConfigError(f"{key}: unknown config key; sections are {', '.join(_SECTIONS)}")
         section = getattr(cfg, section_name)
         hints = typing.get_type_hints(type(section))
         if name not in hints:
             known = ", ".join(f.name for f in dataclasses.fields(section))
-            raise ConfigError(f"unknown config key {key!r}; {section_name} has {known}")
-        setattr(section, name, _coerce(value, hints[name], key))
+            raise ConfigError(f"{key}: unknown config key; {section_name} has {known}")
+        setattr(section, name, coerce(value, hints[name], key))
     return cfg
 
 
@@ -444,10 +396,6 @@ def from_dict(data: dict[str, Any]) -> JobConfig:
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-    cfg = ModelConfig(**data)
+    cfg = build(ModelConfig, data, "model")
     cfg.validate()
     return cfg

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mtp.config import JobConfig
+from mtp.specs import build
 
 KINDS = ("param_matched", "compute_matched", "next_token_heads")
 ARM = "arm"  # the grid dimension's name, and the summary's column
@@ -52,16 +53,8 @@ class ArmsSpec:
     next_token_heads: bool = False
 
     @classmethod
-    def parse(cls, raw: Any) -> "ArmsSpec":
-        if not isinstance(raw, dict):
-            raise ValueError(f"arms must be a mapping like {{compute_matched: true, next_token_heads: true}}, got {raw!r}")
-        unknown = set(raw) - {"compute_matched", "next_token_heads"}
-        if unknown:
-            raise ValueError(f"unknown arms key(s) {sorted(unknown)}; known: compute_matched, next_token_heads")
-        for key, value in raw.items():
-            if not isinstance(value, bool):
-                raise ValueError(f"arms.{key}={value!r} must be true or false")
-        return cls(**raw)
+    def parse(cls, raw: Any, where: str = "arms") -> "ArmsSpec":
+        return build(cls, raw, where)
 
     def arms(self, n_futures: list[int]) -> list[Arm]:
         """The param-matched arms of ``n_futures`` (which must hold 1, the baseline), then the controls."""

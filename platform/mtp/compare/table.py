@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mtp.compare.stats import ArmStats, verdict
+from mtp.specs import ConfigError, build
 
 SEED_KEYS = ("train.seed", "data.seed")
 
@@ -29,14 +30,10 @@ class VerdictSpec:
     formed_at: float | None = None  # a seed "formed" the skill when the sweep metric first reaches this
 
     @classmethod
-    def parse(cls, raw: Any) -> "VerdictSpec":
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict) or set(raw) - {"margin", "floor", "seed", "formed_at"}:
-            raise ValueError(f"verdict must be a mapping of margin, floor, seed, formed_at; got {raw!r}")
-        spec = cls(**raw)
-        if not isinstance(spec.margin, (int, float)) or isinstance(spec.margin, bool) or spec.margin < 0:
-            raise ValueError(f"verdict.margin={spec.margin!r} must be a number >= 0")
+    def parse(cls, raw: Any, where: str = "verdict") -> "VerdictSpec":
+        spec = build(cls, {} if raw is None else raw, where)
+        if spec.margin < 0:
+            raise ConfigError(f"{where}.margin={spec.margin!r} must be a number >= 0")
         return spec
 
 

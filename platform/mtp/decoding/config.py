@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from mtp.config import ConfigError, _coerce
+from mtp.config import ConfigError
 from mtp.device import resolve_device
+from mtp.specs import build
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,18 +82,7 @@ class EngineConfig:
                   defaults: "EngineConfig | None" = None) -> "EngineConfig":
         """Build and validate from a mapping (a YAML section) over ``defaults``; unknown keys and
         wrong types fail naming the key."""
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"{where} must be a mapping, got {raw!r}")
-        raw = raw or {}
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(raw) - set(hints))
-        if unknown:
-            raise ConfigError(f"unknown {where} key(s) {unknown}; known: {sorted(hints)}")
-        values = {}
-        for name, value in raw.items():
-            hint = list[int] | None if name == "tree" else hints[name]
-            values[name] = _coerce(value, hint, f"{where}.{name}")
-        return dataclasses.replace(defaults or cls(), **values).validate()
+        return build(cls, {} if raw is None else raw, where, base=defaults).validate()
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from mtp.specs import build
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -51,7 +53,4 @@ class Limits:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Limits":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown Limits fields: {sorted(unknown)}")
-        return cls(**data).validate()
+        return build(cls, data, "limits").validate()

@@ -17,6 +17,7 @@ from typing import Any
 
 from mtp.config import ConfigError
 from mtp.decoding.config import EngineConfig
+from mtp.specs import build
 from mtp.tracking.registry import URI_SCHEMES, ModelRef
 
 API_KEY_ENV = "MTP_SERVE_API_KEY"
@@ -81,18 +82,7 @@ class ServeConfig:
         A relative checkpoint path is made absolute here, on the machine that builds
         the application, because replicas run in other directories.
         """
-        args = dict(args or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ConfigError(f"serve: unknown config keys {unknown}; known keys are {sorted(known)}")
-        model = args.get("model")
-        if isinstance(model, (str, Path)) and not str(model).startswith(URI_SCHEMES):
-            args["model"] = str(Path(model).expanduser().resolve())
-        if "engine" in args:
-            args["engine"] = EngineConfig.from_dict(args["engine"], "serve.engine")
-        try:
-            cfg = cls(**args)
-        except TypeError as exc:
-            raise ConfigError(f"serve: {exc}") from None
+        cfg = build(cls, args or {}, "serve")
+        if cfg.model and not cfg.model.startswith(URI_SCHEMES):
+            cfg.model = str(Path(cfg.model).expanduser().resolve())
         return cfg.validate()

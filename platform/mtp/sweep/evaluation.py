@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from mtp.config import ConfigError
-from mtp.decoding.config import EngineConfig
 from mtp.evaluation.generation import GenerationConfig
+from mtp.specs import build
 
 _GENERATION_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"backend"}
 
@@ -45,29 +45,25 @@ class EvalSpec:
     progress_limit = 0  # pass@k is scored on the whole benchmark, after training only
 
     @classmethod
-    def parse(cls, raw: Any) -> "EvalSpec":
+    def parse(cls, raw: Any, where: str = "evaluation") -> "EvalSpec":
+        """An ``evaluation:`` section: its own keys and ``GenerationConfig``'s, side by side."""
         if not isinstance(raw, dict):
-            raise ConfigError(f"evaluation must be a mapping, got {raw!r}")
-        own = {f.name for f in dataclasses.fields(cls)} - {"generation"}
-        unknown = set(raw) - own - _GENERATION_KEYS
-        if unknown:
-            raise ConfigError(f"unknown evaluation key(s) {sorted(unknown)}; known: {sorted(own | _GENERATION_KEYS)}")
-        generation = {k: tuple(v) if k == "stop" and v is not None else v for k, v in raw.items() if k in _GENERATION_KEYS}
-        if "engine" in generation:
-            generation["engine"] = EngineConfig.from_dict(generation["engine"], "evaluation.engine", cls.generation.engine)
-        spec = cls(**{k: v for k, v in raw.items() if k in own},
-                   generation=dataclasses.replace(cls.generation, **generation))
+            raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+        own = {k: v for k, v in raw.items() if k not in _GENERATION_KEYS}
+        generation = build(GenerationConfig, {k: v for k, v in raw.items() if k in _GENERATION_KEYS}, where,
+                           base=cls.generation)
+        spec = dataclasses.replace(build(cls, own, where), generation=generation)
         if Path(spec.benchmark).suffix in (".jsonl", ".json", ".gz") and Path(spec.benchmark).is_file():
             # trials run in their own working directories
             spec = dataclasses.replace(spec, benchmark=str(Path(spec.benchmark).resolve()))
-        if not spec.k or any(not isinstance(k, int) or k < 1 for k in spec.k):
-            raise ConfigError(f"evaluation.k={spec.k!r} must be a list of positive integers")
+        if not spec.k or min(spec.k) < 1:
+            raise ConfigError(f"{where}.k={spec.k!r} must be a list of positive integers")
         if max(spec.k) > spec.generation.n_samples:
-            raise ConfigError(f"evaluation.k={spec.k} needs n_samples >= {max(spec.k)}, got {spec.generation.n_samples}")
+            raise ConfigError(f"{where}.k={spec.k} needs n_samples >= {max(spec.k)}, got {spec.generation.n_samples}")
         try:
             spec.generation.validate()
         except ValueError as exc:
-            raise ConfigError(f"evaluation: {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
         return spec
 
     def metric_names(self) -> list[str]:

@@ -39,19 +39,20 @@ class Scorer(Protocol):
     def evaluate(self, checkpoint: str | Path, limit: int | None = None) -> dict[str, float]: ...
 
 
-# ``task: {name: ...}`` -> its scorer; any other name is a generated task (mtp.tasks.spec.TASKS).
-TASK_SCORERS: dict[str, Callable[[dict], Scorer]] = {"speed": SpeedSpec.parse}
+# ``task: {name: ...}`` -> its scorer's parser, ``(raw, where) -> Scorer``; any other name is a
+# generated task (mtp.tasks.spec.TASKS).
+TASK_SCORERS: dict[str, Callable[[Any, str], Scorer]] = {"speed": SpeedSpec.parse}
 
 
-def parse_task(raw: Any) -> Scorer:
+def parse_task(raw: Any, where: str = "task") -> Scorer:
     """A ``task:`` section: a named measurement (``TASK_SCORERS``) or a generated task."""
     if isinstance(raw, dict) and raw.get("name") in TASK_SCORERS:
-        return TASK_SCORERS[raw["name"]](raw)
-    return TaskSpec.parse(raw)
+        return TASK_SCORERS[raw["name"]](raw, where)
+    return TaskSpec.parse(raw, where)
 
 
-# A sweep file's scorer sections, in the order trials are scored.
-SECTIONS: dict[str, Callable[[Any], Scorer]] = {"evaluation": EvalSpec.parse, "task": parse_task}
+# A sweep file's scorer sections (fields of SweepSpec), in the order trials are scored.
+SECTIONS: dict[str, Callable[[Any, str], Scorer]] = {"evaluation": EvalSpec.parse, "task": parse_task}
 
 
 class ScoreProgress:

@@ -15,7 +15,7 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
       model.n_future: {grid: [1, 2, 4]}
       train.preset: {choice: [debug, tiny]}
       train.lr: {loguniform: [1.0e-4, 1.0e-2]}
-      train.warmup_steps: {uniform: [0, 50]}  # an int field samples integers
+      train.warmup_steps: {uniform: [0, 50]}  # an int field (int | None too) samples integers
     metric: val/bpb                  # head-0 bits per byte: comparable across n_future
     mode: min
     scheduler: {type: asha, time_attr: step, grace_period: 5, max_t: 20, group_by: train.preset}
@@ -28,24 +28,26 @@ Schema (all keys except ``space`` and ``metric`` are optional)::
     arms: {compute_matched: true, next_token_heads: true}  # optional controls beside each n > 1 (mtp.compare.arms)
     verdict: {margin: 0.05, floor: two_rule_lookup}        # optional: fixed before the run (mtp.compare.table)
 
-``evaluation`` and ``task`` are scorers (``mtp.sweep.scorers``). Parsing writes and
+The file is built with ``mtp.specs.build``: an unknown key or a wrong type anywhere fails
+naming it (``task.params.foo: unknown key``). ``evaluation`` and ``task`` are scorers
+(``mtp.sweep.scorers``). Parsing writes and
 downloads nothing: a task's corpus path is known from its settings, and the driver
 writes it (``Scorer.prepare``) before the first trial.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mtp.compare.arms import ARM, Arm, ArmsSpec, by_label
 from mtp.compare.arms import overrides as arm_overrides
 from mtp.compare.table import VerdictSpec
 from mtp.config import ConfigError, JobConfig, apply_overrides, build_config, flatten_mapping, read_yaml_mapping
+from mtp.specs import build, field_hint, is_integer
 from mtp.sweep.scorers import SECTIONS
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -58,16 +60,17 @@ class SweepError(ConfigError):
 
 @dataclass(frozen=True)
 class Dimension:
-    """One searched config field and its distribution."""
+    """One searched config field and its distribution; a range over an int field holds integers."""
 
     key: str
     kind: str
     values: tuple[Any, ...] = ()  # grid / choice
     low: float = 0.0  # uniform / loguniform
     high: float = 0.0
+    integer: bool = False  # the field's type is int (or int | None): the range samples integers
 
     @classmethod
-    def parse(cls, key: str, raw: Any) -> "Dimension":
+    def parse(cls, key: str, raw: Any, integer: bool = False) -> "Dimension":
         where = f"space.{key}"
         if not isinstance(raw, dict) or len(raw) != 1:
             raise SweepError(f"{where} must be a mapping with exactly one of {', '.join(KINDS)}, got {raw!r}")
@@ -87,24 +90,27 @@ class Dimension:
             raise SweepError(f"{where}.{kind}: low={low} must be below high={high}")
         if kind == "loguniform" and low <= 0:
             raise SweepError(f"{where}.loguniform: bounds must be positive, got [{low}, {high}]")
-        return cls(key, kind, low=low, high=high)
+        if integer and math.ceil(low) > math.floor(high):
+            raise SweepError(f"{where}.{kind}: {key} holds integers and [{low}, {high}] contains none")
+        return cls(key, kind, low=low, high=high, integer=integer)
 
     @property
     def probe_values(self) -> tuple[Any, ...]:
         """Values that bracket the dimension: all of a finite set, the ends of a range."""
-        return self.values if self.values else (self.low, self.high)
+        if self.values:
+            return self.values
+        return (math.ceil(self.low), math.floor(self.high)) if self.integer else (self.low, self.high)
 
-    def to_tune(self, integer: bool) -> Any:
+    def to_tune(self) -> Any:
         from ray import tune
 
         if self.kind == "grid":
             return tune.grid_search(list(self.values))
         if self.kind == "choice":
             return tune.choice(list(self.values))
-        if integer:
-            if self.kind == "uniform":
-                return tune.randint(math.ceil(self.low), math.floor(self.high) + 1)
-            return tune.lograndint(math.ceil(self.low), math.floor(self.high) + 1)
+        if self.integer:
+            low, high = self.probe_values
+            return tune.randint(low, high + 1) if self.kind == "uniform" else tune.lograndint(low, high + 1)
         return tune.uniform(self.low, self.high) if self.kind == "uniform" else tune.loguniform(self.low, self.high)
 
 
@@ -116,7 +122,7 @@ class SchedulerSpec:
     within their group: across model sizes, plain ASHA would stop the small models.
     """
 
-    type: str = "fifo"
+    type: Literal["fifo", "asha"] = "fifo"
     time_attr: str = "training_iteration"
     grace_period: int = 1
     max_t: int = 100
@@ -124,8 +130,6 @@ class SchedulerSpec:
     group_by: str | None = None
 
     def validate(self) -> None:
-        if self.type not in ("fifo", "asha"):
-            raise SweepError(f"scheduler.type={self.type!r} must be 'fifo' or 'asha'")
         if self.grace_period < 1 or self.max_t < 1:
             raise SweepError("scheduler.grace_period and scheduler.max_t must be >= 1")
         if self.grace_period > self.max_t:
@@ -158,26 +162,75 @@ class PlotSpec:
     lines: str = "train.preset"
 
 
+def _space(raw: Any, where: str) -> dict[str, Dimension]:
+    if not isinstance(raw, dict) or not raw:
+        raise SweepError(f"{where} must be a non-empty mapping of dotted config fields to distributions")
+    defaults = JobConfig().flat()
+    for key in raw:
+        if key not in defaults:
+            raise SweepError(f"{where}.{key}: unknown config field; fields look like 'model.n_future', "
+                             f"'train.preset', 'train.lr'")
+    return {key: Dimension.parse(key, value, is_integer(field_hint(JobConfig, key))) for key, value in raw.items()}
+
+
+def _fixed_config(raw: Any, where: str) -> dict[str, Any]:
+    """``config``: nested sections or dotted keys, checked by name and type, kept dotted."""
+    if not isinstance(raw, dict):
+        raise SweepError(f"{where} must be a mapping, got {raw!r}")
+    nested = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    flat = {**flatten_mapping(nested, where=f"{where}: "), **{k: v for k, v in raw.items() if k not in nested}}
+    apply_overrides(JobConfig(), flat)  # names and types of the fixed fields, before any trial
+    return flat
+
+
+def _resources(raw: Any, where: str) -> dict[str, dict[str, float]]:
+    """``resources.trial``: what the trial's own process reserves (the workers use ``scaling.*``)."""
+    if not isinstance(raw, dict) or set(raw) != {"trial"} or not isinstance(raw["trial"], dict):
+        raise SweepError(f"{where} must be {{trial: {{CPU: .., GPU: .., memory: ..}}}}, got {raw!r}")
+    trial = {}
+    for name, amount in raw["trial"].items():
+        if not _is_number(amount) or amount < 0:
+            raise SweepError(f"{where}.trial.{name}={amount!r} must be a number >= 0")
+        trial[_RESOURCE_ALIASES.get(name.lower(), name)] = float(amount)
+    if not any(trial.values()):
+        # Tune rejects an all-zero bundle; memory-only keeps the trial off the CPUs its workers need.
+        raise SweepError(f"{where}.trial must reserve something; use {{memory: 1000000}} to hold no CPU")
+    return {"trial": trial}
+
+
+_RESOURCE_ALIASES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
+
+
+def _concurrency(raw: Any, where: str) -> int | None:
+    if raw in (None, "auto"):
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+        raise SweepError(f"{where}={raw!r} must be 'auto' or a positive integer")
+    return raw
+
+
 @dataclass
 class SweepSpec:
     """A parsed, validated sweep file."""
 
-    space: dict[str, Dimension]
+    space: dict[str, Dimension] = field(metadata={"parse": _space})
     metric: str
-    mode: str = "min"
+    mode: Literal["min", "max"] = "min"
     name: str = "sweep"
     experiment: str = "mtp-sweeps"
     base_config: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)  # dotted fixed overrides
+    config: dict[str, Any] = field(default_factory=dict, metadata={"parse": _fixed_config})  # dotted fixed overrides
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     num_samples: int = 1
-    resources: dict[str, dict[str, float]] = field(default_factory=lambda: {"trial": {"memory": 1_000_000}})
-    max_concurrent_trials: int | None = None  # None: as many as the cluster fits
+    resources: dict[str, dict[str, float]] = field(default_factory=lambda: {"trial": {"memory": 1_000_000}},
+                                                   metadata={"parse": _resources})
+    max_concurrent_trials: int | None = field(default=None, metadata={"parse": _concurrency})  # None: what fits
     plot: PlotSpec = field(default_factory=PlotSpec)
-    evaluation: Any = None  # a Scorer (mtp.sweep.evaluation.EvalSpec): pass@k of each final checkpoint
-    task: Any = None  # a Scorer (mtp.tasks): a synthetic task (its corpus is data.source) or the speed measurement
+    # scorers (mtp.sweep.scorers): pass@k of each final checkpoint; a synthetic task or the speed measurement
+    evaluation: Any = field(default=None, metadata={"parse": SECTIONS["evaluation"]})
+    task: Any = field(default=None, metadata={"parse": SECTIONS["task"]})
     arms: ArmsSpec | None = None  # controls beside param-matched n: the grid's model.n_future becomes ``arm``
-    verdict: VerdictSpec = field(default_factory=VerdictSpec)  # the comparison's rule, fixed before the run
+    verdict: VerdictSpec = field(default_factory=VerdictSpec, metadata={"parse": VerdictSpec.parse})  # fixed before the run
 
     @property
     def scorers(self) -> dict[str, Any]:
@@ -215,11 +268,7 @@ class SweepSpec:
 
     def param_space(self) -> dict[str, Any]:
         """The Ray Tune ``param_space``: dotted config keys (and ``arm``), as the trial receives them."""
-        defaults = JobConfig().flat()
-        return {
-            key: dim.to_tune(integer=isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool))
-            for key, dim in self.searched.items()
-        }
+        return {key: dim.to_tune() for key, dim in self.searched.items()}
 
     def grid_size(self) -> int:
         """Number of trials: every grid point, ``num_samples`` times (random dimensions drawn anew)."""
@@ -246,9 +295,6 @@ class SweepSpec:
         return configs
 
 
-_TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)}
-
-
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """Read, parse and validate a sweep file (``overrides`` replace top-level keys)."""
     path = Path(path)
@@ -257,66 +303,34 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     base = data.get("base_config")
     if base is not None and not Path(base).is_absolute() and not Path(base).is_file():
         data["base_config"] = str(path.parent / base)  # relative to the sweep file
-    return parse_spec(data, where=f"{path}: ")
+    return parse_spec(data, where=f"sweep file {path}: ")
 
 
 def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
     """Build a SweepSpec from a mapping; every problem is a SweepError naming the key."""
     try:
-        unknown = set(data) - _TOP_KEYS
-        if unknown:
-            raise SweepError(f"unknown sweep key(s) {sorted(unknown)}; known keys are {sorted(_TOP_KEYS)}")
-        for key in ("space", "metric"):
-            if key not in data:
-                raise SweepError(f"the sweep has no {key!r}")
-        space_raw = data["space"]
-        if not isinstance(space_raw, dict) or not space_raw:
-            raise SweepError("space must be a non-empty mapping of dotted config fields to distributions")
-        defaults = JobConfig().flat()
-        for key in space_raw:
-            if key not in defaults:
-                raise SweepError(f"space.{key}: unknown config field; fields look like 'model.n_future', "
-                                 f"'train.preset', 'train.lr'")
-        config = data.get("config") or {}
-        if not isinstance(config, dict):
-            raise SweepError(f"config must be a mapping, got {config!r}")
-        nested = {k: v for k, v in config.items() if isinstance(v, dict)}
-        flat = {**flatten_mapping(nested, where="config: "), **{k: v for k, v in config.items() if k not in nested}}
-        apply_overrides(JobConfig(), flat)  # names and types of the fixed fields, before any trial
-        scorers = {name: parse(data[name]) for name, parse in SECTIONS.items() if data.get(name) is not None}
-        for name, scorer in scorers.items():
+        spec = build(SweepSpec, data)
+        for name, scorer in spec.scorers.items():
             fixed = scorer.training_config()
-            for key in sorted(set(fixed) & set(flat)):
+            for key in sorted(set(fixed) & set(spec.config)):
                 raise SweepError(f"the {name} section sets {key} (the trials train with it): remove {key} from config")
-            flat.update(fixed)
-        clash = set(flat) & set(space_raw)
+            spec.config.update(fixed)
+        clash = set(spec.config) & set(spec.space)
         if clash:
             raise SweepError(f"{sorted(clash)} appear in both config and space; keep each field in one")
-        spec = SweepSpec(
-            space={k: Dimension.parse(k, v) for k, v in space_raw.items()},
-            metric=_text(data, "metric"),
-            mode=data.get("mode", "min"),
-            name=_text(data, "name", "sweep"),
-            experiment=_text(data, "experiment", "mtp-sweeps"),
-            base_config=data.get("base_config"),
-            config=flat,
-            scheduler=_section(SchedulerSpec, data.get("scheduler"), "scheduler"),
-            num_samples=data.get("num_samples", 1),
-            resources=_resources(data.get("resources")),
-            max_concurrent_trials=_concurrency(data.get("max_concurrent_trials", "auto")),
-            plot=_section(PlotSpec, data.get("plot"), "plot"),
-            arms=_arms(data.get("arms"), space_raw),
-            verdict=_parsed(VerdictSpec.parse, data.get("verdict")),
-            **scorers,
-        )
-        if spec.mode not in ("min", "max"):
-            raise SweepError(f"mode={spec.mode!r} must be 'min' or 'max'")
-        if not isinstance(spec.num_samples, int) or isinstance(spec.num_samples, bool) or spec.num_samples < 1:
+        for key in ("metric", "name", "experiment"):
+            if not getattr(spec, key):
+                raise SweepError(f"{key}: must not be empty")
+        if spec.num_samples < 1:
             raise SweepError(f"num_samples={spec.num_samples!r} must be a positive integer")
         spec.scheduler.validate()
+        defaults = JobConfig().flat()
         for axis in (spec.plot.x, spec.plot.lines):
             if axis not in defaults and not (axis == ARM and spec.arms):
                 raise SweepError(f"plot axis {axis!r} is not a config field")
+        n_future = spec.space.get("model.n_future")
+        if spec.arms and not (n_future and n_future.kind == "grid" and 1 in n_future.values):
+            raise SweepError("arms compare with the n=1 baseline: the space needs model.n_future: {grid: [1, ...]}")
         if spec.verdict.floor is not None:
             from mtp.compare.floors import NAMES
 
@@ -324,79 +338,14 @@ def parse_spec(data: dict[str, Any], where: str = "") -> SweepSpec:
             if spec.verdict.floor not in known:
                 raise SweepError(f"verdict.floor={spec.verdict.floor!r} is not a floor of this sweep's task; "
                                  f"its floors: {list(known) or 'none'}")
-        reported = {name: scorer.metric_names() for name, scorer in scorers.items()}
+        reported = {name: scorer.metric_names() for name, scorer in spec.scorers.items()}
         if reported and not any(spec.metric in names for names in reported.values()):
             raise SweepError(f"metric {spec.metric!r} is not reported by the {' or the '.join(reported)}; "
                              f"use one of {[n for names in reported.values() for n in names]}")
         spec.probe_configs()
         return spec
-    except SweepError as exc:
-        raise SweepError(f"{where}{exc}") from None
     except ConfigError as exc:
         raise SweepError(f"{where}{exc}") from None
-
-
-def _text(data: dict[str, Any], key: str, default: str | None = None) -> str:
-    value = data.get(key, default)
-    if not isinstance(value, str) or not value:
-        raise SweepError(f"{key} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _section(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise SweepError(f"{where} must be a mapping, got {raw!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-        raise SweepError(f"unknown {where} key(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**raw)
-
-
-def _resources(raw: Any) -> dict[str, dict[str, float]]:
-    """``resources.trial``: what the trial's own process reserves (the workers use ``scaling.*``)."""
-    if raw is None:
-        return SweepSpec.__dataclass_fields__["resources"].default_factory()
-    if not isinstance(raw, dict) or set(raw) != {"trial"} or not isinstance(raw["trial"], dict):
-        raise SweepError(f"resources must be {{trial: {{CPU: .., GPU: .., memory: ..}}}}, got {raw!r}")
-    trial = {}
-    for name, amount in raw["trial"].items():
-        if not _is_number(amount) or amount < 0:
-            raise SweepError(f"resources.trial.{name}={amount!r} must be a number >= 0")
-        trial[_RESOURCE_ALIASES.get(name.lower(), name)] = float(amount)
-    if not any(trial.values()):
-        # Tune rejects an all-zero bundle; memory-only keeps the trial off the CPUs its workers need.
-        raise SweepError("resources.trial must reserve something; use {memory: 1000000} to hold no CPU")
-    return {"trial": trial}
-
-
-_RESOURCE_ALIASES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
-
-
-def _arms(raw: Any, space: dict[str, Any]) -> ArmsSpec | None:
-    if raw is None:
-        return None
-    n_future = space.get("model.n_future")
-    if not (isinstance(n_future, dict) and isinstance(n_future.get("grid"), list) and 1 in n_future["grid"]):
-        raise SweepError("arms compare with the n=1 baseline: the space needs model.n_future: {grid: [1, ...]}")
-    return _parsed(ArmsSpec.parse, raw)
-
-
-def _parsed(parse: Any, raw: Any) -> Any:
-    try:
-        return parse(raw)
-    except ValueError as exc:
-        raise SweepError(str(exc)) from None
-
-
-def _concurrency(raw: Any) -> int | None:
-    if raw in (None, "auto"):
-        return None
-    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
-        raise SweepError(f"max_concurrent_trials={raw!r} must be 'auto' or a positive integer")
-    return raw
 
 
 def _is_number(value: Any) -> bool:

@@ -24,6 +24,7 @@ seed, same problems).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any, Callable
 from mtp.config import ConfigError
 from mtp.config import cache_dir as mtp_cache_dir
 from mtp.decoding.config import EngineConfig
+from mtp.specs import build
 from mtp.tasks import induction, polynomial, splits, stargraph
 from mtp.tasks.problem import Problem
 
@@ -49,6 +51,11 @@ class TaskDef:
     derived: dict[str, tuple[str, Callable[..., Problem]]] = field(default_factory=dict)
     # with params["stratified"]: params -> {stratum: (the eval set it is part of, params -> sampler)}
     strata: Callable[[dict[str, Any]], dict[str, tuple[str, Callable]]] | None = None
+
+    def params_type(self) -> type:
+        """The params as a dataclass, typed by the defaults, for the strict parser."""
+        return dataclasses.make_dataclass("params", [(k, type(v), dataclasses.field(default=v))
+                                                     for k, v in self.defaults.items()])
 
 
 TASKS: dict[str, TaskDef] = {
@@ -110,34 +117,26 @@ class TaskSpec:
     engine: EngineConfig = EngineConfig(max_batch_size=64)  # what decodes the answers (``engine:``, any field)
 
     @classmethod
-    def parse(cls, raw: Any) -> "TaskSpec":
-        if not isinstance(raw, dict):
-            raise TaskError(f"task must be a mapping, got {raw!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(raw) - known
-        if unknown:
-            raise TaskError(f"unknown task key(s) {sorted(unknown)}; known: {sorted(known)}")
-        if raw.get("name") not in TASKS:
-            raise TaskError(f"task.name={raw.get('name')!r} must be one of {', '.join(TASKS)}")
-        definition = TASKS[raw["name"]]
-        params = raw.get("params") or {}
-        bad = set(params) - set(definition.defaults)
-        if bad:
-            raise TaskError(f"task.params {sorted(bad)} unknown for {raw['name']}; known: {sorted(definition.defaults)}")
-        engine = EngineConfig.from_dict(raw.get("engine"), "task.engine", cls.engine)
-        spec = cls(**{**raw, "params": {**definition.defaults, **params}, "engine": engine})
-        for name in ("train_problems", "test_problems"):
-            value = getattr(spec, name)
-            if not isinstance(value, int) or value < 1:
-                raise TaskError(f"task.{name}={value!r} must be a positive integer")
+    def parse(cls, raw: Any, where: str = "task") -> "TaskSpec":
+        """A ``task:`` section; unknown keys and wrong types, the params' too, fail naming the key."""
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if name not in TASKS:
+            raise TaskError(f"{where}.name: expected one of {', '.join(TASKS)}, got {name!r}")
+        definition = TASKS[name]
+        params = dataclasses.asdict(build(definition.params_type(), raw.get("params") or {}, f"{where}.params"))
+        spec = build(cls, {**raw, "params": params}, where)
+        for key in ("train_problems", "test_problems"):
+            if getattr(spec, key) < 1:
+                raise TaskError(f"{where}.{key}={getattr(spec, key)!r} must be a positive integer")
         if spec.score_split not in ("test", "val"):
-            raise TaskError(f"task.score_split={spec.score_split!r} must be 'test' or 'val'")
-        if not isinstance(spec.progress_problems, int) or spec.progress_problems < 0:
-            raise TaskError(f"task.progress_problems={spec.progress_problems!r} must be a non-negative integer")
+            raise TaskError(f"{where}.score_split={spec.score_split!r} must be 'test' or 'val'")
+        if spec.progress_problems < 0:
+            raise TaskError(f"{where}.progress_problems={spec.progress_problems!r} must be a non-negative integer")
+        spec.engine.validate()
         try:
             definition.train(spec.params)  # samplers check their settings when built
         except ValueError as exc:
-            raise TaskError(f"task.params: {exc}") from None
+            raise TaskError(f"{where}.params: {exc}") from None
         return spec
 
     @property

@@ -25,6 +25,7 @@ import numpy as np
 from mtp.decoding import Engine, EngineConfig
 from mtp.decoding.metrics import compare, teacher_forced
 from mtp.device import intra_op_threads
+from mtp.specs import build
 from mtp.tasks.spec import TaskError
 
 SPEED_METRICS = ("tokens_per_forward", "speedup", "distinct_8gram")  # of each batch size and mode
@@ -45,19 +46,16 @@ class SpeedSpec:
     engine: EngineConfig = EngineConfig()  # ``engine:``: device, dtype, compile, ...; its rows are max(batch_sizes)
 
     @classmethod
-    def parse(cls, raw: dict) -> "SpeedSpec":
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TaskError(f"unknown task key(s) {sorted(unknown)} for speed; known: {sorted(cls.__dataclass_fields__)}")
-        engine = raw.get("engine") or {}
-        if isinstance(engine, dict) and "max_batch_size" in engine:
-            raise TaskError("task.engine.max_batch_size: the speed task's engine rows are max(task.batch_sizes)")
-        spec = cls(**{**raw, "engine": EngineConfig.from_dict(engine, "task.engine")})
+    def parse(cls, raw: Any, where: str = "task") -> "SpeedSpec":
+        spec = build(cls, raw, where)
+        if "max_batch_size" in (raw.get("engine") or {}):
+            raise TaskError(f"{where}.engine.max_batch_size: the speed task's engine rows are max({where}.batch_sizes)")
+        spec.engine.validate()
         for name in ("prompts", "prompt_tokens", "max_new_tokens", "heldout", "threads"):
-            if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
-                raise TaskError(f"task.{name}={getattr(spec, name)!r} must be a positive integer")
-        if not spec.batch_sizes or any(not isinstance(b, int) or b < 1 for b in spec.batch_sizes):
-            raise TaskError(f"task.batch_sizes={spec.batch_sizes!r} must be positive integers")
+            if getattr(spec, name) < 1:
+                raise TaskError(f"{where}.{name}={getattr(spec, name)!r} must be a positive integer")
+        if not spec.batch_sizes or min(spec.batch_sizes) < 1:
+            raise TaskError(f"{where}.batch_sizes={spec.batch_sizes!r} must be positive integers")
         return spec
 
     def metric_names(self) -> list[str]:
