@@ -35,7 +35,7 @@ from mtp.evaluation.scoring import ORACLES  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="workers per harness (default: all cores)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="rounds per harness, rotated order; the median counts")
     p.add_argument("--ray", action="store_true", help="also measure the Ray fan-out (starts or joins Ray)")
     p.add_argument("--copies", type=int, default=20, help="whole-process run on COPIES x 164 samples (0: skip)")
     p.add_argument("--parity", action="store_true",
@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = throughput(args.workers, ["local", "ray"] if args.ray else ["local"], list(ORACLES), args.rounds)
     print_throughput(rows)
-    runs = whole_process(args.copies, [[], ["--no-mlflow"]]) if args.copies else []
+    runs = whole_process(args.copies, [[], ["--no-mlflow"]], args.rounds) if args.copies else []
     if runs:
         base = runs[-1].seconds
-        print(f"\nwhole process, {args.copies} x 164 canonical samples (wall clock of a fresh process each):")
+        print(f"\nwhole process, {args.copies} x 164 canonical samples (wall clock of a fresh process each, "
+              f"median of {args.rounds} in rotated order):")
         for run in runs:
             print(f"  {run.command:<55} {run.seconds:>8.1f} s  {base / run.seconds:>5.2f}x  "
                   f"{'all passed' if run.ok else 'FAILED'}")

