@@ -79,19 +79,23 @@ def decode(checkpoint: Path, prompts: list[list[int]], s: ByomSettings, speculat
 
 
 def run_byom(workdir: str | Path, s: ByomSettings = ByomSettings()) -> dict[str, Any]:
+    """Run the five steps in ``workdir``; a rerun there reuses its finished training runs."""
     workdir = Path(workdir)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     base_cfg = build_config(overrides=_overrides(s, workdir, "base", **{"train.max_steps": s.base_steps,
                                                                          "train.checkpoint_every": s.base_steps}))
+    if s.prompt_tokens + s.new_tokens > base_cfg.model.max_seq_len:
+        raise ValueError(f"prompt_tokens + new_tokens = {s.prompt_tokens + s.new_tokens} exceeds the {s.preset} "
+                         f"preset's max_seq_len={base_cfg.model.max_seq_len}")
     base = train(base_cfg).checkpoint
     timings["train_base_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    hf_dir = export_hf(base, workdir / "hf")
+    hf_dir = export_hf(base, workdir / "hf", overwrite=True)
     timings["export_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    imported = import_hf(hf_dir, workdir / "imported", n_future=s.n_future)
+    imported = import_hf(hf_dir, workdir / "imported", n_future=s.n_future, overwrite=True)
     timings["import_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
