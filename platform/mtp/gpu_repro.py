@@ -237,18 +237,22 @@ def summarize(cfg: ReproConfig, results: list[dict], floors: dict[str, dict]) ->
                    "steps": [r["steps"] for r in mine], "planned_steps": mine[0]["planned_steps"],
                    "tokens": sum(r["tokens"] for r in mine) / len(mine), "floor": floor["exact_match"]}
             if label != "n=1":
-                row["verdict"] = verdict(final, [r["final"][name] for r in by_arm["n=1"]], floor=floor["exact_match"],
-                                         margin=cfg.margin).text()
+                v = verdict(final, [r["final"][name] for r in by_arm["n=1"]], floor=floor["exact_match"],
+                            margin=cfg.margin)
+                row["verdict"], row["interval"] = v.text(), asdict(v.interval) if v.interval else None
             rows.append(row)
     return rows
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = ["| score | arm | final (mean ± std, seeds) | best checkpoint | copy formed (seeds, steps) | steps done / planned "
-             "| tokens/trial | verdict vs n=1 |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| score | arm | final (mean ± std, seeds) | difference to n=1 [95% CI] | best checkpoint | "
+             "copy formed (seeds, steps) | steps done / planned | tokens/trial | verdict vs n=1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         f, b = r["final"], r["best"]
-        lines.append(f"| {r['score']} | {r['arm']} | {f['mean']:.3f} ± {f['std']:.3f} ({f['n']}) | "
+        ci = r.get("interval")
+        shown_ci = f"{ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]" if ci else "-"
+        lines.append(f"| {r['score']} | {r['arm']} | {f['mean']:.3f} ± {f['std']:.3f} ({f['n']}) | {shown_ci} | "
                      f"{b['mean']:.3f} ± {b['std']:.3f} | {r['formed']} {r['formed_steps'] or ''} | "
                      f"{min(r['steps'])}-{max(r['steps'])} / {r['planned_steps']} | {r['tokens'] / 1e6:.2f}M | "
                      f"{r.get('verdict', 'baseline')} |")

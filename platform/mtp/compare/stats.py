@@ -104,12 +104,13 @@ def verdict(arm: Sequence[float], baseline: Sequence[float], *, floor: float | N
         raise ValueError(f"margin={margin!r} must be a finite number >= 0")
     a, b = ArmStats.of(arm), ArmStats.of(baseline)
     sign = 1.0 if mode == "max" else -1.0
+    # the interval is shown whatever the verdict, so a reader sees what an inconclusive comparison measured
+    interval = bootstrap_difference(arm, baseline, seed=seed) if a.n >= 2 and b.n >= 2 else None
     if floor is not None and sign * (b.mean - floor) < margin:
-        return Verdict(a, b, None, floor, margin, "inconclusive",
+        return Verdict(a, b, interval, floor, margin, "inconclusive",
                        f"n=1 {b.mean:.3f} does not clear the floor {floor:.3f} by {margin:g}")
-    if a.n < 2 or b.n < 2:
+    if interval is None:
         return Verdict(a, b, None, floor, margin, "inconclusive", f"{min(a.n, b.n)} seed(s): no interval")
-    interval = bootstrap_difference(arm, baseline, seed=seed)
     if interval.low > 0 or interval.high < 0:
         word = "better" if sign * interval.diff > 0 else "worse"
         return Verdict(a, b, interval, floor, margin, word, f"interval {interval.cell()} excludes 0")
