@@ -1,7 +1,8 @@
 """``make gpu-repro``: the induction experiment (paper §4.1) at the paper's smallest size, on one GPU, in one command.
 
-n=1 against n=2 (param-matched, dim 128 x 5 layers, ~1M parameters), several seeds of
-each trained at once on the one device (one process per trial: models this small leave
+n=1 against n=2 (param-matched, dim 128 x 5 layers, ~1M parameters) and the controls
+(n=1 trained for n=2's FLOPs, n=2 with both heads on the next token), several seeds of
+each arm trained at once on the one device (one process per trial: models this small leave
 a GPU idle in any single stream), on the induction task in the paper's setting: training
 names from a small closed set, test names never seen in training
 (``mtp.tasks.induction``, ``train_names``). Each trial is scored by greedy head-0
