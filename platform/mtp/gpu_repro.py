@@ -143,8 +143,7 @@ def arm_steps(cfg: ReproConfig, arm: Arm) -> int:
 def train_trial(cfg: ReproConfig, arm: Arm, seed: int, blocks_path: str, deadline: float) -> dict[str, Any]:
     """Train one (arm, seed) trial until its steps or the deadline; its scores over training and at the end."""
     device = torch.device(cfg.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)  # many trials share the host: one thread each (the GPU does the work there)
     torch.manual_seed(seed)
     blocks = np.load(blocks_path, mmap_mode="r")
     sets = task(cfg).eval_sets()
