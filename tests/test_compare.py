@@ -118,10 +118,11 @@ def test_compute_matched_steps_by_hand():
     from mtp.compare.arms import compute_matched_steps
 
     # dim 64, 4 heads of 16, SwiGLU width 192: a block has 64*16*16 + 3*64*192 + 2*64 = 53376 parameters;
-    # the unembedding 260*64 = 16640 per head; causal attention 2*4*16*64 = 8192 per layer (6x for fwd+bwd).
-    n1 = 6 * (3 * 53376 + 16640 + 3 * 8192)  # trunk 2 + head 1
-    n2 = 6 * (4 * 53376 + 2 * 16640 + 4 * 8192)  # trunk 2 + heads 2 (not param-matched)
-    assert compute_matched_steps(_cfg(1), _cfg(2)) == -(-100 * n2 // n1) == 139
+    # the unembedding 260*64 = 16640 per head (6 FLOPs per parameter, forward + backward); causal attention,
+    # QK^T and AV over 32 keys on average: 2 * 2 * 4 heads * 16 dims * 32 = 8192 FLOPs per layer forward, 3x in all
+    n1 = 6 * (3 * 53376 + 16640) + 3 * 3 * 8192  # trunk 2 + head 1
+    n2 = 6 * (4 * 53376 + 2 * 16640) + 3 * 4 * 8192  # trunk 2 + heads 2 (not param-matched)
+    assert compute_matched_steps(_cfg(1), _cfg(2)) == -(-100 * n2 // n1) == 140
     # more tokens per step on the baseline: fewer steps for the same FLOPs
     assert compute_matched_steps(_cfg(1, batch=16), _cfg(2)) == 70
     # param-matched n=2 costs only its second unembedding: a few steps more
@@ -135,7 +136,7 @@ def test_arms_expand_to_labelled_configs():
     arms = ArmsSpec(compute_matched=True, next_token_heads=True).arms([1, 2])
     assert [a.label for a in arms] == ["n=1", "n=2", "n=1 compute-matched to n=2", "n=2 all heads t+1"]
     build = lambda fields: build_config(None, {**_base_fields(), **fields})
-    assert overrides(arms[2], build) == {"model.n_future": 1, "train.max_steps": 139}
+    assert overrides(arms[2], build) == {"model.n_future": 1, "train.max_steps": 140}
     assert overrides(arms[3], build) == {"model.n_future": 2, "train.head_targets": "next"}
     with pytest.raises(ValueError, match="n=1 baseline"):
         ArmsSpec(compute_matched=True).arms([2, 4])
@@ -203,7 +204,7 @@ def test_a_sweep_file_with_arms_searches_arm_labels_and_builds_their_configs():
     assert list(spec.searched) == ["arm", "train.seed"] and spec.grid_size() == 8
     assert spec.verdict.margin == 0.05
     compute = spec.base({"arm": "n=1 compute-matched to n=2", "train.seed": 1})
-    assert (compute.model.n_future, compute.train.max_steps, compute.train.seed) == (1, 139, 1)
+    assert (compute.model.n_future, compute.train.max_steps, compute.train.seed) == (1, 140, 1)
     heads = spec.base({"arm": "n=2 all heads t+1"})
     assert (heads.model.n_future, heads.train.head_targets, heads.train.max_steps) == (2, "next", 100)
     assert len(spec.probe_configs()) == 8
