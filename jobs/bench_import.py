@@ -9,8 +9,9 @@ base model's.
 
 ``--convert``: a random Llama of the given shape (default ~1.2B, Llama-3.2-1B's shape) saved
 with ``save_pretrained`` in bf16, then ``jobs/import_model.py`` and ``jobs/export_model.py``
-on it in fresh processes: wall-clock and peak RSS of each (RSS counts the memory-mapped
-source pages the process touched).
+on it in fresh processes: wall-clock and peak RSS of each (the exec'd process's VmHWM:
+``getrusage``'s maxrss would carry the parent's peak over the fork; RSS counts the
+memory-mapped source pages the process touched).
 
     python jobs/bench_import.py --json byom.json                  # minutes on 2 CPU cores
     python jobs/bench_import.py --convert --json convert.json
@@ -61,10 +62,11 @@ def convert(workdir: Path, n_future: int) -> dict:
                                    "--out", str(workdir / "mtp")]),
                        ("export", ["jobs/export_model.py", str(workdir / "mtp"), "--out", str(workdir / "back")])):
         clock = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+        done = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
                                "code = 0\ntry: runpy.run_path(sys.argv[0], run_name='__main__')\n"
                                "except SystemExit as e: code = e.code\n"
-                               "print('PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(code)",
+                               "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+                               "print('PEAK_RSS', int(hwm) * 1024); sys.exit(code)",
                                *argv], cwd=REPO, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{name} failed: {done.stderr[-2000:]}")
