@@ -274,7 +274,7 @@ def test_sweep_survives_a_failed_trial_and_a_killed_driver_and_logs_nested_runs_
     finally:
         if driver.poll() is None:
             driver.kill()
-    (sweep_dir,) = list(storage.iterdir())
+    (sweep_dir,) = [p for p in storage.iterdir() if p.is_dir()]  # beside it: its .log
 
     result = run_sweep(parse_spec(definition), resume=str(sweep_dir), tracking_uri=mlflow_uri)
 
