@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"sweep {spec.name!r}: {spec.grid_size()} trials over {', '.join(spec.space)}; "
+    print(f"sweep {spec.name!r}: {spec.grid_size()} trials over {', '.join(spec.searched)}; "
           f"metric {spec.metric} ({spec.mode})")
     connect(args.address)
     try:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resume with: {resume_command(args, result.sweep_dir)}")
         return 130
     print()
-    print(format_table(result.rows, spec.metric, list(spec.space)))
+    print(format_table(result.rows, spec.metric, list(spec.searched)))
     print()
     failed = sum(r.status == "error" for r in result.rows)
     stopped = sum(r.status == "stopped" for r in result.rows)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"up to {result.max_concurrent_trials} at a time")
     if result.best is not None:
         print(f"best trial: {result.best.trial_id}  {spec.metric}={result.best.value(spec.metric):.4g}  "
-              f"({', '.join(f'{k}={result.best.params[k]}' for k in spec.space)})")
+              f"({', '.join(f'{k}={result.best.params[k]}' for k in spec.searched)})")
     print(f"MLflow: {result.tracking_uri}  experiment {spec.experiment!r} (id {result.experiment_id})  "
           f"parent run {result.parent_run_id}")
     print(f"  browse: {mlflow_browse(result.tracking_uri, result.experiment_id, result.parent_run_id)}")
