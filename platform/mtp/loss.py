@@ -35,6 +35,7 @@ from mtp.model import MTPTransformer
 from mtp.packing import LOSS_MASK_FLAG
 
 IGNORE_INDEX = -100
+MIN_CHUNK_ROWS = 512  # the fused loss's default chunk, at least (see linear_cross_entropy)
 
 
 def mtp_targets(tokens: torch.Tensor, n_future: int, pad_id: int | None = None, *, next_token_only: bool = False,
@@ -277,10 +278,12 @@ def linear_cross_entropy(
     """Fused unembedding + cross-entropy over rows ``x [N, D]``: ``(sum(row_scale * CE), CE [N])``.
 
     ``chunk_size`` rows at a time (default: about as many logits as ``x`` has
-    elements, Liger's choice); the first output is differentiable in ``x`` and ``weight``.
+    elements, Liger's choice, but at least ``MIN_CHUNK_ROWS``: every chunk also reads and
+    writes a ``[V, D]`` weight gradient, which small chunks make the bulk of the work);
+    the first output is differentiable in ``x`` and ``weight``.
     """
     n_rows, dim = x.shape
-    step = chunk_size or max(1, n_rows * dim // weight.shape[0])
+    step = chunk_size or max(MIN_CHUNK_ROWS, n_rows * dim // weight.shape[0])
     return _LinearCrossEntropy.apply(x, weight, targets, row_scale, step, compiled)
 
 
