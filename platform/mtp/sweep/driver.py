@@ -23,7 +23,7 @@ import mtp.sweep.runs as runs
 from mtp.sweep.resources import (
     TrialDemand, check_feasible, cluster_view, fitting_concurrency, runs_inline, trial_bundle,
 )
-from mtp.sweep.progress import DONE, SweepInterrupted, SweepProgress, quiet_tune
+from mtp.sweep.progress import DONE, SweepInterrupted, SweepProgress, finished_in_state, quiet_tune
 from mtp.sweep.spec import SweepError, SweepSpec
 from mtp.sweep.summary import TrialRow
 from mtp.sweep.trial import TrialContext, run_trial
@@ -155,7 +155,8 @@ def run_sweep(
         if isinstance(exc, KeyboardInterrupt):
             raise SweepInterrupted(sweep_dir, None if resume else progress.done, total) from exc
         raise
-    done = sum(trial.status in DONE for trial in grid._experiment_analysis.trials)
+    saved = finished_in_state(sweep_dir)  # the trials Tune stopped read TERMINATED in memory only
+    done = saved if saved is not None else sum(trial.status in DONE for trial in grid._experiment_analysis.trials)
     rows = [_row(result, spec, client, experiment_id, parent_id) for result in grid if result.metrics]
     rows.sort(key=lambda r: r.trial_id)
     if done < total:  # Ctrl-C: Tune stopped the trials, saved its state and returned

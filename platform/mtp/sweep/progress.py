@@ -8,9 +8,11 @@ command that resumes it is the job's own (``--resume SWEEP_DIR``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 
@@ -26,6 +28,20 @@ class SweepInterrupted(KeyboardInterrupt):
     def __init__(self, sweep_dir: str, done: int | None, total: int):
         super().__init__(f"interrupted: {interrupted_count(done, total)}")
         self.sweep_dir, self.done, self.total = sweep_dir, done, total
+
+
+def finished_in_state(sweep_dir: str) -> int | None:
+    """How many trials Tune's saved state (what ``--resume`` restores) holds as finished or failed.
+
+    After Ctrl-C the trials Tune stopped read TERMINATED in memory, but RUNNING in the state it
+    saved, and a resume reruns them: the state file is what says how far the sweep got.
+    """
+    saved = sorted(Path(sweep_dir).glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(saved[-1].read_text())["trial_data"]
+        return sum(json.loads(trial[0])["status"] in DONE for trial in trials)
+    except (IndexError, OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def interrupted_count(done: int | None, total: int) -> str:
