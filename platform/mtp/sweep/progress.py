@@ -19,7 +19,8 @@ from ray.tune import Callback
 from mtp.cluster import logs
 
 DONE = ("TERMINATED", "ERROR")
-TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller")  # interruption advice, "did not complete"
+# interruption advice, "did not complete", and "Failed to fetch metrics" for a trial stopped before it reported
+TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.analysis.experiment_analysis")
 
 
 class SweepInterrupted(KeyboardInterrupt):
