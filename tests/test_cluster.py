@@ -240,7 +240,7 @@ def test_a_failed_resume_leaves_the_run_as_it_was(killed_job):
     code, console = train_job("--resume", first.storage_dir, "--set", "train.device=cuda")
     assert code == 1, console[-3000:]
     assert "resume: train.device = 'cuda' (the checkpoint's run had 'auto')" in console
-    assert re.search(r"training failed: (rank \d: )?ConfigError: train.device", console), console[-3000:]
+    assert re.search(r"training failed:\s+(rank \d: )?ConfigError: train.device", console), console[-3000:]
     assert "resume with: " in console and "Traceback" not in console, console[-3000:]
     after = client.get_run(first.run_id)
     assert after.info.status == "FINISHED"
