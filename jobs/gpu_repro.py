@@ -1,4 +1,4 @@
-"""The induction experiment (paper §4.1) at the paper's 1M size, n=1 vs n=2, on one GPU (``mtp.gpu_repro``).
+"""The induction experiment (paper §4.1) at the paper's 1M size, n=1 vs n=2, on one GPU (``mtp.bench.gpu_repro``).
 
     PYTHONPATH=platform python jobs/gpu_repro.py                       # one H100: at most ~8 minutes
     PYTHONPATH=platform python jobs/gpu_repro.py --device cpu --tiny   # the dry run CI keeps alive
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 import torch  # noqa: E402
 
-from mtp.gpu_repro import config_for, format_table, run  # noqa: E402
+from mtp.bench.gpu_repro import config_for, format_table, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps per trial (default 8000: ~100x the CPU sweep's tokens)")
     p.add_argument("--budget-s", type=float, help="training deadline of every trial, from the start (default 400)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other setting of mtp.gpu_repro.ReproConfig, e.g. --set dim=64 --set workers=8")
+                   help="any other setting of mtp.bench.gpu_repro.ReproConfig, e.g. --set dim=64 --set workers=8")
     p.add_argument("--json", type=Path, default=Path("runs/gpu_repro.json"), help="where the results go")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

