@@ -104,6 +104,9 @@ def test_run_logs_params_metrics_artifacts_and_registers_the_model(mlflow_server
     version = client.get_model_version("mtp-test", "1")
     assert version.tags["n_future"] == "2" and version.tags["size"].endswith("M") and version.run_id == run.info.run_id
     assert set(client.get_registered_model("mtp-test").aliases) == {"newest", "champion"}
+    # Finishing again with the same weights (a resume with nothing to train) keeps version 1.
+    assert finish_run(cfg, cfg.tracking.run_id, trained.checkpoint).model_uri == "models:/mtp-test/1"
+    assert [v.version for v in client.search_model_versions("name = 'mtp-test'")] == ["1"]
     local = resolve_checkpoint("models:/mtp-test@champion", cache_dir=tmp_path / "models")
     model, _, config = load_model(local)
     assert config["tracking"]["run_id"] == run.info.run_id and model.cfg.n_future == 2

@@ -65,6 +65,7 @@ class ModelRef:
 MODEL_ARTIFACT = "model"  # the logged model's name inside the run
 CHECKPOINT_KEY = "checkpoint"  # its artifact holding the mtp checkpoint
 NEWEST, CHAMPION = "newest", "champion"
+WEIGHTS_DIGEST = "weights_sha256"  # a logged model's tag: the same weights are not logged twice by a run
 DEFAULT_MAX_TOKENS = 128
 INPUT_EXAMPLE = ["def fibonacci(n):\n"]
 
@@ -91,6 +92,9 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
     """Log the checkpoint as the run's pyfunc model; with ``registered_model``, register it
     as a new version tagged ``tags`` and move ``@newest`` to it (and ``@champion``, if unset).
 
+    Weights this run already logged (a resume that had nothing to train) keep their logged
+    model and version: nothing is logged again, no alias moves.
+
     Client API only (MLflow 3's logged model, linked to the run): the fluent
     ``mlflow.pyfunc.log_model`` would change this process's tracking and registry URIs,
     environment variables included, which Ray workers started later would inherit.
@@ -104,6 +108,10 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
 
     client = store.client(tracking_uri)
     experiment = client.get_run(run_id).info.experiment_id
+    tags = {**(tags or {}), WEIGHTS_DIGEST: weights_digest(checkpoint_dir)}
+    for earlier in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+        if earlier.tags.get(WEIGHTS_DIGEST) == tags[WEIGHTS_DIGEST] and earlier.status == LoggedModelStatus.READY:
+            return _version_of(client, earlier, run_id, registered_model) if registered_model else None
     logged = client.create_logged_model(experiment, name=MODEL_ARTIFACT, source_run_id=run_id, tags=tags)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,6 +134,25 @@ def log_model(run_id: str, checkpoint_dir: str | Path, tracking_uri: str, regist
     if registered_model is None:
         return None
     return _register(client, logged, run_id, registered_model, tags, NEWEST)
+
+
+def weights_digest(checkpoint_dir: str | Path) -> str:
+    """SHA-256 of a checkpoint's weights file: which weights a logged model holds."""
+    from mtp.checkpoint import WEIGHTS
+
+    digest = hashlib.sha256()
+    with open(Path(checkpoint_dir) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _version_of(client, logged, run_id: str, name: str) -> str:
+    """The version of ``name`` registered from ``logged`` (registered now if there is none)."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if version.source == logged.artifact_location:  # what _register gives (model_id is not kept)
+            return str(ModelRef(name, version=str(version.version)))
+    return _register(client, logged, run_id, name, dict(logged.tags), NEWEST)
 
 
 def register_run_model(run_id: str, registered_model: str, tracking_uri: str, alias: str = CHAMPION) -> str:
