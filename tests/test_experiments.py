@@ -271,6 +271,23 @@ def test_speed_task_reports_every_declared_metric(tmp_path):
         SpeedSpec.parse({"name": "speed", "batch_sizes": [0]})
 
 
+def test_speed_prompts_and_texts_spread_over_every_held_out_file():
+    from mtp.data import pack
+    from mtp.tasks.speed import block_texts, held_out_files, spread_blocks
+
+    eos, pad = 257, 258
+    docs = [[65 + d] * (40 * (d + 1)) + [eos] for d in range(6)]  # file d: 40(d+1) bytes of one letter, then eos
+    val = pack(np.array([t for doc in docs for t in doc]), 17, pad_id=pad)  # blocks of 17: files straddle blocks
+    prompts, forced = spread_blocks(val, 3, 5)
+    assert not set(prompts) & set(forced) and len(prompts) == 3 and len(forced) == 5
+    files = held_out_files(val, eos)
+    assert files[0] == 0 and files[-1] == 5  # the first block starts in file 0, the last in file 5
+    assert {files[i] for i in prompts + forced} >= {0, 5}  # from the first file to the last, not the first two
+    assert all(len(set(text)) == 1 for text in block_texts(val, prompts[:1]))  # one file's letter, no eos
+    with pytest.raises(ValueError, match="usable blocks, 60 needed"):
+        spread_blocks(val, 20, 40)
+
+
 def test_every_paper_sweep_file_belongs_to_one_named_experiment():
     from pathlib import Path
 

@@ -1,7 +1,9 @@
 """Self-speculative speed against n (the shape of the paper's Tables S2/S3, byte level).
 
 For one checkpoint, on held-out code (validation documents of the corpus it trained
-on, which no training block contains):
+on, which no training block contains): ``prompts`` prompts and ``heldout`` texts, one
+validation block each, spread evenly over all held-out files (``speed/prompt_files`` and
+``speed/teacher_forced_files`` count the files they come from, ``speed/heldout_files`` all):
 
 * ``teacher_forced_tokens_per_forward``: what the heads promise without decoding;
 * greedy decoding, vanilla vs self-speculative, interleaved chunk by chunk: tokens
@@ -29,6 +31,7 @@ from mtp.specs import build
 from mtp.tasks.spec import TaskError
 
 SPEED_METRICS = ("tokens_per_forward", "speedup", "distinct_8gram")  # of each batch size and mode
+FILE_COUNTS = ("heldout", "prompt", "teacher_forced")  # held-out files in all, and those each measure reads
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class SpeedSpec:
         return spec
 
     def metric_names(self) -> list[str]:
-        names = ["speed/teacher_forced_tokens_per_forward"]
+        names = ["speed/teacher_forced_tokens_per_forward", *(f"speed/{w}_files" for w in FILE_COUNTS)]
         for b in self.batch_sizes:
             for mode in ("greedy", "sampled"):
                 names += [f"speed/b{b}/{mode}_{m}" for m in SPEED_METRICS]
@@ -82,12 +85,17 @@ class SpeedSpec:
 
         with intra_op_threads(self.threads):  # the sweep's process keeps its own setting afterwards
             cfg = from_dict(read_config(checkpoint))
-            held_out = heldout_texts(prepare_data(cfg.data, cfg.train.seq_len).val, self.heldout + self.prompts)
+            data = prepare_data(cfg.data, cfg.train.seq_len)
+            prompt_blocks, forced_blocks = spread_blocks(data.val, self.prompts, self.heldout)
+            files = held_out_files(data.val, data.tokenizer.eos_id)
             engine = Engine.from_checkpoint(
                 str(checkpoint), dataclasses.replace(self.engine, max_batch_size=max(self.batch_sizes)))
-            prompts = [ids[: self.prompt_tokens] for ids in held_out[: self.prompts]]
+            prompts = [ids[: self.prompt_tokens] for ids in block_texts(data.val, prompt_blocks)]
             metrics = {"speed/teacher_forced_tokens_per_forward":
-                       teacher_forced(engine.model, held_out[self.prompts:])["teacher_forced_tokens_per_forward"]}
+                       teacher_forced(engine.model, block_texts(data.val, forced_blocks))["teacher_forced_tokens_per_forward"],
+                       "speed/heldout_files": float((np.asarray(data.val) == data.tokenizer.eos_id).sum()),
+                       "speed/prompt_files": float(len({files[i] for i in prompt_blocks})),
+                       "speed/teacher_forced_files": float(len({files[i] for i in forced_blocks}))}
             for b in self.batch_sizes:
                 for mode, temperature in (("greedy", 0.0), ("sampled", self.temperature)):
                     row = compare(engine, prompts, b, self.max_new_tokens, temperature)
@@ -96,13 +104,25 @@ class SpeedSpec:
             return metrics
 
 
-def heldout_texts(val_blocks: np.ndarray, count: int) -> list[list[int]]:
-    """Token lists from the validation blocks, padding removed (the split holds only held-out documents)."""
-    out = []
-    for block in val_blocks[:count]:
-        ids = [int(t) for t in block if t < 256]
-        if len(ids) > 8:
-            out.append(ids)
-    if len(out) < count:
-        raise ValueError(f"the validation split has {len(out)} usable blocks, {count} needed")
-    return out
+def spread_blocks(val_blocks: np.ndarray, prompts: int, heldout: int) -> tuple[list[int], list[int]]:
+    """Validation blocks for the prompts and for the teacher-forced texts: disjoint, each set spread
+    evenly over the whole split, which holds the held-out documents one after another (the first
+    ``prompts + heldout`` blocks, used before, were the first 2 of 50 held-out files)."""
+    usable = np.flatnonzero((np.asarray(val_blocks) < 256).sum(1) > 8)  # byte ids; padding and eos excluded
+    total = prompts + heldout
+    if len(usable) < total:
+        raise ValueError(f"the validation split has {len(usable)} usable blocks, {total} needed")
+    picks = usable[np.linspace(0, len(usable) - 1, total).round().astype(int)].tolist()
+    chosen = {round(k * total / prompts) for k in range(prompts)}
+    return [picks[j] for j in sorted(chosen)], [p for j, p in enumerate(picks) if j not in chosen]
+
+
+def block_texts(val_blocks: np.ndarray, indices: list[int]) -> list[list[int]]:
+    """The blocks' byte ids, padding and eos removed."""
+    return [[int(t) for t in val_blocks[i] if t < 256] for i in indices]
+
+
+def held_out_files(val_blocks: np.ndarray, eos_id: int) -> np.ndarray:
+    """The held-out document each block starts in (each document ends with one eos)."""
+    ends = np.cumsum((np.asarray(val_blocks) == eos_id).sum(1))
+    return np.concatenate([[0], ends[:-1]])
