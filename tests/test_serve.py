@@ -432,3 +432,33 @@ def test_crashed_replica_is_replaced_and_clients_see_errors_not_hangs(server):
             time.sleep(0.5)
     assert after != before, "Serve did not replace the killed replica"
     assert greedy_text(server, PROMPTS[0], 8) == greedy_text(server, PROMPTS[0], 8)
+
+
+def test_an_imported_hugging_face_model_is_served_with_its_own_tokenizer(server, tmp_path):
+    """Bring your own model, served: a Qwen2 checkpoint imported with three heads answers over
+    HTTP with the engine's greedy text, through its own BPE tokenizer (whose ids are not bytes)."""
+    pytest.importorskip("transformers")
+    from ray import serve
+
+    from _hf import hf_model, save_hf
+    from mtp.checkpoint import load_model
+    from mtp.decoding.config import EngineConfig
+    from mtp.decoding.engine import Engine
+    from mtp.importing.hf import import_hf
+    from mtp.serving.app import build_app
+
+    imported = import_hf(save_hf(hf_model("qwen2"), tmp_path / "hf"), tmp_path / "mtp", n_future=3)
+    prompt = "def add(a, b):"
+    model, tokenizer, _ = load_model(imported)
+    expected = Engine(model, tokenizer, EngineConfig(device="cpu")).generate(
+        [prompt], SamplingParams(max_new_tokens=10))[0].text
+    serve.run(build_app({"model": str(imported), "max_tokens_cap": MAX_TOKENS_CAP, "request_timeout_s": 60}),
+              name="imported", route_prefix="/imported")
+    try:
+        r = complete(f"{server}/imported", prompt=prompt, max_tokens=10, temperature=0)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "mtp" and body["choices"][0]["text"] == expected
+        assert body["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt))
+    finally:
+        serve.delete("imported")
