@@ -296,3 +296,34 @@ def test_every_paper_sweep_file_belongs_to_one_named_experiment():
     spaces = Path(__file__).resolve().parents[1] / "tune_spaces"
     named = [f for files in EXPERIMENTS.values() for f in files]
     assert sorted(named) == sorted(p.name for p in spaces.glob("paper_*.yaml") if p.name != "paper_grid.yaml")
+
+
+def test_the_finetuning_file_names_no_model_shape_and_confounds_are_computed(tmp_path):
+    """Stage 2 takes each pretrained checkpoint's shape (n' changes only the heads), so a finetuning
+    file that sets one is refused naming it; the confound column states every cost ratio off by > 1%."""
+    import yaml
+
+    from mtp.config import build_config
+    from mtp.experiments.finetune import Costs, read_finetune_file
+    from mtp.sweep import SweepError
+
+    sweep = {"task": {"name": "polynomial", "train_problems": 50, "test_problems": 5},
+             "space": {"model.n_future": {"grid": [1, 4]}}, "metric": "task/in_domain/exact_match", "mode": "max",
+             "config": {"train": {"seq_len": 64, "max_steps": 10}}}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert read_finetune_file(path)["name"] == "ft"
+    path.write_text(yaml.safe_dump({**sweep, "config": {"model": {"dim": 48, "n_layers": 6}}}))
+    with pytest.raises(SweepError, match="model.dim, model.n_layers come.* from each pretrained checkpoint"):
+        read_finetune_file(path)
+
+    def cfg(n: int, steps: int, layers: int = 6):
+        return build_config(None, {"model.dim": 48, "model.n_layers": layers, "model.n_future": n,
+                                   "model.param_matched": True, "train.seq_len": 64, "train.max_steps": steps})
+
+    n1, n4 = Costs.of(cfg(1, 100), cfg(1, 50)), Costs.of(cfg(4, 100), cfg(1, 50, layers=3))
+    assert n1.pretraining_parameters == n4.pretraining_parameters  # param-matched
+    text = n4.against(n1)
+    assert text.startswith("pretraining flops x1.") and "finetuned parameters x0." in text
+    assert "pretraining parameters" not in text
+    assert n1.against(n1) == "none (parameters and FLOPs of both stages within 1%)"

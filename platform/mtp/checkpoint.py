@@ -143,7 +143,7 @@ def transfer_weights(model: MTPTransformer, source: str | Path) -> dict[str, lis
 
 # What a finetune takes from its ``train.init_from`` checkpoint: everything that shapes the trunk
 # (not n_future, param_matched, init_std: the new heads' business).
-_INHERITED = ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of", "max_seq_len", "rope_theta",
+INHERITED = ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of", "max_seq_len", "rope_theta",
               "norm_eps", "attn_bias", "tie_embeddings", "rope_scaling")
 
 
@@ -157,7 +157,7 @@ def inherit_source_model(cfg: JobConfig, directory: str | Path) -> JobConfig:
     """
     directory = Path(directory)
     src = model_config(directory)
-    for name in _INHERITED:
+    for name in INHERITED:
         setattr(cfg.model, name, getattr(src, name))
     cfg.model.n_layers = src.n_trunk_layers + 1 + (cfg.model.n_future - 1 if cfg.model.param_matched else 0)
     cfg.data.tokenizer = str(directory / "tokenizer.json") if (directory / "tokenizer.json").is_file() else "byte"

@@ -79,6 +79,14 @@ def compute_matched_steps(baseline: JobConfig, controlled: JobConfig) -> int:
                                tokens[1] / tokens[0])
 
 
+def training_flops(cfg: JobConfig) -> float:
+    """FLOPs of a whole training run of ``cfg`` (``mtp.model.training_flops_per_token`` x its tokens)."""
+    from mtp.model import training_flops_per_token  # torch: only where a control is built
+
+    tokens = cfg.train.seq_len * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.max_steps
+    return training_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
+
+
 def flops_matched_steps(baseline: Any, controlled: Any, seq_len: int, steps: int, token_ratio: float = 1.0) -> int:
     """Steps of ``baseline`` (a ModelConfig) with the FLOPs of ``steps`` of ``controlled``; ``token_ratio``:
     the controlled arm's tokens per step over the baseline's."""

@@ -12,12 +12,13 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from mtp.compare.stats import ArmStats, verdict
 from mtp.specs import ConfigError, build
 
 SEED_KEYS = ("train.seed", "data.seed")
+CONFOUND = "confound"  # optional record key: what else differs from the n=1 arm (shown as a last column)
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,14 @@ def _floor(floors: dict[str, float], name: str | None) -> tuple[str, float] | No
 
 def format_markdown(records: list[dict[str, Any]], floors_by_metric: dict[str, dict[str, float]],
                     spec: VerdictSpec) -> str:
-    """One table per metric, the floors and the verdict's rule above it."""
+    """One table per metric, the floors and the verdict's rule above it (records with a ``confound``
+    add that column)."""
     out = []
     for metric in dict.fromkeys(r["metric"] for r in records):
         mine = [r for r in records if r["metric"] == metric]
         setting_cols = [k for k in mine[0] if k not in ("metric", "arm", "mean", "std", "n", "diff", "low", "high",
-                                                       "verdict")]
+                                                       "verdict", CONFOUND)]
+        confounds = any(CONFOUND in r for r in mine)
         floors = floors_by_metric.get(metric, {})
         used = _floor(floors, spec.floor)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(floors.items(), key=lambda kv: -kv[1])) or "none"
@@ -102,21 +105,26 @@ def format_markdown(records: list[dict[str, Any]], floors_by_metric: dict[str, d
                 else "no floor for this metric")
         out += [f"**{metric}** (floors on this test set: {shown}; {rule})", "",
                 "| " + " | ".join([*(c.split(".")[-1] for c in setting_cols), "arm", "mean ± std (seeds)",
-                                   "difference to n=1 [95% CI]", "verdict"]) + " |",
-                "|" + "---|" * (len(setting_cols) + 4)]
+                                   "difference to n=1 [95% CI]", "verdict", *([CONFOUND] if confounds else [])]) + " |",
+                "|" + "---|" * (len(setting_cols) + 4 + confounds)]
         for r in mine:
             diff = f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]" if r["diff"] is not None else "-"
             out.append("| " + " | ".join([*(str(r[c]) for c in setting_cols), r["arm"],
-                                          f"{r['mean']:.3f} ± {r['std']:.3f} ({r['n']})", diff, r["verdict"]]) + " |")
+                                          f"{r['mean']:.3f} ± {r['std']:.3f} ({r['n']})", diff, r["verdict"],
+                                          *([r.get(CONFOUND) or "-"] if confounds else [])]) + " |")
         out.append("")
     return "\n".join(out)
 
 
 def write_comparison(rows: list[Any], metrics: list[str], floors_by_metric: dict[str, dict[str, float]],
-                     spec: VerdictSpec, mode: str, directory: Path, arm_key: str = "arm") -> list[Path]:
-    """``comparison.csv`` / ``comparison.md`` for ``metrics``; returns the paths."""
+                     spec: VerdictSpec, mode: str, directory: Path, arm_key: str = "arm",
+                     confound: Callable[[dict[str, Any]], str | None] | None = None) -> list[Path]:
+    """``comparison.csv`` / ``comparison.md`` for ``metrics``; returns the paths. ``confound(record)``,
+    if given, states what else differs between a record's arm and its n=1 arm (its ``confound`` cell)."""
     directory.mkdir(parents=True, exist_ok=True)
     records = [r for m in metrics for r in comparisons(rows, m, floors_by_metric.get(m, {}), spec, mode, arm_key)]
+    for record in records if confound is not None else ():
+        record[CONFOUND] = confound(record)
     md = directory / "comparison.md"
     md.write_text(format_markdown(records, floors_by_metric, spec) if records else "no finished trial\n")
     path = directory / "comparison.csv"

@@ -40,8 +40,6 @@ def run_experiment(name: str, spaces: Path, resume: Sequence[str] = (), **sweep_
     """Run one experiment (its files in the folder ``spaces``) on the connected Ray cluster;
     ``sweep_options`` go to ``run_sweep``. ``resume`` (an interrupted result's ``resume``)
     continues it; an interrupted experiment has no table."""
-    import mlflow
-
     from mtp.experiments.finetune import run_finetune
     from mtp.sweep import load_spec, run_sweep
 
@@ -53,7 +51,9 @@ def run_experiment(name: str, spaces: Path, resume: Sequence[str] = (), **sweep_
         both = run_finetune(*files, resume=resume, **sweep_options)
         if both.interrupted is not None:
             return _interrupted(name, both.interrupted, tuple(both.resume), start)
-        result, table = both.finetune, both.table
+        result = both.finetune
+        table = "\n".join(["### Pretraining (stage 1)", "", *_tables(both.pretrain),
+                           "### Finetuning, by pretraining arm (stage 2)", "", both.table])
         rows = both.pretrain.rows + both.finetune.rows
     else:
         if len(resume) > 1:
@@ -63,21 +63,20 @@ def run_experiment(name: str, spaces: Path, resume: Sequence[str] = (), **sweep_
         if result.interrupted:
             return _interrupted(name, result, (result.sweep_dir,), start)
         rows = result.rows
-        table = "\n".join(
-            Path(mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path=f"task/{artifact}",
-                                                     tracking_uri=result.tracking_uri)).read_text()
-            for artifact in _artifacts(result)
-        )
+        table = "\n".join(_tables(result))
     return ExperimentResult(name, result.tracking_uri, result.parent_run_id, table, len(rows),
                             sum(r.status == "error" for r in rows), time.monotonic() - start)
 
 
-def _artifacts(result) -> list[str]:
+def _tables(result: SweepResult) -> list[str]:
     """The parent run's tables: mean ± std over seeds, and the comparison where the task has floors."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     listed = {a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.parent_run_id, "task")}
-    return [name for name in ("task_summary.md", "comparison.md", "formation.md") if f"task/{name}" in listed]
+    return [Path(mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path=f"task/{name}",
+                                                     tracking_uri=result.tracking_uri)).read_text()
+            for name in ("task_summary.md", "comparison.md", "formation.md") if f"task/{name}" in listed]
 
 
 def _interrupted(name: str, result: SweepResult, resume: tuple[str, ...], start: float) -> ExperimentResult:

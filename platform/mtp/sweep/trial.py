@@ -46,6 +46,11 @@ def trial_config(context: TrialContext, params: dict[str, Any], trial_id: str) -
     cfg.tracking.run_name = trial_id
     cfg.tracking.registered_model = None  # a sweep registers nothing; promote the best run by hand
     cfg.train.output_dir = str(Path(context.sweep_dir) / "trials")
+    if cfg.train.init_from:  # a finetune trains its source's trunk: the run's params show that shape
+        from mtp.checkpoint import inherit_source_model
+        from mtp.tracking.runs import init_dir
+
+        inherit_source_model(cfg, init_dir(cfg))
     return cfg
 
 
