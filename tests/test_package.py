@@ -62,6 +62,30 @@ def test_public_api_resolves_lazily():
         mtp.nope  # noqa: B018
 
 
+def test_scoring_a_sample_file_imports_no_torch_or_ray(tmp_path):
+    """``jobs/evaluate.py --samples``, end to end: a sample file is scored without the generation
+    stack (torch, Ray, transformers, datasets), which costs seconds before the first program runs."""
+    from mtp.evaluation.benchmarks import humaneval, write_jsonl
+    from mtp.sandbox import isolation_problem
+
+    if isolation_problem() is not None:
+        pytest.skip(isolation_problem())
+    problem = humaneval().problems[0]
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": problem.task_id, "completion": problem.canonical_solution}])
+    heavy = ("torch", "ray", "transformers", "datasets", "mlflow")
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['evaluate.py', '--samples', {str(samples)!r}, '--ignore-incomplete', '--workers', '1', '--no-mlflow']\n"
+             "try:\n"
+             f"    runpy.run_path({str(REPO / 'jobs' / 'evaluate.py')!r}, run_name='__main__')\n"
+             "except SystemExit as exc:\n"
+             "    print('exit', exc.code)\n"
+             f"print('heavy', ','.join(m for m in {heavy!r} if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "exit 0" in done.stdout, done.stdout + done.stderr
+    assert '"passed": 1' in done.stdout
+    assert done.stdout.splitlines()[-1] == "heavy ", done.stdout
+
+
 def _declared_version() -> str:
     found = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
     assert found, "pyproject.toml declares no version"

@@ -15,9 +15,10 @@ name ``mtp.train`` must stay the module.)
 
 from __future__ import annotations
 
-import importlib
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mtp.lazy import exports
 
 try:
     __version__ = metadata.version("mtp-platform")
@@ -53,17 +54,7 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mtp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = exports(globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names

@@ -30,6 +30,7 @@ What it silences, and why each needs its own switch:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -96,14 +97,19 @@ def quiet_process() -> None:
     if not verbose():
         logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
         logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
-    try:  # Ray names this logger after its file (see the module docstring)
-        from ray.train.v2._internal.execution import context
-
-        names.append(context.__file__)
-    except ImportError:
-        pass
+    names.extend(_ray_train_context_file())
     for name in names:
         logging.getLogger(name).setLevel(level)
+
+
+def _ray_train_context_file() -> list[str]:
+    """The file Ray Train's report logger is named after (see the module docstring), found
+    without importing Ray (seconds that a job which never starts Ray, e.g. scoring a sample file,
+    must not pay); none where Ray is not installed."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [os.path.join(spec.submodule_search_locations[0], "train", "v2", "_internal", "execution", "context.py")]
 
 
 def _disable_datasets_progress() -> None:

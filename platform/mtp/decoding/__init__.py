@@ -8,10 +8,29 @@ one, and ``mtp.decoding.acceptance`` holds its acceptance rule. The request/resu
 types (``mtp.decoding.api``) are what evaluation and Serve code against.
 """
 
-from mtp.decoding import reference
-from mtp.decoding.api import Generation, GenerationStats, RequestError, SamplingParams
-from mtp.decoding.config import EngineConfig
-from mtp.decoding.engine import Engine
-from mtp.decoding.tree import DraftTree
+from __future__ import annotations
 
-__all__ = ["DraftTree", "Engine", "EngineConfig", "Generation", "GenerationStats", "RequestError", "SamplingParams", "reference"]
+from typing import TYPE_CHECKING
+
+from mtp.lazy import exports
+
+# public name -> its module, imported on first use: the config alone needs no torch (mtp.lazy)
+_EXPORTS = {
+    "DraftTree": "mtp.decoding.tree",
+    "Engine": "mtp.decoding.engine",
+    "EngineConfig": "mtp.decoding.config",
+    "Generation": "mtp.decoding.api",
+    "GenerationStats": "mtp.decoding.api",
+    "RequestError": "mtp.decoding.api",
+    "SamplingParams": "mtp.decoding.api",
+    "reference": "mtp.decoding.reference",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = exports(globals(), _EXPORTS)
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from mtp.decoding import reference
+    from mtp.decoding.api import Generation, GenerationStats, RequestError, SamplingParams
+    from mtp.decoding.config import EngineConfig
+    from mtp.decoding.engine import Engine
+    from mtp.decoding.tree import DraftTree

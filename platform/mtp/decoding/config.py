@@ -15,15 +15,17 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mtp.config import ConfigError
-from mtp.device import resolve_device
 from mtp.specs import build
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# dtype name -> torch attribute. torch is imported only where a dtype or device is resolved, so
+# reading flags and configs (``jobs/evaluate.py --samples`` builds its parser from this class) stays light.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,24 @@ class EngineConfig:
     @classmethod
     def matching(cls, model: torch.nn.Module, **options: Any) -> "EngineConfig":
         """A config that leaves ``model`` on its device and in its dtype (for a model already placed)."""
+        import torch
+
         param = next(model.parameters())
-        dtype = next(name for name, d in DTYPES.items() if d == param.dtype)
+        dtype = next(name for name, d in DTYPES.items() if getattr(torch, d) == param.dtype)
         return cls(device=str(param.device), dtype=dtype, **options)
 
     def torch_device(self) -> torch.device:
+        from mtp.device import resolve_device
+
         return resolve_device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """``auto``: bf16 on a GPU, fp32 on a CPU (where bf16 matmuls are slow and greedy ties differ)."""
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, DTYPES[self.dtype])
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, where: str = "engine",
