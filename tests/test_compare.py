@@ -102,6 +102,8 @@ def test_stargraph_floors_on_a_toy_graph():
     assert floors["copy_start_goal"] == {"exact_match": 0.0, "token_accuracy": pytest.approx(2 / 3)}
     assert floors["shortcut"]["exact_match"] == 0.5
     assert floors["shortcut"]["token_accuracy"] == pytest.approx((1 + 2 * 0.5) / 3)
+    # copy k and c, guess the one node in between among q, z, a
+    assert floors["copy_and_guess"] == {"exact_match": pytest.approx(1 / 3), "token_accuracy": pytest.approx((2 + 1 / 3) / 3)}
 
 
 # --------------------------------------------------------------------------- arms

@@ -14,7 +14,9 @@ depend on a random draw.
   ``two_rule_lookup`` answers ``c0000`` for ``o`` followed by a constant c (c(q(X)) = c),
   else the most frequent training answer among the problems that rule leaves.
 - stargraph: ``copy_start_goal`` writes the start and the goal at their fixed places and
-  nothing right in between; ``shortcut`` (the "Clever Hans" policy Bachmann & Nagarajan
+  nothing right in between; ``copy_and_guess`` the same with each node in between guessed
+  among the graph's other nodes (a model that copies and has learned only which letters
+  are nodes of this graph; 0.407 per node at degree 2, arms of 5); ``shortcut`` (the "Clever Hans" policy Bachmann & Nagarajan
   describe) takes a uniformly random first edge out of the start and follows the edges to
   the arm's end, right with probability 1/degree.
 """
@@ -116,10 +118,18 @@ def stargraph_floors(problems: Sequence[Scored]) -> dict[str, Floor]:
     def shortcut_tokens(q: Scored) -> float:  # start always right; the rest only on the right arm
         return (1 + (len(q.answer) - 1) * shortcut(q)) / len(q.answer)
 
-    per_token = sum(shortcut_tokens(q) * len(q.answer) for q in problems) / sum(len(q.answer) for q in problems)
+    def guess(q: Scored) -> float:  # P(one node in between is right): uniform over the other nodes
+        edges, start, goal = _graph(q.prompt)
+        return 1 / len({v for e in edges for v in e} - {start, goal})
+
+    def per_token(tokens: Callable[[Scored], float]) -> float:  # pooled over answer tokens, as the scorer does
+        return sum(tokens(q) * len(q.answer) for q in problems) / sum(len(q.answer) for q in problems)
+
     return {
         "copy_start_goal": _answered(problems, copy),
-        "shortcut": {"exact_match": sum(map(shortcut, problems)) / len(problems), "token_accuracy": per_token},
+        "copy_and_guess": {"exact_match": sum(guess(q) ** (len(q.answer) - 2) for q in problems) / len(problems),
+                           "token_accuracy": per_token(lambda q: (2 + (len(q.answer) - 2) * guess(q)) / len(q.answer))},
+        "shortcut": {"exact_match": sum(map(shortcut, problems)) / len(problems), "token_accuracy": per_token(shortcut_tokens)},
     }
 
 
@@ -133,7 +143,7 @@ FLOORS: dict[str, Callable[..., dict[str, Floor]]] = {
 NAMES: dict[str, tuple[str, ...]] = {  # what each task's floors are called (for checking a sweep file)
     "induction": ("guess_seen", "guess_seen_other"),
     "polynomial": ("constant", "two_rule_lookup"),
-    "stargraph": ("copy_start_goal", "shortcut"),
+    "stargraph": ("copy_start_goal", "copy_and_guess", "shortcut"),
 }
 
 
