@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from mtp.evaluation.benchmarks import Benchmark, load_benchmark, write_jsonl
 from mtp.evaluation.generation import GenerationConfig, generate_samples
 from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer, open_scorer
 from mtp.evaluation.scoring import DEFAULT_LIMITS, EvaluationResult, parse_samples, result_rows, score_samples
-from mtp.evaluation.tracking import ScoredRun, log_evaluation, metrics, training_run_id
+from mtp.evaluation.tracking import ScoredRun, Store, log_evaluation, metrics, open_store, training_run_id
 from mtp.sandbox import Limits
 
 Report = Callable[[str], None]  # progress lines (``print`` in the jobs)
@@ -47,13 +48,15 @@ class MLflowTarget:
     experiment: str = "mtp-eval"
     run_name: str | None = None
 
-    def resolved(self) -> str:
+    def open(self) -> Future[Store]:
+        """Check the store now (fail before any work when results could not be recorded), then
+        open it in the background (``tracking.open_store``)."""
         from mtp.config import TrackingConfig
         from mtp.tracking.store import check_tracking, tracking_uri
 
         uri = tracking_uri(TrackingConfig(tracking_uri=self.tracking_uri))
         check_tracking(uri)
-        return uri
+        return open_store(uri, self.experiment)
 
 
 @dataclass
@@ -87,7 +90,7 @@ def evaluate_checkpoint(
     Per-sample results go to ``<output_dir>/<benchmark>_T<t>_results.jsonl`` when
     given; the evaluation run, linked to the run that trained ``model``, to ``mlflow``.
     """
-    uri = mlflow.resolved() if mlflow else None  # fail before any work when results could not be recorded
+    store = mlflow.open() if mlflow else None
     configs = [replace(generation, temperature=t) for t in temperatures or [generation.temperature]]
     _check(configs, scoring)
     training_run = training_run_id(model)  # also checks the checkpoint before generating
@@ -114,7 +117,7 @@ def evaluate_checkpoint(
     params = {"benchmarks": ",".join(benchmarks), **scoring.params(), "model": model,
               **{f"generation.{k}": v for k, v in asdict(generation).items() if k not in ("temperature", "engine")},
               **{f"engine.{k}": v for k, v in generation.engine.to_dict().items()}}
-    return _logged(Evaluation(scored, training_run=training_run), params, uri, mlflow, report)
+    return _logged(Evaluation(scored, training_run=training_run), params, store, mlflow, report)
 
 
 def evaluate_samples(
@@ -131,7 +134,7 @@ def evaluate_samples(
 
     Per-sample results go to ``output`` (default ``<samples_file>_results.jsonl``).
     """
-    uri = mlflow.resolved() if mlflow else None
+    store = mlflow.open() if mlflow else None
     _check([], scoring)
     problems = load_benchmark(benchmark)
     rows = [json.loads(line) for line in Path(samples_file).read_text().splitlines() if line.strip()]
@@ -139,7 +142,7 @@ def evaluate_samples(
     evaluation = Evaluation([_score(problems, pairs, scoring, scoring.runner, None, report)])
     write_results(output or Path(f"{samples_file}_results.jsonl"), evaluation.scored[0].result)
     params = {"benchmarks": benchmark, **scoring.params(), "samples": str(samples_file)}
-    return _logged(evaluation, params, uri, mlflow, report)
+    return _logged(evaluation, params, store, mlflow, report)
 
 
 def write_results(path: Path, result: EvaluationResult) -> None:
@@ -167,19 +170,17 @@ def _score(benchmark: Benchmark, pairs: list[tuple[str, str]], scoring: ScoringC
     return scored
 
 
-def _logged(evaluation: Evaluation, params: dict[str, Any], uri: str | None, target: MLflowTarget | None,
+def _logged(evaluation: Evaluation, params: dict[str, Any], store: Future[Store] | None, target: MLflowTarget | None,
             report: Report | None) -> Evaluation:
-    if uri is not None and target is not None:
-        evaluation.run_id = log_evaluation(evaluation.scored, params, uri, target.experiment, evaluation.training_run,
-                                           target.run_name)
+    if store is not None and target is not None:
+        opened = store.result()
+        evaluation.run_id = log_evaluation(evaluation.scored, params, opened, evaluation.training_run, target.run_name)
         from mtp.hints import mlflow_browse
-        from mtp.tracking.store import client
 
         link = f", linked to training run {evaluation.training_run}" if evaluation.training_run else ""
         _say(report, f"MLflow evaluation run {evaluation.run_id} (experiment {target.experiment}){link}; "
                      f"per-sample results are its *_samples.jsonl artifacts")
-        experiment = client(uri).get_run(evaluation.run_id).info.experiment_id
-        _say(report, f"  browse: {mlflow_browse(uri, experiment, evaluation.run_id)}")
+        _say(report, f"  browse: {mlflow_browse(opened.uri, opened.experiment_id, evaluation.run_id)}")
     return evaluation
 
 

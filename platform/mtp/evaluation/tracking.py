@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 import tempfile
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,27 +78,60 @@ def metrics(runs: Sequence[ScoredRun]) -> dict[str, float]:
     return out
 
 
+@dataclass
+class Store:
+    """An MLflow client for ``uri`` and the id of the experiment evaluation runs go to."""
+
+    client: Any
+    uri: str
+    experiment_id: str
+
+
+def open_store(uri: str, experiment: str = "mtp-eval") -> Future[Store]:
+    """Open the store on a background thread: the caller scores meanwhile and asks ``.result()`` to log.
+
+    Importing MLflow and opening its store take seconds (a new sqlite store also runs every
+    schema migration, each committed to disk); started before scoring, they overlap it
+    instead of following it. An error is raised by ``.result()``.
+    """
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
+    try:
+        return pool.submit(_open, uri, experiment)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with its one task
+
+
+def _open(uri: str, experiment: str) -> Store:
+    from mtp.tracking.store import client
+
+    mlflow = client(uri)
+    return Store(mlflow, uri, experiment_for(mlflow, experiment, uri))
+
+
 def log_evaluation(
     runs: Sequence[ScoredRun],
     params: dict[str, Any],
-    tracking_uri: str,
-    experiment: str = "mtp-eval",
+    store: Store,
     training_run: str | None = None,
     run_name: str | None = None,
 ) -> str:
-    """Log one evaluation run to ``tracking_uri`` (see ``mtp.tracking.tracking_uri``); returns its id."""
-    from mlflow import MlflowClient
+    """Log one evaluation run to ``store`` (see ``open_store``); returns its id.
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    Params and metrics go in one batch, each artifact in one call: a call per metric cost
+    a store transaction each.
+    """
+    from mlflow.entities import Metric
+
+    client = store.client
     tags = {"mtp.kind": "evaluation", **source_tags()}
     if training_run:
         tags["mtp.training_run_id"] = training_run
-    run = client.create_run(experiment_for(client, experiment, tracking_uri), run_name=run_name, tags=tags)
+    run = client.create_run(store.experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
-        client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
-        for name, value in metrics(runs).items():
-            client.log_metric(run_id, name, value)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()],
+                         metrics=[Metric(name, value, now, 0) for name, value in metrics(runs).items()])
         with tempfile.TemporaryDirectory() as tmp:
             for scored in runs:
                 table = scored.result.per_problem()
