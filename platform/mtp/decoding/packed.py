@@ -195,8 +195,11 @@ class PackedLayer:
         kv = qkv[:, :, H:].unflatten(2, (2, groups, self.kv_heads))  # [B, T, 2, groups, kv_heads, hd]
         if layout.from_start:
             cache[:, :, :groups, :, :T] = kv.permute(0, 2, 3, 4, 1, 5)
-        else:
-            cache[layout.rows, :, :groups, :, layout.slots] = kv
+        elif groups == self.groups:
+            cache[layout.rows, :, :, :, layout.slots] = kv
+        else:  # index the groups too: a write through a ``:groups`` view made inductor copy the whole cache twice
+            g = torch.arange(groups, device=kv.device)
+            cache[layout.rows[..., None], :, g, :, layout.slots[..., None]] = kv.transpose(2, 3)
         S = layout.kv_len
         keys = cache[:, 0, :groups, :, :S].flatten(1, 2)  # [B, groups * kv_heads, S, hd], a view
         values = cache[:, 1, :groups, :, :S].flatten(1, 2)
