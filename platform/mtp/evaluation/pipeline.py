@@ -18,7 +18,7 @@ from typing import Any
 
 from mtp.evaluation.benchmarks import Benchmark, load_benchmark, write_jsonl
 from mtp.evaluation.generation import GenerationConfig, generate_samples
-from mtp.evaluation.sandbox_pool import RunnerConfig, Scorer, open_scorer
+from mtp.evaluation.sandbox_pool import ProgramScorer, RunnerConfig, open_scorer
 from mtp.evaluation.scoring import DEFAULT_LIMITS, EvaluationResult, parse_samples, result_rows, score_samples
 from mtp.evaluation.tracking import ScoredRun, Store, log_evaluation, metrics, open_store, training_run_id
 from mtp.sandbox import Limits
@@ -158,7 +158,7 @@ def _check(generation: Sequence[GenerationConfig], scoring: ScoringConfig) -> No
         config.validate()
 
 
-def _score(benchmark: Benchmark, pairs: list[tuple[str, str]], scoring: ScoringConfig, runner: RunnerConfig | Scorer,
+def _score(benchmark: Benchmark, pairs: list[tuple[str, str]], scoring: ScoringConfig, runner: RunnerConfig | ProgramScorer,
            temperature: float | None, report: Report | None, generated: list[dict] | None = None) -> ScoredRun:
     start = time.monotonic()
     result = score_samples(benchmark, pairs, scoring.ks, scoring.limits, runner, progress=report is not None,

@@ -63,7 +63,10 @@ class RunnerConfig:
 OnResult = Callable[[str, Verdict], None]
 
 
-class Scorer(Protocol):
+class ProgramScorer(Protocol):
+    """An open pool of sandbox slots (local or Ray actors) that scores programs; not a sweep's
+    ``mtp.sweep.scorers.Scorer``, which scores a trained model."""
+
     def score(self, programs: Sequence[Program], limits: Limits, on_result: OnResult) -> dict[str, Verdict]: ...
 
     def close(self) -> None: ...
@@ -234,13 +237,13 @@ class RayScorer:
             ray.kill(actor, no_restart=True)
 
 
-def open_scorer(config: RunnerConfig | None = None) -> Scorer:
+def open_scorer(config: RunnerConfig | None = None) -> ProgramScorer:
     """A worker pool for ``config.backend``; close it (or use ``score``) when done."""
     config = (config or RunnerConfig()).validate()
     return RayScorer(config) if resolve_backend(config.backend) == "ray" else LocalScorer(config)
 
 
-def score(programs: Sequence[Program], limits: Limits, config: RunnerConfig | Scorer | None = None,
+def score(programs: Sequence[Program], limits: Limits, config: RunnerConfig | ProgramScorer | None = None,
           on_result: OnResult | None = None) -> dict[str, Verdict]:
     """key -> verdict for every program, on an open scorer or a pool opened for this call.
 

