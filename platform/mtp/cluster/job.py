@@ -28,8 +28,7 @@ from mtp.cluster.trainer import check_placement, fit_on_workers, wait_for_placem
 from mtp.config import JobConfig
 from mtp.data import prepare_data
 from mtp.tracking import store
-from mtp.tracking.registry import resolve_checkpoint
-from mtp.tracking.runs import FinishedRun
+from mtp.tracking.runs import FinishedRun, init_dir
 from mtp.tracking.store import check_tracking, tracking_uri
 from mtp.train import default_run_name
 
@@ -80,7 +79,7 @@ def run_job(
     """
     cfg = copy.deepcopy(cfg).validate()
     if cfg.train.init_from:  # as train() does, here too, so that the run's params show the real shape
-        inherit_source_model(cfg, resolve_checkpoint(cfg.train.init_from))
+        inherit_source_model(cfg, init_dir(cfg))
     cfg.tracking.run_name = cfg.tracking.run_name or default_run_name(cfg)
     resume_dir = find_checkpoint(resume) if resume is not None else None
     if resume_dir is not None and not cfg.tracking.run_id:

@@ -74,17 +74,20 @@ def compute_matched_steps(baseline: JobConfig, controlled: JobConfig) -> int:
     (rounded up, so the control never gets less compute)."""
     for cfg in (baseline, controlled):
         cfg.validate()
-    tokens = [c.train.seq_len * c.train.batch_size * c.train.grad_accum for c in (baseline, controlled)]
     return flops_matched_steps(baseline.model, controlled.model, baseline.train.seq_len, controlled.train.max_steps,
-                               tokens[1] / tokens[0])
+                               tokens_per_step(controlled) / tokens_per_step(baseline))
 
 
 def training_flops(cfg: JobConfig) -> float:
     """FLOPs of a whole training run of ``cfg`` (``mtp.model.training_flops_per_token`` x its tokens)."""
     from mtp.model import training_flops_per_token  # torch: only where a control is built
 
-    tokens = cfg.train.seq_len * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.max_steps
-    return training_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
+    return training_flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step(cfg) * cfg.train.max_steps
+
+
+def tokens_per_step(cfg: JobConfig) -> int:
+    """Token positions in one optimizer step of ``cfg`` (sequence x batch x accumulation)."""
+    return cfg.train.seq_len * cfg.train.batch_size * cfg.train.grad_accum
 
 
 def flops_matched_steps(baseline: Any, controlled: Any, seq_len: int, steps: int, token_ratio: float = 1.0) -> int:
