@@ -192,6 +192,43 @@ def test_judge_is_out_of_the_candidates_reach(box):
     assert "visible []" in verdict.stdout and "killed" not in verdict.stdout, verdict.stdout
 
 
+def _judged(box: Sandbox, candidate: str, tests: str):
+    """Run tests that print ``judge <its pid>`` first, 1 s CPU; (verdict, the judge's pid)."""
+    verdict = box.run("", Limits(timeout_s=1), OracleProgram(candidate, "", "import os\nprint('judge', os.getpid(), flush=True)\n" + tests,
+                                                ("f",)))
+    pids = [line.split()[1] for line in verdict.stdout.splitlines() if line.startswith("judge ")]
+    return verdict, pids[0] if pids else None
+
+
+@needs_isolation
+def test_one_long_lived_judge_until_a_program_ends_without_its_report(box):
+    """The judge (mtp.sandbox.judge) serves program after program, each in a fresh namespace with its
+    streams and recursion limit put back; a timeout, a judge that dies, or a call that changed the test's
+    objects in place gets the next program a fresh judge, and every verdict stays right."""
+    right = "def f(x):\n    return x + 1\n"
+    first, judge = _judged(box, right, "import sys\nleft = 1\nsys.setrecursionlimit(60)\nsys.stdout = None\n"
+                                       "assert f(1) == 2")
+    assert first.passed and judge, first
+    again, same = _judged(box, right, "import sys\nassert 'left' not in globals() and sys.getrecursionlimit() > 60\n"
+                                      "print('kept')\nassert f(2) == 3")
+    assert again.passed and same == judge and "kept" in again.stdout, again
+    assert _judged(box, "def f(x):\n    return x\n", "assert f(1) == 2")[0].status == "failed"
+    hung, hung_judge = _judged(box, "def f(x):\n    while True: pass\n", "assert f(1) == 2")
+    assert hung.status == "timed_out" and hung_judge == judge, hung
+    after_timeout, judge = _judged(box, right, "assert f(1) == 2")
+    assert after_timeout.passed and judge != hung_judge, after_timeout
+    killed, _ = _judged(box, right, "import signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.status == "crashed" and "SIGKILL" in killed.detail, killed
+    after_kill, judge_after_kill = _judged(box, right, "assert f(1) == 2")
+    assert after_kill.passed and judge_after_kill != judge, after_kill
+    sorted_in_place, sorting_judge = _judged(box, "def f(xs):\n    xs.sort()\n",
+                                             "import json\njson.shared = [3, 1, 2]\nf(json.shared)\n"
+                                             "assert json.shared == [1, 2, 3]")
+    assert sorted_in_place.passed, sorted_in_place
+    fresh, fresh_judge = _judged(box, right, "import json\nassert not hasattr(json, 'shared')\nassert f(1) == 2")
+    assert fresh.passed and fresh_judge != sorting_judge, fresh
+
+
 @needs_isolation
 def test_exceptions_cross_as_builtin_types_and_output_is_kept(box):
     problem = humaneval_problem({

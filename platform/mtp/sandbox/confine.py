@@ -1,6 +1,6 @@
 """How every forked child of a slot is confined, whichever zygote forked it.
 
-Both zygotes (``zygote``: judges; ``candidate_zygote``: everything model-written) fork
+Both zygotes (``zygote``: the judge; ``candidate_zygote``: everything model-written) fork
 children the same way: into the slot's cgroups, in a new session, with only the fds it
 needs, then rlimits, the slot's uid, no_new_privs, seccomp, a scrubbed environment and
 default signal dispositions. Any failure exits the child before it runs a byte of code.
@@ -8,6 +8,7 @@ default signal dispositions. Any failure exits the child before it runs a byte o
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import resource
@@ -28,6 +29,12 @@ class Confinement:
         self.isolated = isolated
         self.join_fds = join_fds
         self.seccomp = seccomp.Prepared() if use_seccomp else None
+
+    def joining(self, join_fds: list[int]) -> "Confinement":
+        """The same confinement for children of other cgroups (the judge's)."""
+        other = copy.copy(self)
+        other.join_fds = join_fds
+        return other
 
     def enter(self, limits: Limits, cwd: str, uid: int | None, fds: list[int]) -> None:
         """Confine this (just forked) child; ``fds`` become its 0, 1, 2, 3...; on failure it exits 70."""

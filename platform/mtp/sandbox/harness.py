@@ -9,34 +9,40 @@ Every process that runs model-written code (``run_program``, ``serve_candidate``
 forked by the candidate zygote and reads its program from a memfd (``_source``): the
 zygote that forked it never held the text (``candidate_zygote``).
 
-Trusted oracle: two processes, two uids.
+Trusted oracle: two processes, two uids, two cgroups.
 
 * ``serve_candidate`` (untrusted uid) runs the prompt and the completion, then answers
   calls: each request names a function and carries plain-data arguments; the reply is
   the return value or the raised exception's type name and message, by value.
-* ``judge`` (another uid, so the candidate can neither signal it nor read its memory or
-  fds) runs only benchmark code: the prompt's helpers, then the tests with each
-  candidate name bound to a proxy. The proxy's answers are decoded by ``codec``, which
-  builds only plain values, so asserts, ``check`` and builtins here are the
-  benchmark's own: a completion cannot reach them. Its verdict is the only one read.
+* ``serve_judge`` (another uid, so the candidate can neither signal it nor read its
+  memory or fds) runs only benchmark code: for each program the zygote hands it, the
+  prompt's helpers, then the tests with each candidate name bound to a proxy. The
+  proxy's answers are decoded by ``codec``, which builds only plain values, so asserts,
+  ``check`` and builtins here are the benchmark's own: a completion cannot reach them.
+  Its verdict is the only one read. It is long-lived (``mtp.sandbox.judge``): it holds
+  tests, and no candidate is ever forked from it.
 
 Status messages are ``kind + nonce + detail`` on the status socket; the zygote keeps
-only those from the main child whose nonce matches: ``P`` passed, ``E`` failed
-(detail), ``F`` the tests need in-process access (detail: why), rerun in-process.
+only those from the main child (the in-process program, or the judge) whose nonce
+matches: ``P`` passed, ``E`` failed (detail), ``F`` the tests need in-process access
+(detail: why), rerun in-process.
 """
 
 from __future__ import annotations
 
 import builtins
+import json
 import os
+import resource
 import signal
+import socket
 import struct
 import sys
 
 from mtp.sandbox import codec
 
-STATUS_FD, NONCE_FD = 3, 4  # in-process harness and judge
-JUDGE_CHANNEL_FD = 5  # judge's end of the call channel
+STATUS_FD, NONCE_FD = 3, 4  # in-process harness (the judge: status only)
+JUDGE_CONTROL_FD, JUDGE_CHANNEL_FD = 4, 5  # the judge's programs from the zygote; its end of a call channel
 PROGRAM_SOURCE_FD = 5  # in-process: a memfd holding the program (see candidate_zygote)
 CANDIDATE_CHANNEL_FD, CANDIDATE_SOURCE_FD = 3, 4  # candidate's end of the channel, its memfd
 PASS, ERROR, FALLBACK = b"P", b"E", b"F"
@@ -65,11 +71,15 @@ def _flush() -> None:
             pass
 
 
-def _report(kind: bytes, detail: str = "") -> None:
-    """Write one status message with the nonce, then exit (0 for a pass)."""
+def _status(kind: bytes, nonce: bytes, detail: str = "") -> None:
     _flush()
+    _write(STATUS_FD, kind + nonce + detail[:MAX_DETAIL].encode("utf-8", "replace"))
+
+
+def _report(kind: bytes, detail: str = "") -> None:
+    """In-process: write one status message with the nonce, then exit (0 for a pass)."""
     try:
-        _write(STATUS_FD, kind + _read(NONCE_FD, 64) + detail[:MAX_DETAIL].encode("utf-8", "replace"))
+        _status(kind, _read(NONCE_FD, 64), detail)
     finally:
         _exit(0 if kind == PASS else 1)
 
@@ -85,6 +95,15 @@ def _source(fd: int) -> str:
         offset += len(chunk)
     os.close(fd)
     return b"".join(chunks).decode("utf-8", "surrogatepass")
+
+
+def memfd(text: str) -> int:
+    """A memfd holding ``text`` (the writer's side of ``_source``)."""
+    fd = os.memfd_create("program", os.MFD_CLOEXEC)
+    data = memoryview(text.encode("utf-8", "surrogatepass"))
+    while data:
+        data = data[os.write(fd, data):]
+    return fd
 
 
 def run_program() -> None:
@@ -198,6 +217,7 @@ class _Judge:
         self.failure = ""  # first reason the candidate failed, sticky
         self.loaded = False
         self.unsupported = ""
+        self.changed_arguments = False  # a call changed objects of ours in place (see serve_judge)
 
     def fail(self, reason: str) -> CandidateFailure:
         self.failure = self.failure or reason
@@ -240,7 +260,9 @@ class _Judge:
                     answer = codec.decode(payload)
                     if type(answer) is not list or len(answer) != (2 if kind == b"R" else 3):
                         raise self.fail(f"the candidate's process broke the call protocol (answer {kind!r})")
-                    _apply_changes(args, kwargs, answer[-1])
+                    if answer[-1] is not None:
+                        self.changed_arguments = True
+                        _apply_changes(args, kwargs, answer[-1])
                     if kind == b"R":
                         return answer[0]
                     raise _rebuilt(str(answer[0]), str(answer[1]))
@@ -259,8 +281,6 @@ class _Judge:
 
 def _apply_changes(args: tuple, kwargs: dict, changed) -> None:
     """Update the test's own argument objects in place to the values the call left them with."""
-    if changed is None:
-        return
     if (type(changed) is not list or len(changed) != 2 or type(changed[0]) is not tuple or type(changed[1]) is not dict
             or len(changed[0]) != len(args) or changed[1].keys() != kwargs.keys()):
         raise codec.CodecError("changed arguments that do not match the call's")
@@ -293,10 +313,8 @@ def _rebuilt(type_name: str, message: str) -> Exception:
     return CandidateRaised(f"{type_name}: {message}")
 
 
-def judge(prefix: str, tests: str, names: list[str]) -> None:
-    """Trusted side: benchmark code only, each name in ``names`` a proxy; never returns."""
-    state = _Judge()
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished candidate is an error to report, not our death
+def judge(state: _Judge, prefix: str, tests: str, names: list[str]) -> tuple[bytes, str]:
+    """Trusted side, one program: benchmark code only, each name in ``names`` a proxy; (status kind, detail)."""
     try:
         namespace = {"__name__": "__main__", "__file__": "tests.py", "__builtins__": builtins}
         exec(compile(prefix, "prompt.py", "exec"), namespace)
@@ -306,10 +324,56 @@ def judge(prefix: str, tests: str, names: list[str]) -> None:
         state.await_load()  # tests that never call the candidate still need it to load
     except BaseException as exc:  # noqa: BLE001
         if state.unsupported:
-            _report(FALLBACK, state.unsupported)
-        _report(ERROR, state.failure or _describe(exc))
+            return FALLBACK, state.unsupported
+        return ERROR, state.failure or _describe(exc)
     if state.unsupported:
-        _report(FALLBACK, state.unsupported)
+        return FALLBACK, state.unsupported
     if state.failure:  # the test swallowed the failure
-        _report(ERROR, state.failure)
-    _report(PASS)
+        return ERROR, state.failure
+    return PASS, ""
+
+
+def serve_judge() -> None:
+    """The slot's judge: judge each program the zygote sends, one after another; never returns.
+
+    A program arrives as fds (its stdout and stderr pipes, its end of the call channel, a
+    memfd holding ``{prefix, tests, names, nonce, cpu_seconds}``). Each program's tests get
+    a fresh namespace; between programs the judge puts back what benchmark code may have
+    changed in it (streams, recursion limit, the random stream) and gives the next one a
+    fresh CPU allowance (``RLIMIT_CPU``). A candidate reaches nothing here but the values
+    its answers rebuild, with one exception: a call that changed its arguments has the
+    judge update the test's objects in place, and those could be shared with later
+    programs (a module's list), so after such a program the judge exits and the zygote
+    starts another. It also exits when the zygote closes the control socket, and before
+    its lifetime CPU limit could cut an allowance short.
+    """
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a vanished candidate is an error to report, not our death
+    control = socket.socket(fileno=JUDGE_CONTROL_FD)
+    recursion_limit = sys.getrecursionlimit()
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    while True:
+        _, fds, _, _ = socket.recv_fds(control, 1, 4)
+        if len(fds) != 4:
+            _exit(0)  # the zygote is done with us
+        for target, fd in zip((1, 2, JUDGE_CHANNEL_FD), fds):
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
+        request = json.loads(_source(fds[3]))
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        sys.setrecursionlimit(recursion_limit)
+        if "random" in sys.modules:
+            sys.modules["random"].seed()
+        used = _cpu_seconds()
+        resource.setrlimit(resource.RLIMIT_CPU, (min(hard, used + 1 + request["cpu_seconds"]), hard))
+        state = _Judge()
+        kind, detail = judge(state, request["prefix"], request["tests"], request["names"])
+        _status(kind, request["nonce"].encode(), detail)
+        os.close(JUDGE_CHANNEL_FD)  # the candidate's cue to exit
+        if state.changed_arguments or _cpu_seconds() > hard // 2:
+            _exit(0)
+
+
+def _cpu_seconds() -> int:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return int(used.ru_utime + used.ru_stime)

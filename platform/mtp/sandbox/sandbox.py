@@ -115,13 +115,15 @@ class Sandbox:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._slot: _UidSlot | None = None
-        self._cgroups: cgroups.SlotCgroups | None = None
+        self._cgroups: cgroups.SlotCgroups | None = None  # the programs'
+        self._judge_cgroups: cgroups.SlotCgroups | None = None  # the trusted oracle's judge (mtp.sandbox.judge)
         self._root_dir: str | None = None
         problem = isolation_problem()
         if problem is None:
             try:
                 self._slot = _UidSlot()
                 self._cgroups = cgroups.create_slot(f"mtp-sandbox-{self._slot.uid}")
+                self._judge_cgroups = cgroups.create_slot(f"mtp-sandbox-{self._slot.uid}-judge")
             except cgroups.CgroupUnavailable as exc:
                 problem = str(exc)
                 self._release_slot()
@@ -146,7 +148,8 @@ class Sandbox:
             command = ["unshare", *NAMESPACES, "--", *command]
             self._root_dir = f"/tmp/.mtp-sandbox-root-{self._slot.uid}"
             os.makedirs(self._root_dir, mode=0o700, exist_ok=True)
-            config.update(uid=self._slot.uid, judge_uid=self._slot.judge_uid, cgroups=self._cgroups.to_dict(), root_dir=self._root_dir, hidden=[SOURCE_ROOT])
+            config.update(uid=self._slot.uid, judge_uid=self._slot.judge_uid, cgroups=self._cgroups.to_dict(),
+                          judge_cgroups=self._judge_cgroups.to_dict(), root_dir=self._root_dir, hidden=[SOURCE_ROOT])
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
@@ -183,9 +186,10 @@ class Sandbox:
             self._log.close()
 
     def _release_slot(self) -> None:
-        if self._cgroups is not None:
-            cgroups.remove_slot(self._cgroups)
-            self._cgroups = None
+        for slot in (self._cgroups, self._judge_cgroups):
+            if slot is not None:
+                cgroups.remove_slot(slot)
+        self._cgroups = self._judge_cgroups = None
         if self._slot is not None:
             self._slot.release()
             self._slot = None

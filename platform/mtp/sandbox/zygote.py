@@ -1,4 +1,4 @@
-"""The slot's zygote: PID 1 of the slot's namespaces, it decides verdicts and forks the judges.
+"""The slot's zygote: PID 1 of the slot's namespaces, it decides verdicts and forks the judge.
 
 Started by the host (``mtp.sandbox.sandbox.Sandbox``) as PID 1 of a fresh pid, mount,
 net, ipc and uts namespace. It execs the slot's candidate zygote (``candidate_zygote``),
@@ -12,16 +12,16 @@ program, the trusted oracle's candidate) is forked by the candidate zygote, a fr
 exec that never receives a program's text (the forked child reads it from a memfd),
 so no such process can find a test, an expected output, another sample's completion or
 captured output in memory it inherited. This process receives all of those and reads
-every program's output; it forks only judges, which run benchmark code under the
-slot's second uid.
+every program's output; it forks only the judge (``judge``), which runs benchmark code
+under the slot's second uid, in the slot's second cgroup.
 
 Two modes (see ``harness``): in-process, one child runs the whole program; trusted
-oracle, a candidate under the slot's uid runs the completion and a judge under the
-slot's judge uid runs the tests, calling the first through a plain-data channel. The
-verdict is read only from the main child (the judge, or the in-process program), as
-attested by the kernel (SCM_CREDENTIALS), and only from messages carrying the nonce
-that child reads from a pipe. In-process, code written against this protocol can
-read that nonce; in the oracle mode it never runs in the process that holds it.
+oracle, a candidate under the slot's uid runs the completion and the judge runs the
+tests, calling the first through a plain-data channel. The verdict is read only from
+the main child (the judge, or the in-process program), as attested by the kernel
+(SCM_CREDENTIALS), and only from messages carrying the program's nonce (in-process, read
+from a pipe; the judge gets it with the program). In-process, code written against this
+protocol can read that nonce; in the oracle mode it never runs in a process that holds it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from mtp.sandbox import _libc as libc
 from mtp.sandbox import candidate_zygote, harness, protocol, rootfs
 from mtp.sandbox.cgroups import Handles, SlotCgroups
 from mtp.sandbox.confine import PATH, Confinement
+from mtp.sandbox.judge import Judge
 from mtp.sandbox.limits import Limits
 from mtp.sandbox.verdict import Verdict
 
@@ -126,6 +127,20 @@ def decide(o: _Outcome, limits: Limits, wall_s: float) -> tuple[str, str]:
     return "failed", f"exited with code {o.exit_code} before the program finished{fork_note}"
 
 
+def _nonce() -> bytes:
+    return secrets.token_hex(harness.NONCE_BYTES // 2).encode()
+
+
+def _set_ending(outcome: _Outcome, status: int | None) -> None:
+    """How the main child ended (a wait status; None: not known)."""
+    if status is None:
+        return
+    if os.WIFSIGNALED(status):
+        outcome.signal = os.WTERMSIG(status)
+    else:
+        outcome.exit_code = os.WEXITSTATUS(status)
+
+
 class CandidateZygote:
     """This slot's candidate zygote (``candidate_zygote``), seen from the zygote: exec it, order forks."""
 
@@ -194,15 +209,6 @@ class CandidateZygote:
         return reply["status"]
 
 
-def _memfd(text: str) -> int:
-    """A memfd holding ``text``: handed to the candidate zygote, read only by the child it forks."""
-    fd = os.memfd_create("program", os.MFD_CLOEXEC)
-    data = memoryview(text.encode("utf-8", "surrogatepass"))
-    while data:
-        data = data[os.write(fd, data):]
-    return fd
-
-
 class Zygote:
     """Set up once (namespaces are already ours; root, cgroup fds, preloads), then ``run`` programs."""
 
@@ -215,13 +221,15 @@ class Zygote:
         self.cgroups: Handles | None = Handles(SlotCgroups(**config["cgroups"])) if self.isolated else None
         self.confinement = Confinement(self.isolated, self.cgroups.join_fds if self.cgroups else [],
                                        bool(config.get("seccomp")))
+        judge_cgroups = Handles(SlotCgroups(**config["judge_cgroups"])) if self.isolated else None
         for name in config.get("preload", ()):  # while the candidate zygote loads its own
             try:
                 importlib.import_module(name)
             except ImportError:
                 pass
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        self.children: dict[int, int] = {}  # reaped pid -> wait status
+        self.judge = Judge(self.confinement.joining(judge_cgroups.join_fds if judge_cgroups else []),
+                           self.judge_uid, judge_cgroups, self.devnull)
         self.candidates.ready()  # it has imported all it needs from the source root, which the pivot hides
         if self.isolated:
             self.tmp_kept = rootfs.build_and_enter(config["root_dir"], rootfs.python_binds(config["hidden"]), self.uid)
@@ -247,17 +255,20 @@ class Zygote:
 
     def _run_once(self, source: str, limits: Limits, oracle: dict | None) -> Verdict:
         start = time.monotonic()
-        self.children.clear()
         if self.isolated:
             scratch = rootfs.mount_scratch(self.uid, limits.memory_mb)
-            self.cgroups.set_limits(limits.memory_mb << 20, limits.max_processes, limits.cpus)
-            before = self.cgroups.counters()
+            for handles in self._cgroups():
+                handles.set_limits(limits.memory_mb << 20, limits.max_processes, limits.cpus)
+            before = self._counters()
         else:
             scratch = tempfile.mkdtemp(prefix="mtp-sandbox-")
             before = (0, 0)
-        wall_s = self._wall_seconds(limits)
+        deadline = start + self._wall_seconds(limits)
         try:
-            outcome, out, err = self._fork_and_watch(source, oracle, limits, scratch, start, wall_s)
+            if oracle is None:
+                outcome, out, err = self._in_process(source, limits, scratch, deadline)
+            else:
+                outcome, out, err = self._trusted(oracle, limits, scratch, deadline)
         finally:
             self._end_tree()
             if self.isolated:
@@ -268,9 +279,9 @@ class Zygote:
             else:
                 rootfs.remove_tree(scratch)
         if self.isolated:
-            after = self.cgroups.counters()
+            after = self._counters()
             outcome.oom_kills, outcome.refused_forks = after[0] - before[0], after[1] - before[1]
-        status, detail = decide(outcome, limits, wall_s)
+        status, detail = decide(outcome, limits, self._wall_seconds(limits))
         truncated = out.truncated or err.truncated
         if truncated:
             detail = (detail + "; " if detail else "") + f"output truncated to {limits.output_bytes} bytes per stream"
@@ -283,60 +294,96 @@ class Zygote:
             oracle="fallback" if outcome.fallback else ("trusted" if oracle else "inprocess"),
         )
 
+    def _cgroups(self) -> list[Handles]:
+        """The program's cgroups and the judge's (isolated mode)."""
+        return [h for h in (self.cgroups, self.judge.cgroups) if h is not None]
+
+    def _counters(self) -> tuple[int, int]:
+        """OOM kills and refused forks so far, the program's and the judge's together."""
+        counts = [h.counters() for h in self._cgroups()]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def _cpu_seconds(self) -> float:
+        """CPU time used so far by the program's tree and the judge together (a running total)."""
+        return sum(h.cpu_seconds() for h in self._cgroups())
+
     def _wall_seconds(self, limits: Limits) -> float:
         """Wall limit: a multiple of the CPU budget where the tree's CPU is counted, else the budget itself."""
         counting = self.cgroups is not None and self.cgroups.counts_cpu
         return limits.timeout_s * limits.wall_factor if counting else limits.timeout_s
 
-    def _fork_and_watch(self, source: str, oracle: dict | None, limits: Limits, scratch: str, start: float,
-                        wall_s: float):
+    def _in_process(self, source: str, limits: Limits, scratch: str, deadline: float):
+        """The whole program in one child of the candidate zygote; its exit and nonce-bearing report decide."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         nonce_r, nonce_w = os.pipe()
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        parent_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        nonce = secrets.token_hex(harness.NONCE_BYTES // 2).encode()
+        reports, report_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        reports.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        nonce = _nonce()
         os.write(nonce_w, nonce)  # before the fork: a child that exits at once must not break this pipe
         os.close(nonce_w)
-        candidate = None
-        if oracle is None:
-            source_fd = _memfd(source)
-            self.candidates.order("program", limits, scratch,
-                                  [self.devnull, out_w, err_w, child_sock.fileno(), nonce_r, source_fd])
-            main = self.candidates.forked()
-        else:
-            judge_end, candidate_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            source_fd = _memfd(oracle["candidate"])
-            self.candidates.order("candidate", limits, scratch,
-                                  [self.devnull, out_w, err_w, candidate_end.fileno(), source_fd])
-            main = os.fork()
-            if main == 0:
-                self.confinement.enter(limits, "/", self.judge_uid, [self.devnull, out_w, err_w, child_sock.fileno(),
-                                                                     nonce_r, judge_end.fileno()])
-                harness.judge(oracle["prefix"], oracle["tests"], oracle["names"])
-                os._exit(70)  # only a patched harness returns; never run the zygote's code in a child
-            candidate = self.candidates.forked()
-            judge_end.close()
-            candidate_end.close()
+        source_fd = harness.memfd(source)
+        self.candidates.order("program", limits, scratch,
+                              [self.devnull, out_w, err_w, report_end.fileno(), nonce_r, source_fd])
+        main = self.candidates.forked()
         for fd in (out_w, err_w, nonce_r, source_fd):
             os.close(fd)
-        child_sock.close()
-        out, err = _Capture(limits.output_bytes), _Capture(limits.output_bytes)
-        streams = {out_r: out, err_r: err}
+        report_end.close()
+        streams = {out_r: _Capture(limits.output_bytes), err_r: _Capture(limits.output_bytes)}
         outcome = _Outcome()
         try:
-            outcome.timed_out = self._watch(main, streams, start + wall_s, limits.timeout_s)
-            ended_alone = self.candidates.status(0) if candidate is not None else None  # before our kill
+            try:
+                pidfd = os.pidfd_open(main)
+            except ProcessLookupError:  # the candidate zygote's child ended and was reaped already
+                pidfd = None
+            if pidfd is not None:
+                try:
+                    outcome.timed_out = self._watch([pidfd], streams, deadline, limits.timeout_s)
+                finally:
+                    os.close(pidfd)
             self._end_tree()
-            status = self._forked_status() if candidate is None else self.children.pop(main)
-            if os.WIFSIGNALED(status):
-                outcome.signal = os.WTERMSIG(status)
-            else:
-                outcome.exit_code = os.WEXITSTATUS(status)
+            _set_ending(outcome, self._forked_status())
             for fd, capture in streams.items():
                 self._drain(fd, capture)
-            self._read_status(parent_sock, main, nonce, outcome)
-            if ended_alone is None and candidate is not None and not outcome.passed_signal:
+            self._read_status(reports, main, nonce, outcome)
+        finally:
+            for fd in streams:
+                os.close(fd)
+            reports.close()
+        return outcome, *streams.values()
+
+    def _trusted(self, oracle: dict, limits: Limits, scratch: str, deadline: float):
+        """The completion in a candidate forked by the candidate zygote, the tests in the slot's judge;
+        only the judge's nonce-bearing report decides."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        judge_end, candidate_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        nonce = _nonce()
+        source_fd = harness.memfd(oracle["candidate"])
+        self.candidates.order("candidate", limits, scratch, [self.devnull, out_w, err_w, candidate_end.fileno(), source_fd])
+        try:
+            self.judge.submit({"prefix": oracle["prefix"], "tests": oracle["tests"], "names": oracle["names"],
+                               "nonce": nonce.decode()}, limits, [out_w, err_w, judge_end.fileno()])
+        finally:
+            self.candidates.forked()
+            for fd in (out_w, err_w, source_fd):
+                os.close(fd)
+            judge_end.close()
+            candidate_end.close()
+        streams = {out_r: _Capture(limits.output_bytes), err_r: _Capture(limits.output_bytes)}
+        outcome = _Outcome()
+        try:
+            outcome.timed_out = self._watch([self.judge.pidfd, self.judge.reports.fileno()], streams, deadline,
+                                            limits.timeout_s)
+            ended_alone = self.candidates.status(0)  # before our kill
+            if self._read_status(self.judge.reports, self.judge.pid, nonce, outcome):
+                outcome.exit_code = 0 if outcome.passed_signal else 1
+            else:  # it ran out of time, or died: its end is the verdict's, and the next program gets another
+                _set_ending(outcome, self.judge.stop())
+            self._end_tree()
+            for fd, capture in streams.items():
+                self._drain(fd, capture)
+            if ended_alone is None and not outcome.passed_signal:
                 # Only a verdict other than a pass names how the candidate ended (a pass leaves its
                 # status for the next order to collect). The judge can see the candidate's socket
                 # close before the candidate's exit status is reapable (a loaded machine widens that
@@ -350,39 +397,30 @@ class Zygote:
         finally:
             for fd in streams:
                 os.close(fd)
-            parent_sock.close()
-        return outcome, out, err
+        return outcome, *streams.values()
 
-    def _watch(self, pid: int, streams: dict[int, _Capture], deadline: float, cpu_budget: float) -> str:
-        """Pump output until the main process exits; "wall" or "cpu" if a limit ran out first, else ""."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:  # the candidate zygote's child ended and was reaped already
-            return ""
+    def _watch(self, until: list[int], streams: dict[int, _Capture], deadline: float, cpu_budget: float) -> str:
+        """Pump output until one of ``until`` is readable; "wall" or "cpu" if a limit ran out first, else ""."""
         poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        for fd in streams:
+        for fd in (*until, *streams):
             poller.register(fd, select.POLLIN)
-        cpu_start = self.cgroups.cpu_seconds() if self.cgroups is not None else None
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return "wall"
-                if cpu_start is not None:
-                    if self.cgroups.cpu_seconds() - cpu_start >= cpu_budget:
-                        return "cpu"
-                    remaining = min(remaining, CPU_CHECK_S)
-                for fd, _ in poller.poll(remaining * 1000):
-                    if fd == pidfd:
-                        return ""
-                    chunk = os.read(fd, 1 << 16)
-                    if chunk:
-                        streams[fd].add(chunk)
-                    else:
-                        poller.unregister(fd)
-        finally:
-            os.close(pidfd)
+        cpu_start = self._cpu_seconds() if self.cgroups is not None and self.cgroups.counts_cpu else None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "wall"
+            if cpu_start is not None:
+                if self._cpu_seconds() - cpu_start >= cpu_budget:
+                    return "cpu"
+                remaining = min(remaining, CPU_CHECK_S)
+            for fd, _ in poller.poll(remaining * 1000):
+                if fd in until:
+                    return ""
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    streams[fd].add(chunk)
+                else:
+                    poller.unregister(fd)
 
     @staticmethod
     def _drain(fd: int, capture: _Capture) -> None:
@@ -395,15 +433,15 @@ class Zygote:
             pass
 
     @staticmethod
-    def _read_status(sock: socket.socket, pid: int, nonce: bytes, outcome: _Outcome) -> None:
-        """Accept only nonce-bearing datagrams from the main child, as attested by the kernel."""
-        sock.setblocking(False)
+    def _read_status(sock: socket.socket, pid: int, nonce: bytes, outcome: _Outcome) -> bool:
+        """Accept only nonce-bearing datagrams from the main child, as attested by the kernel; whether one came."""
         creds_size = struct.calcsize("iII")
+        accepted = False
         while True:
             try:
-                message, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(creds_size))
+                message, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(creds_size), socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return
+                return accepted
             sender = next(
                 (struct.unpack("iII", data[:creds_size])[0] for level, kind, data in ancillary
                  if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS),
@@ -412,6 +450,7 @@ class Zygote:
             kind, token, detail = message[:1], message[1:1 + len(nonce)], message[1 + len(nonce):]
             if sender != pid or token != nonce:
                 continue
+            accepted = True
             text = detail.decode("utf-8", "replace")
             if kind == harness.PASS:
                 outcome.passed_signal = True
@@ -429,7 +468,7 @@ class Zygote:
         return status
 
     def _reap(self) -> None:
-        """Reap every exited child of ours (judges, and orphans of the program's tree)."""
+        """Reap every exited child of ours (orphans of the program's tree, an ended judge)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -439,12 +478,13 @@ class Zygote:
                 return
             if pid == self.candidates.pid:
                 raise RuntimeError(f"the candidate zygote died (wait status {status})")
-            self.children[pid] = status
+            if pid == self.judge.pid:
+                self.judge.reaped(status)
 
     def _tree_alive(self) -> bool:
         if self.cgroups is not None:
             return bool(self.cgroups.pids())
-        return bool(_descendants(os.getpid(), spare=self.candidates.pid))
+        return bool(_descendants(os.getpid(), spare={self.candidates.pid, self.judge.pid}))
 
     def _end_tree(self, timeout_s: float = 10.0) -> None:
         """SIGKILL the program and everything it started (setsid daemons included), then reap."""
@@ -453,7 +493,7 @@ class Zygote:
             if self.cgroups is not None:
                 self.cgroups.kill_all()
             else:
-                for pid in _descendants(os.getpid(), spare=self.candidates.pid):
+                for pid in _descendants(os.getpid(), spare={self.candidates.pid, self.judge.pid}):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -487,8 +527,8 @@ def remove_ipc_objects() -> None:
             pass
 
 
-def _descendants(root: int, spare: int) -> set[int]:
-    """Insecure mode only: every process whose parent chain reaches ``root``, but not ``spare`` itself."""
+def _descendants(root: int, spare: set[int | None]) -> set[int]:
+    """Insecure mode only: every process whose parent chain reaches ``root``, but not those in ``spare``."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -501,7 +541,7 @@ def _descendants(root: int, spare: int) -> set[int]:
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
         found |= frontier
-    return found - {spare}
+    return found - spare
 
 
 def main() -> None:
