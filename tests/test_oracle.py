@@ -227,6 +227,11 @@ def test_one_long_lived_judge_until_a_program_ends_without_its_report(box):
     assert sorted_in_place.passed, sorted_in_place
     fresh, fresh_judge = _judged(box, right, "import json\nassert not hasattr(json, 'shared')\nassert f(1) == 2")
     assert fresh.passed and fresh_judge != sorting_judge, fresh
+    for _ in range(5):  # the next program never reaches a judge on its way out (200 MB take a while to unmap)
+        sort = box.run("", LIMITS, OracleProgram("def f(xs):\n    xs.sort()\n", "", "held = b'x' * (200 << 20)\n"
+                                                 "a = [2, 1]\nf(a)\nassert a == [1, 2]\ndef keep(): return held", ("f",)))
+        after_sort = box.run("", LIMITS, OracleProgram(right, "", "assert f(1) == 2", ("f",)))
+        assert sort.passed and after_sort.passed, (sort, after_sort)
 
 
 @needs_isolation

@@ -25,7 +25,8 @@ Trusted oracle: two processes, two uids, two cgroups.
 Status messages are ``kind + nonce + detail`` on the status socket; the zygote keeps
 only those from the main child (the in-process program, or the judge) whose nonce
 matches: ``P`` passed, ``E`` failed (detail), ``F`` the tests need in-process access
-(detail: why), rerun in-process.
+(detail: why), rerun in-process; from the judge, ``R`` before its verdict: it exits after
+this program (see ``serve_judge``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ STATUS_FD, NONCE_FD = 3, 4  # in-process harness (the judge: status only)
 JUDGE_CONTROL_FD, JUDGE_CHANNEL_FD = 4, 5  # the judge's programs from the zygote; its end of a call channel
 PROGRAM_SOURCE_FD = 5  # in-process: a memfd holding the program (see candidate_zygote)
 CANDIDATE_CHANNEL_FD, CANDIDATE_SOURCE_FD = 3, 4  # candidate's end of the channel, its memfd
-PASS, ERROR, FALLBACK = b"P", b"E", b"F"
+PASS, ERROR, FALLBACK, RETIRING = b"P", b"E", b"F", b"R"
 NONCE_BYTES = 32
 _read, _write, _exit = os.read, os.write, os._exit  # bound before any program runs
 _HEADER = struct.Struct("<I")
@@ -368,9 +369,13 @@ def serve_judge() -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (min(hard, used + 1 + request["cpu_seconds"]), hard))
         state = _Judge()
         kind, detail = judge(state, request["prefix"], request["tests"], request["names"])
-        _status(kind, request["nonce"].encode(), detail)
+        nonce = request["nonce"].encode()
+        retiring = state.changed_arguments or _cpu_seconds() > hard // 2
+        if retiring:  # said before the verdict, so the zygote knows by the time it reads that
+            _status(RETIRING, nonce)
+        _status(kind, nonce, detail)
         os.close(JUDGE_CHANNEL_FD)  # the candidate's cue to exit
-        if state.changed_arguments or _cpu_seconds() > hard // 2:
+        if retiring:
             _exit(0)
 
 

@@ -98,6 +98,7 @@ class _Outcome:
     passed_signal: bool = False
     error: str = ""
     fallback: str = ""  # the judge found the tests cannot be proxied: why
+    judge_retiring: bool = False  # the judge exits after this program
     candidate_signal: int | None = None  # oracle mode: how the candidate's process ended
     oom_kills: int = 0
     refused_forks: int = 0
@@ -338,7 +339,7 @@ class Zygote:
                 pidfd = None
             if pidfd is not None:
                 try:
-                    outcome.timed_out = self._watch([pidfd], streams, deadline, limits.timeout_s)
+                    outcome.timed_out = self._watch([pidfd], streams, deadline, self._cpu_start(), limits.timeout_s)
                 finally:
                     os.close(pidfd)
             self._end_tree()
@@ -373,11 +374,18 @@ class Zygote:
         streams = {out_r: _Capture(limits.output_bytes), err_r: _Capture(limits.output_bytes)}
         outcome = _Outcome()
         try:
-            outcome.timed_out = self._watch([self.judge.pidfd, self.judge.reports.fileno()], streams, deadline,
-                                            limits.timeout_s)
+            cpu_start = self._cpu_start()
+            while True:  # until its verdict, its end, or a limit
+                outcome.timed_out = self._watch([self.judge.pidfd, self.judge.reports.fileno()], streams, deadline,
+                                                cpu_start, limits.timeout_s)
+                reported = self._read_status(self.judge.reports, self.judge.pid, nonce, outcome)
+                if reported or outcome.timed_out or not self.judge.alive():
+                    break
             ended_alone = self.candidates.status(0)  # before our kill
-            if self._read_status(self.judge.reports, self.judge.pid, nonce, outcome):
+            if reported:
                 outcome.exit_code = 0 if outcome.passed_signal else 1
+                if outcome.judge_retiring:
+                    self.judge.stop()
             else:  # it ran out of time, or died: its end is the verdict's, and the next program gets another
                 _set_ending(outcome, self.judge.stop())
             self._end_tree()
@@ -399,12 +407,16 @@ class Zygote:
                 os.close(fd)
         return outcome, *streams.values()
 
-    def _watch(self, until: list[int], streams: dict[int, _Capture], deadline: float, cpu_budget: float) -> str:
+    def _cpu_start(self) -> float | None:
+        """The CPU reading a program's budget counts from (None: CPU time is not counted here)."""
+        return self._cpu_seconds() if self.cgroups is not None and self.cgroups.counts_cpu else None
+
+    def _watch(self, until: list[int], streams: dict[int, _Capture], deadline: float, cpu_start: float | None,
+               cpu_budget: float) -> str:
         """Pump output until one of ``until`` is readable; "wall" or "cpu" if a limit ran out first, else ""."""
         poller = select.poll()
         for fd in (*until, *streams):
             poller.register(fd, select.POLLIN)
-        cpu_start = self._cpu_seconds() if self.cgroups is not None and self.cgroups.counts_cpu else None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -434,14 +446,14 @@ class Zygote:
 
     @staticmethod
     def _read_status(sock: socket.socket, pid: int, nonce: bytes, outcome: _Outcome) -> bool:
-        """Accept only nonce-bearing datagrams from the main child, as attested by the kernel; whether one came."""
+        """Accept only nonce-bearing datagrams from the main child, as attested by the kernel; whether a verdict came."""
         creds_size = struct.calcsize("iII")
-        accepted = False
+        verdict = False
         while True:
             try:
                 message, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(creds_size), socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return accepted
+                return verdict
             sender = next(
                 (struct.unpack("iII", data[:creds_size])[0] for level, kind, data in ancillary
                  if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS),
@@ -450,7 +462,7 @@ class Zygote:
             kind, token, detail = message[:1], message[1:1 + len(nonce)], message[1 + len(nonce):]
             if sender != pid or token != nonce:
                 continue
-            accepted = True
+            verdict |= kind in (harness.PASS, harness.ERROR, harness.FALLBACK)
             text = detail.decode("utf-8", "replace")
             if kind == harness.PASS:
                 outcome.passed_signal = True
@@ -458,6 +470,8 @@ class Zygote:
                 outcome.error = text
             elif kind == harness.FALLBACK and not outcome.fallback:
                 outcome.fallback = text
+            elif kind == harness.RETIRING:
+                outcome.judge_retiring = True
 
     # ------------------------------------------------------------------ cleanup
     def _forked_status(self) -> int:
