@@ -8,7 +8,11 @@ after another (``harness.serve_judge``). It holds tests, which is allowed: no ca
 is ever forked from it, and the candidate runs under another uid that can neither read
 its memory nor signal it. The zygote replaces it whenever a program does not end with
 its report (a timeout, its death), when the limits change, or when it retires itself
-before its CPU allowance could run short.
+(after a call that changed its arguments, or before its CPU allowance could run short).
+
+Its cgroup gets the program's limits (memory, processes, CPU quota) as a tree of its
+own, and its CPU time counts toward the program's timeout, as when it was the program's
+child.
 """
 
 from __future__ import annotations
