@@ -14,7 +14,9 @@ class Limits:
     """What one program (and every process it starts) may use.
 
     Memory, processes and CPU are limits on the whole process tree (cgroups), not per
-    process: eight children of 160 MiB each must not get past a 512 MiB limit.
+    process: eight children of 160 MiB each must not get past a 512 MiB limit. Under the
+    trusted oracle the judge's cgroup gets the same memory and process limits as a tree of
+    its own, and its CPU time counts toward ``timeout_s`` with the candidate's.
 
     Time: where the slot's CPU time can be counted (isolated mode), ``timeout_s`` is the
     tree's CPU seconds, so a neighbour's load cannot push a correct program over it, and
