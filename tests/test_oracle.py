@@ -217,6 +217,8 @@ def test_one_long_lived_judge_until_a_program_ends_without_its_report(box):
     assert hung.status == "timed_out" and hung_judge == judge, hung
     after_timeout, judge = _judged(box, right, "assert f(1) == 2")
     assert after_timeout.passed and judge != hung_judge, after_timeout
+    spinning, _ = _judged(box, right, "while True: pass")  # the judge's CPU counts toward the program's
+    assert spinning.status == "timed_out" and "cpu time limit" in spinning.detail, spinning
     killed, _ = _judged(box, right, "import signal\nos.kill(os.getpid(), signal.SIGKILL)")
     assert killed.status == "crashed" and "SIGKILL" in killed.detail, killed
     after_kill, judge_after_kill = _judged(box, right, "assert f(1) == 2")

@@ -40,8 +40,9 @@ class Judge:
         self.pid: int | None = None
         self.status: int | None = None  # its wait status, once it has ended and been reaped
         self.limits: Limits | None = None
-        self._pidfd = self._control = None
+        self.pidfd: int | None = None  # readable once it has ended
         self.reports: socket.socket | None = None  # its status datagrams, with the sender's credentials
+        self._control: socket.socket | None = None  # programs go out here
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self, limits: Limits) -> None:
@@ -58,11 +59,11 @@ class Judge:
         theirs.close()
         report_end.close()
         self.pid, self.status, self.limits = pid, None, limits
-        self._pidfd = os.pidfd_open(pid)
+        self.pidfd = os.pidfd_open(pid)
         self._control, self.reports = ours, reports
 
     def alive(self) -> bool:
-        return self.pid is not None and self.status is None and not select.select([self._pidfd], [], [], 0)[0]
+        return self.pid is not None and self.status is None and not select.select([self.pidfd], [], [], 0)[0]
 
     def submit(self, request: dict, limits: Limits, fds: list[int]) -> None:
         """Hand it one program: ``request`` ({prefix, tests, names, nonce}) and its stdout, stderr, channel fds."""
@@ -74,10 +75,6 @@ class Judge:
             socket.send_fds(self._control, [b"p"], [*fds, text])
         finally:
             os.close(text)
-
-    @property
-    def pidfd(self) -> int:
-        return self._pidfd
 
     def reaped(self, status: int) -> None:
         """The zygote's reaper collected it."""
@@ -97,9 +94,9 @@ class Judge:
             except ChildProcessError:  # the zygote's reaper took it; it recorded the status
                 pass
         status = self.status
-        os.close(self._pidfd)
+        os.close(self.pidfd)
         self._control.close()
         self.reports.close()
-        self.pid = self._pidfd = self._control = self.reports = None
+        self.pid = self.pidfd = self._control = self.reports = None
         return status
 
