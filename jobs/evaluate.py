@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchmarkError, SandboxUnavailable, TrackingError, ValueError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nevaluate: interrupted; nothing was written or logged for the benchmark being scored", file=sys.stderr)
+        return 130
     if out is not None:
         print(f"per-sample results: {out.resolve()}")
     return 0

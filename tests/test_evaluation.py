@@ -76,6 +76,24 @@ def test_more_workers_than_cluster_cpus_is_refused(ray_cluster):
         open_scorer(RunnerConfig(workers=cpus + 1))
 
 
+def test_an_interrupt_stops_a_local_pool_at_the_programs_already_running():
+    """Ctrl-C while scoring: the programs already running finish, none of those queued starts."""
+    scorer = open_scorer(LOCAL)
+    started = []
+    run_one = scorer._run_one
+    scorer._run_one = lambda program, limits: (started.append(program.key), run_one(program, limits))[1]
+
+    def interrupt(key, verdict):
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            scorer.score([Program(f"p{i}", "print(1)") for i in range(40)], Limits(), interrupt)
+    finally:
+        scorer.close()
+    assert 1 <= len(started) <= 2 * LOCAL.workers, started
+
+
 def test_mbpp_local_file_prompt_and_program():
     bench = load_jsonl(DATA / "eval_mbpp.jsonl", shots_path=DATA / "eval_mbpp_prompt.jsonl")
     assert bench.stop == ["[DONE]"]

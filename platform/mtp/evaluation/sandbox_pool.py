@@ -129,11 +129,14 @@ class LocalScorer:
 
     def score(self, programs: Sequence[Program], limits: Limits, on_result: OnResult) -> dict[str, Verdict]:
         results: dict[str, Verdict] = {}
-        with ThreadPoolExecutor(self.workers) as pool:
+        pool = ThreadPoolExecutor(self.workers)
+        try:
             for future in as_completed([pool.submit(self._run_one, p, limits) for p in programs]):
                 key, verdict = future.result()
                 results[key] = verdict
                 on_result(key, verdict)
+        finally:  # an interrupt (Ctrl-C) waits only for the programs already running, not for every one queued
+            pool.shutdown(wait=True, cancel_futures=True)
         return results
 
     def close(self) -> None:
