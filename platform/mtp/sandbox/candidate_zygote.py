@@ -52,12 +52,14 @@ def _serve(control: socket.socket, confinement: Confinement, uid: int | None) ->
         limits = Limits.from_dict(order["limits"])
         pid = os.fork()
         if pid == 0:
-            confinement.enter(limits, order["cwd"], uid, fds)
-            if order["mode"] == "candidate":
-                harness.serve_candidate()
-            else:
-                harness.run_program()
-            os._exit(70)  # only a patched harness returns
+            try:
+                confinement.enter(limits, order["cwd"], uid, fds)
+                if order["mode"] == "candidate":
+                    harness.serve_candidate()
+                else:
+                    harness.run_program()
+            finally:
+                os._exit(70)  # only a patched or failing harness gets here; never run this loop in a child
         for fd in fds:
             os.close(fd)
         _send(control, {"pid": pid})

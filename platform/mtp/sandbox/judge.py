@@ -54,8 +54,10 @@ class Judge:
             lifetime = replace(limits, cpu_s=LIFETIME_CPU_S)
             self.confinement.enter(lifetime, "/", self.uid, [self.devnull, self.devnull, self.devnull,
                                                             report_end.fileno(), theirs.fileno()])
-            harness.serve_judge()
-            os._exit(70)  # only a patched harness returns; never run the zygote's code in a child
+            try:
+                harness.serve_judge()
+            finally:
+                os._exit(70)  # whatever ends it, never run the zygote's code in a child
         theirs.close()
         report_end.close()
         self.pid, self.status, self.limits = pid, None, limits
