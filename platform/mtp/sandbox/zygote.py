@@ -51,6 +51,7 @@ from mtp.sandbox.verdict import Verdict
 
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds `mtp`
 CPU_CHECK_S = 0.05  # how often the watcher reads the tree's CPU time
+CANDIDATE_END_S = 0.1  # after a verdict other than a pass, how long the candidate's own end may take to be reported
 _libc_ipc = ctypes.CDLL(None, use_errno=True)
 IPC_RMID = 0
 
@@ -381,7 +382,9 @@ class Zygote:
                 reported = self._read_status(self.judge.reports, self.judge.pid, nonce, outcome)
                 if reported or outcome.timed_out or not self.judge.alive():
                     break
-            ended_alone = self.candidates.status(0)  # before our kill
+            # Before our kill. A verdict other than a pass names how the candidate ended, so give its
+            # end a moment to be reported: after the judge hangs up it exits at once (or has died).
+            ended_alone = self.candidates.status(0 if outcome.passed_signal else CANDIDATE_END_S)
             if reported:
                 outcome.exit_code = 0 if outcome.passed_signal else 1
                 if outcome.judge_retiring:
