@@ -265,7 +265,8 @@ class Zygote:
         else:
             scratch = tempfile.mkdtemp(prefix="mtp-sandbox-")
             before = (0, 0)
-        deadline = start + self._wall_seconds(limits)
+        wall_s = self._wall_seconds(limits)
+        deadline = start + wall_s
         try:
             if oracle is None:
                 outcome, out, err = self._in_process(source, limits, scratch, deadline)
@@ -283,7 +284,7 @@ class Zygote:
         if self.isolated:
             after = self._counters()
             outcome.oom_kills, outcome.refused_forks = after[0] - before[0], after[1] - before[1]
-        status, detail = decide(outcome, limits, self._wall_seconds(limits))
+        status, detail = decide(outcome, limits, wall_s)
         truncated = out.truncated or err.truncated
         if truncated:
             detail = (detail + "; " if detail else "") + f"output truncated to {limits.output_bytes} bytes per stream"
